@@ -1,0 +1,338 @@
+"""Typed configuration: one OmegaConf structured tree with strict keys.
+
+Layers, later wins::
+
+    dataclass defaults ← estimator preset ← --config FILE ← key=value overrides ← --prompt
+
+The estimator preset (``estimator.preset``: ``carv`` or ``sds``) is a layer of its own so that a
+user's explicit ``estimator.*`` keys always win over the preset's values.
+
+Errors are :class:`carv3d.errors.ConfigError` with the offending key, the nearest valid keys and
+the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from carv3d.errors import ConfigError
+
+
+@dataclass
+class HashGridConfig:
+    """Multiresolution hash encoding (threestudio's `implicit-volume` defaults)."""
+
+    backend: str = "auto"  # auto | torch | tcnn
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    per_level_scale: float = 1.447269
+
+
+@dataclass
+class SceneConfig:
+    grid: HashGridConfig = field(default_factory=HashGridConfig)
+    radius: float = 1.0  # the scene is the box [-radius, radius]^3
+    mlp_width: int = 64
+    mlp_hidden_layers: int = 1
+    density_activation: str = "softplus"  # softplus | exp
+    density_bias: str = "blob"  # blob | none
+    blob_density: float = 10.0  # blob bias: blob_density * (1 - |x| / blob_radius)
+    blob_radius: float = 0.5
+    normal_epsilon: float = 0.01  # finite-difference step for density normals, in scene units
+
+
+@dataclass
+class CameraConfig:
+    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])  # degrees
+    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])  # degrees; 0 = front (+Z)
+    distance_range: List[float] = field(default_factory=lambda: [1.0, 1.5])
+    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])  # degrees
+    stratified: bool = False  # stratify azimuth across the renders of a step and consecutive steps
+    front_half_angle: float = 45.0  # |azimuth| < this is "front"; > 180 - this is "back"
+    overhead_elevation: float = 60.0  # elevation above this is "overhead"
+
+
+@dataclass
+class RenderConfig:
+    width: int = 64
+    height: int = 64
+    samples_per_ray: int = 64
+    sampler: str = "auto"  # auto | stratified | occupancy_grid (CUDA only)
+    occupancy_resolution: int = 64
+    occupancy_update_every: int = 16
+    occupancy_threshold: float = 0.01
+    shading: str = "random"  # albedo | lambertian | textureless | random
+    albedo_probability: float = 0.5  # with shading=random: albedo, else lambertian/textureless 50/50
+    ambient: float = 0.1
+    background: str = "white"  # white | random | learned
+    near: float = 0.05
+
+
+@dataclass
+class TeacherConfig:
+    pretrained: str = "embedded"  # embedded | a diffusers folder | a Hugging Face repo id in the local cache
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    view_dependent_prompting: bool = True
+    resolution: int = 0  # image size fed to encode(); 0 = the teacher's native size
+    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    max_batch: int = 32  # largest U-Net batch per call (CFG doubles it)
+
+
+@dataclass
+class EstimatorConfig:
+    """Score-distillation gradient estimator; see carv3d.estimator for the formulas."""
+
+    preset: str = "carv"  # carv | sds | none (none: only the keys below)
+    upstream_samples: int = 1  # R: renders per step
+    noise_draws: Union[int, str] = 1  # K per render, or "auto"
+    proposal: str = "uniform"  # uniform | teacher-weight | adaptive
+    stratified: bool = False
+    weighting: str = "sds"  # sds | uniform | fantasia3d
+    t_min: float = 0.02  # fraction of the teacher's timesteps
+    t_max: float = 0.98
+    t_max_schedule: List[List[float]] = field(default_factory=list)  # [[step, t_max], ...] piecewise linear
+    gradient_clip: float = 0.0  # clip the latent gradient elementwise to ±value; 0 = off
+    min_noise_draws: int = 1
+    max_noise_draws: int = 16
+    auto_every: int = 50  # auto-K changes K at most every this many steps
+    auto_smoothing: float = 0.9  # exponential smoothing of the ANOVA variances
+    adaptive_bins: int = 20
+    adaptive_refresh_every: int = 50
+    adaptive_defensive_mixture: float = 0.3  # weight of the teacher-weight proposal in the mixture
+
+
+@dataclass
+class OptimConfig:
+    lr_grid: float = 0.01
+    lr_mlp: float = 0.001
+    lr_background: float = 0.001
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-15
+    sparsity_weight: float = 0.0  # mean opacity penalty
+    orientation_weight: float = 0.0  # normals facing away from the camera (DreamFusion)
+    opacity_entropy_weight: float = 0.0
+
+
+@dataclass
+class ExportConfig:
+    formats: List[str] = field(default_factory=lambda: ["glb", "ply", "obj"])
+    resolution: int = 128
+    threshold: float = 10.0  # density isosurface level
+    min_component_fraction: float = 0.05  # drop components below this fraction of the largest
+    at_end: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    mixed_precision: bool = True  # autocast on CUDA
+    log_every: int = 10
+    val_every: int = 250
+    checkpoint_every: int = 250
+    turntable_frames: int = 60
+    turntable_fps: int = 24
+    val_resolution: int = 128
+    max_nonfinite_steps: int = 20
+    output_dir: str = "runs"
+    run_name: str = ""  # default: prompt slug + timestamp
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    prompt: str = ""
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Presets are partial estimator configs. `carv` is the default; `sds` is threestudio's plain SDS.
+ESTIMATOR_PRESETS: dict[str, dict[str, Any]] = {
+    "sds": dict(upstream_samples=1, noise_draws=1, proposal="uniform", stratified=False, weighting="sds"),
+    "carv": dict(upstream_samples=1, noise_draws="auto", proposal="adaptive", stratified=True, weighting="sds"),
+    "none": {},
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "scene.grid.backend": ("auto", "torch", "tcnn"),
+    "scene.density_activation": ("softplus", "exp"),
+    "scene.density_bias": ("blob", "none"),
+    "render.sampler": ("auto", "stratified", "occupancy_grid"),
+    "render.shading": ("albedo", "lambertian", "textureless", "random"),
+    "render.background": ("white", "random", "learned"),
+    "teacher.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "estimator.preset": tuple(ESTIMATOR_PRESETS),
+    "estimator.proposal": ("uniform", "teacher-weight", "adaptive"),
+    "estimator.weighting": ("sds", "uniform", "fantasia3d"),
+}
+
+ALLOWED_EXPORT_FORMATS = ("glb", "ply", "obj")
+
+
+def all_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config schema, e.g. ``render.samples_per_ray``."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys: list[str] = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        value = node._get_node(key)
+        if isinstance(value, DictConfig):
+            keys.append(full)
+            keys.extend(all_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _nearest(key: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:  # compare the last component too: `estimator.noise_draw` vs `noise_draws`
+        leaf = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if difflib.SequenceMatcher(None, leaf, c.rsplit(".", 1)[-1]).ratio() > 0.75][:3]
+    return ", ".join(close) if close else "none close; run `carv3d train --help-config` for all keys"
+
+
+def _expected_type(key: str) -> str:
+    node = OmegaConf.structured(Config)
+    try:
+        leaf = OmegaConf.select(node, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return "see the schema"
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(node, parent_key) if parent_key else node
+    try:
+        ref = parent._get_node(name)._metadata.ref_type  # type: ignore[union-attr]
+        return getattr(ref, "__name__", None) or str(ref).replace("typing.", "")
+    except Exception:
+        return type(leaf).__name__
+
+
+def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    where = f" (in {source})" if source else ""
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        return ConfigError(
+            f"unknown config key '{key}'{where}. Nearest valid keys: {_nearest(key, all_keys())}."
+        )
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(
+            f"wrong type for config key '{key}'{where}: expected {_expected_type(key)}. ({msg})"
+        )
+    return ConfigError(f"invalid config{where}: {str(err).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _translate(err, source) from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist. Presets live in configs/.")
+    try:
+        data = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: a malformed file
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """Turn ``["render.width=128", "estimator.noise_draws=auto"]`` into a config layer."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=500).")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is '{value}'; expected one of: {', '.join(choices)}.")
+    k = cfg.estimator.noise_draws
+    if isinstance(k, str) and k != "auto" or isinstance(k, int) and k < 1:
+        raise ConfigError(f"estimator.noise_draws is '{k}'; expected a positive integer or 'auto'.")
+    if cfg.estimator.upstream_samples < 1:
+        raise ConfigError("estimator.upstream_samples must be at least 1.")
+    if not 0.0 <= cfg.estimator.t_min < cfg.estimator.t_max <= 1.0:
+        raise ConfigError("estimator.t_min and t_max must satisfy 0 <= t_min < t_max <= 1 (fractions of the teacher's timesteps).")
+    for fmt in cfg.export.formats:
+        if fmt not in ALLOWED_EXPORT_FORMATS:
+            raise ConfigError(f"export.formats has '{fmt}'; expected some of: {', '.join(ALLOWED_EXPORT_FORMATS)}.")
+    for key in ("camera.elevation_range", "camera.azimuth_range", "camera.distance_range", "camera.fovy_range"):
+        lo_hi = OmegaConf.select(cfg, key)
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+            raise ConfigError(f"config key '{key}' must be [low, high] with low <= high, not {list(lo_hi)}.")
+    if cfg.train.steps < 0:
+        raise ConfigError("train.steps must be non-negative.")
+    for key in ("render.width", "render.height", "render.samples_per_ray", "export.resolution"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}' must be a positive integer.")
+
+
+def load_config(
+    config_file: Optional[Union[str, Path]] = None,
+    overrides: Sequence[str] = (),
+    prompt: Optional[str] = None,
+    base: Optional[DictConfig] = None,
+) -> DictConfig:
+    """Build the resolved configuration from its layers.
+
+    Args:
+        config_file: a YAML file (a partial config tree), or None.
+        overrides: ``key=value`` strings (OmegaConf dotlist syntax).
+        prompt: the prompt; wins over any prompt in the layers above.
+        base: a resolved config to start from instead of the defaults (``--resume``).
+
+    Returns:
+        A structured DictConfig; unknown keys and wrong types raise ConfigError.
+    """
+    layers: list[tuple[Any, str]] = []
+    if config_file is not None:
+        layers.append((_read_yaml(Path(config_file)), str(config_file)))
+    if overrides:
+        layers.append((parse_overrides(overrides), "command-line overrides"))
+    if prompt is not None:
+        layers.append((OmegaConf.create({"prompt": prompt}), "--prompt"))
+
+    cfg = base.copy() if base is not None else OmegaConf.structured(Config)
+    for layer, source in layers:  # first pass: find the preset the user asked for, check keys/types
+        cfg = _merge(cfg, layer, source)
+    if base is None:
+        preset = cfg.estimator.preset
+        if preset not in ESTIMATOR_PRESETS:
+            raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
+        cfg = _merge(OmegaConf.structured(Config), {"estimator": ESTIMATOR_PRESETS[preset]}, f"preset {preset}")
+        for layer, source in layers:
+            cfg = _merge(cfg, layer, source)
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
