@@ -72,6 +72,7 @@ class RenderConfig:
     shading: str = "random"  # albedo | lambertian | textureless | random
     albedo_probability: float = 0.5  # with shading=random: albedo, else lambertian/textureless 50/50
     ambient: float = 0.1
+    light_jitter: float = 0.5  # std of the random offset added to the unit camera direction for the light
     background: str = "white"  # white | random | learned
     near: float = 0.05
 
@@ -249,12 +250,17 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist. Presets live in configs/.")
+    import yaml
+
     try:
-        data = OmegaConf.load(path)
-    except Exception as err:  # yaml.YAMLError and friends: a malformed file
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:  # a malformed file
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, DictConfig):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}.")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(raw).__name__}.")
+    data = OmegaConf.create(raw)
     return data
 
 

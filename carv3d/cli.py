@@ -1,0 +1,135 @@
+"""The `carv3d` command. Parses arguments, loads config, calls library functions; no logic here.
+
+User errors (carv3d.errors.UserError) print one line and exit with code 2; bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from carv3d.errors import UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from carv3d.config import load_config, to_yaml
+
+    if args.help_config:
+        print(to_yaml(load_config()))
+        return 0
+    if args.resume:
+        if args.prompt is not None or args.config is not None:
+            raise UserError("--resume continues a run with its own config; drop --prompt/--config (key=value overrides such as train.steps=2000 are allowed).")
+        from carv3d.train import resume
+
+        run_dir = resume(args.resume, args.overrides)
+    else:
+        from carv3d.train import train
+
+        cfg = load_config(args.config, args.overrides, args.prompt)
+        run_dir = train(cfg)
+    print(f"run finished: {run_dir}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from carv3d.export.command import export_command
+
+    paths = export_command(args.run_dir, formats=args.format, resolution=args.resolution, threshold=args.threshold,
+                           texture_size=args.texture_size, faces=args.faces, out=args.out, overwrite=args.overwrite)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from carv3d.errors import OutputPathError
+    from carv3d.outputs import write_turntable
+    from carv3d.parts import load_scene
+
+    scene = load_scene(args.run_dir)
+    out = Path(args.out) if args.out else scene.run_dir / "turntable.mp4"
+    if out.exists() and not args.overwrite:
+        raise OutputPathError(f"'{out}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
+    write_turntable(scene.field, scene.renderer, out, args.frames, args.resolution, args.fps)
+    print(out)
+    return 0
+
+
+def _cmd_variance(args: argparse.Namespace) -> int:
+    from carv3d.variance import variance_command
+
+    print(variance_command(args))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _cmd_train,
+    "export": _cmd_export,
+    "render": _cmd_render,
+    "variance": _cmd_variance,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carv3d", description="Text-to-3D by score distillation with the CARV estimator.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a scene from a prompt (or continue one with --resume)",
+                       description="Layers: defaults ← --config FILE ← key=value overrides ← --prompt.")
+    p.add_argument("--prompt", help='the text prompt, e.g. "a red cube"')
+    p.add_argument("--config", help="a YAML config file (see configs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=500")
+
+    p = sub.add_parser("export", help="export the mesh of a run (GLB/PLY/OBJ)")
+    p.add_argument("run_dir")
+    p.add_argument("--format", default=None, help="comma-separated: glb,ply,obj (default: the run's export.formats)")
+    p.add_argument("--resolution", type=int, default=None, help="marching-cubes grid resolution")
+    p.add_argument("--threshold", default=None, help="density isosurface level: auto or a number")
+    p.add_argument("--texture-size", type=int, default=None, help="texture size in pixels (power of two)")
+    p.add_argument("--faces", type=int, default=None, help="face budget for decimation")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/mesh)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    p = sub.add_parser("render", help="render a turntable video of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--frames", type=int, default=60)
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--out", default=None, help="output .mp4 (default RUN_DIR/turntable.mp4)")
+    p.add_argument("--overwrite", action="store_true")
+
+    from carv3d.variance import add_variance_arguments
+
+    add_variance_arguments(sub.add_parser("variance", help="measure estimator variance and cost at a frozen scene"))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from carv3d.log import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    import logging
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # carv3d never downloads weights at run time
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"carv3d {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"carv3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

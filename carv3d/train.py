@@ -1,0 +1,274 @@
+"""The training loop: wires cameras, renderer, field, teacher and estimator.
+
+One step (DESIGN.md)::
+
+    cameras (R) ──► render ──► teacher.encode ──► x: (R, C, h, w)   upstream, carries the graph
+    estimator.estimate(x, predict_noise)  ──► latent gradient g (R, C, h, w), surrogate
+    (surrogate + regularisers).backward()  ──► one backward per render ──► Adam step
+
+The estimator is the only seam between the loop and the score-distillation method: plain SDS and
+CARV are two configurations of it; the loop does not know which one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from carv3d.checkpoint import (generator_state, latest_checkpoint, load_checkpoint, restore_generator,
+                               save_checkpoint)
+from carv3d.errors import CheckpointError, PromptError, TrainingDivergedError
+from carv3d.estimator import build_estimator
+from carv3d.log import logger
+from carv3d.parts import build_field, build_renderer, resolve_device
+from carv3d.render.cameras import CameraSampler, view_labels
+from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
+from carv3d.teacher import load_teacher
+from carv3d import outputs
+
+
+class Trainer:
+    """Score distillation of one prompt into a NeRF. Construct, then :meth:`run`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        if not cfg.prompt or not str(cfg.prompt).strip():
+            raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed = int(cfg.train.seed)
+        # Host draws (cameras, shading choice) and device draws (ray jitter, t, ε) have their own
+        # generators, so a run is reproducible from (config, seed) on the same hardware and backend.
+        self.host_generator = torch.Generator().manual_seed(seed)
+        self.device_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+        self.teacher = load_teacher(cfg.teacher, self.device)
+        self.embedding = self.teacher.embed(
+            cfg.prompt, cfg.teacher.negative_prompt, view_dependent=cfg.teacher.view_dependent_prompting
+        )
+        self.field = build_field(cfg, self.device, seed)
+        self.renderer = build_renderer(cfg, self.device)
+        self.camera_sampler = CameraSampler.from_config(cfg.camera)
+        self.estimator = build_estimator(cfg.estimator, self.teacher.alphas_cumprod, self.device)
+        self.optimizer = torch.optim.Adam(
+            self.field.parameter_groups(cfg.optim.lr_grid, cfg.optim.lr_mlp)
+            + [{"params": list(self.renderer.parameters()), "lr": cfg.optim.lr_background, "name": "background"}],
+            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        )
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.elapsed_seconds = 0.0
+        logger.info("device %s; hash grid backend %s; sampler %s; teacher %s",
+                    self.device, self.field.encoding_backend, self.renderer.sampler, cfg.teacher.pretrained)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "field": self.field.state_dict(),
+            "renderer": self.renderer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "camera_sampler": self.camera_sampler.state_dict(),
+            "host_generator": generator_state(self.host_generator),
+            "device_generator": generator_state(self.device_generator),
+            "nonfinite_total": self.nonfinite_total,
+            "elapsed_seconds": self.elapsed_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.field.load_state_dict(state["field"])
+            self.renderer.load_state_dict(state["renderer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.estimator.load_state_dict(state["estimator"])
+            self.camera_sampler.load_state_dict(state["camera_sampler"])
+            restore_generator(self.host_generator, state["host_generator"])
+            restore_generator(self.device_generator, state["device_generator"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"the checkpoint does not match this run's config ({str(err).splitlines()[0][:200]}).") from None
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.state_dict())
+
+    # ------------------------------------------------------------------ one step
+    def _predict_noise_for(self, labels: list[str]):
+        cond = self.teacher.conditioning(self.embedding, labels)
+        guidance = float(self.cfg.teacher.guidance_scale)
+
+        def predict_noise(x_t: torch.Tensor, t: torch.Tensor, upstream_index: torch.Tensor) -> torch.Tensor:
+            return self.teacher.predict_noise(x_t, t, cond.select(upstream_index), guidance)
+
+        return predict_noise
+
+    def _regularisers(self, out) -> dict[str, torch.Tensor]:
+        o = self.cfg.optim
+        terms: dict[str, torch.Tensor] = {}
+        if o.sparsity_weight > 0:
+            terms["sparsity"] = o.sparsity_weight * out.opacity.mean()
+        if o.opacity_entropy_weight > 0:
+            a = out.opacity.clamp(1e-5, 1 - 1e-5)
+            terms["opacity_entropy"] = o.opacity_entropy_weight * (-(a * a.log() + (1 - a) * (1 - a).log())).mean()
+        if o.orientation_weight > 0 and out.orientation_loss is not None:
+            terms["orientation"] = o.orientation_weight * out.orientation_loss
+        return terms
+
+    def train_step(self) -> Optional[dict[str, Any]]:
+        """One optimisation step; returns its metrics as tensors (no host sync), or None when skipped."""
+        cfg = self.cfg
+        self.field.train()
+        self.renderer.train()
+        self.renderer.update_occupancy(self.field, self.step)
+        n_renders = int(cfg.estimator.upstream_samples)
+        cameras = self.camera_sampler.sample(n_renders, self.host_generator, self.device)
+        shading = self.renderer.sample_shading(self.host_generator)
+        labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
+
+        with self.estimator.timer("upstream"):
+            out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading,
+                                need_normals=cfg.optim.orientation_weight > 0)
+            latents = self.teacher.encode(out.rgb)
+        result = self.estimator.estimate(latents, self._predict_noise_for(labels), self.device_generator, self.step)
+        regularisers = self._regularisers(out)
+        loss = result.surrogate + sum(regularisers.values(), torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.estimator.timer("upstream"):
+            loss.backward()
+
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the one host sync of a step
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise TrainingDivergedError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
+                    f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact. Try a lower learning rate "
+                    "(optim.lr_grid), a lower teacher.guidance_scale or estimator.gradient_clip."
+                )
+            self.step += 1
+            return None
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.step += 1
+        metrics: dict[str, Any] = {
+            "sds_gradient_norm": result.latent_gradient.norm() / n_renders,
+            "parameter_gradient_norm": grad_norm,
+            "opacity_mean": out.opacity.mean().detach(),
+            **{f"loss_{k}": v.detach() for k, v in regularisers.items()},
+            **result.stats,
+        }
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Path:
+        cfg = self.cfg
+        writer = outputs.MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard)
+        write_status(self.run_dir, status="running", step=self.step, steps=int(cfg.train.steps),
+                     backends={"hash_grid": self.field.encoding_backend, "sampler": self.renderer.sampler,
+                               "device": str(self.device)})
+        interrupted = False
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        bar = tqdm(total=int(cfg.train.steps), initial=self.step, desc="carv3d train", unit="step",
+                   disable=not cfg.train.progress, dynamic_ncols=True)
+        try:
+            while self.step < cfg.train.steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                self.elapsed_seconds += time.perf_counter() - started
+                bar.update(1)
+                if metrics is not None and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
+                    logged = writer.write(self.step, metrics, elapsed_seconds=self.elapsed_seconds)
+                    bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
+                if cfg.train.val_every > 0 and self.step % cfg.train.val_every == 0:
+                    outputs.write_validation(self)
+                if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write("[carv3d] interrupted: saving a checkpoint and exporting before exit")
+        except TrainingDivergedError:
+            write_status(self.run_dir, status="diverged", step=self.step)
+            raise
+        finally:
+            bar.close()
+            writer.close()
+        # Ignore a second Ctrl-C while the final checkpoint and exports are written.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.save()
+            outputs.finish(self, interrupted=interrupted)
+            write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
+                         elapsed_seconds=self.elapsed_seconds, nonfinite_steps=self.nonfinite_total)
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+        if interrupted:
+            raise KeyboardInterrupt
+        return self.run_dir
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train a new run from a resolved config; returns the run directory."""
+    if not cfg.prompt or not str(cfg.prompt).strip():
+        raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
+    run_dir = create_run_dir(cfg)
+    logger.info("run directory %s", run_dir)
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except BaseException:
+        write_status(run_dir, status="failed to start")
+        raise
+    return trainer.run()
+
+
+def resume(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Path:
+    """Continue a run from its config and latest checkpoint (overrides may extend train.steps)."""
+    run_dir = require_run_dir(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    state = load_checkpoint(checkpoint)
+    trainer = Trainer(cfg, run_dir)
+    trainer.load_state_dict(state)
+    logger.info("resuming %s from step %d", run_dir, trainer.step)
+    if overrides:
+        from carv3d.config import to_yaml
+        from carv3d.io import atomic_write_text
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    return trainer.run()
+
+
+def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Turn tensors into floats (the host sync happens here, only on logging steps)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value) if not (isinstance(value, float) and math.isnan(value)) else float("nan")
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,122 @@
+"""Config layering, strict keys and typed errors."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from carv3d.config import ESTIMATOR_PRESETS, all_keys, load_config
+from carv3d.errors import ConfigError
+
+
+def test_layers_later_wins(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("prompt: from file\ntrain:\n  steps: 7\nrender:\n  width: 32\n")
+    cfg = load_config(config_file, ["train.steps=9"], prompt="from flag")
+    assert cfg.prompt == "from flag"  # --prompt beats the file
+    assert cfg.train.steps == 9  # override beats the file
+    assert cfg.render.width == 32  # file beats the defaults
+    assert cfg.render.height == 64  # default kept
+
+
+def test_preset_is_a_layer_under_user_keys(tmp_path):
+    cfg = load_config(overrides=["estimator.preset=sds"])
+    for key, value in ESTIMATOR_PRESETS["sds"].items():
+        assert cfg.estimator[key] == value
+    cfg = load_config(overrides=["estimator.preset=sds", "estimator.noise_draws=4"])
+    assert cfg.estimator.noise_draws == 4  # the user's key beats the preset, whatever the order
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("estimator:\n  noise_draws: 3\n")
+    cfg = load_config(config_file, ["estimator.preset=sds"])
+    assert cfg.estimator.noise_draws == 3
+    assert cfg.estimator.proposal == "uniform"
+
+
+def test_default_estimator_is_carv():
+    cfg = load_config()
+    for key, value in ESTIMATOR_PRESETS["carv"].items():
+        assert cfg.estimator[key] == value
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["estimator.noise_draw=3"])
+    assert "estimator.noise_draw" in str(err.value) and "estimator.noise_draws" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["trian.steps=3"])
+    assert "train" in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("render:\n  widht: 32\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file)
+    assert "render.widht" in str(err.value) and "render.width" in str(err.value) and str(config_file) in str(err.value)
+
+
+def test_wrong_type_names_expected_type():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["render.width=wide"])
+    assert "render.width" in str(err.value) and "int" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["train.progress=maybe"])
+    assert "train.progress" in str(err.value) and "bool" in str(err.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("render.shading=glossy", "render.shading"),
+    ("estimator.noise_draws=many", "noise_draws"),
+    ("estimator.noise_draws=0", "noise_draws"),
+    ("estimator.t_min=0.99", "t_min"),
+    ("export.formats=[fbx]", "fbx"),
+    ("camera.elevation_range=[10,0]", "elevation_range"),
+    ("estimator.preset=fast", "preset"),
+])
+def test_invalid_values(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert fragment in str(err.value)
+
+
+def test_malformed_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["train.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_noise_draws_accepts_int_and_auto():
+    assert load_config(overrides=["estimator.noise_draws=8"]).estimator.noise_draws == 8
+    assert load_config(overrides=["estimator.noise_draws=auto"]).estimator.noise_draws == "auto"
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(p for p in root.glob("*.yaml"))
+    assert files, "configs/ should ship presets"
+    for path in files:
+        load_config(path)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.steps=3", "estimator.noise_draws=auto"], prompt="a red cube")
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(cfg))
+    again = load_config(path)
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+def test_all_keys_lists_leaves():
+    keys = all_keys()
+    assert "estimator.noise_draws" in keys and "scene.grid.log2_hashmap_size" in keys
