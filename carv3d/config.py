@@ -102,7 +102,7 @@ class EstimatorConfig:
     t_max: float = 0.98
     t_max_schedule: List[List[float]] = field(default_factory=list)  # [[step, t_max], ...] piecewise linear
     gradient_clip: float = 0.0  # clip the latent gradient elementwise to ±value; 0 = off
-    min_noise_draws: int = 1
+    min_noise_draws: int = 2  # auto-K bounds; auto needs K >= 2 to measure the within-render variance
     max_noise_draws: int = 16
     auto_every: int = 50  # auto-K changes K at most every this many steps
     auto_smoothing: float = 0.9  # exponential smoothing of the ANOVA variances

@@ -1,0 +1,335 @@
+"""`carv3d variance`: what each estimator buys, measured at a frozen scene.
+
+For every estimator of a grid — (R, K) pairs × timestep methods — draw M parameter-space gradients
+ĝ at the same frozen parameters θ, and report
+
+    Var  = tr Cov(ĝ) = Σ_i Var(ĝ_i)        (Welford, over all field parameters)
+    cost = median wall-clock seconds per ĝ (render + encode + teacher + backward, synchronised)
+    ECM  = (Var_base · cost_base) / (Var · cost)     base: uniform t, R = 2, K = 1
+    RE   = Var_uniform(R, K) / Var                   same (R, K), uniform independent t
+    bias z = sqrt(mean_i z_i²),  z_i = (mean_i − ref_i) / sqrt(Var_i / M)
+
+where ref is the pooled mean of all draws of all estimators (all are unbiased for the same
+expectation, so pooling gives the most precise reference). An unbiased estimator has a bias z near 1
+(a little under, because its own draws are part of the reference); a biased one grows like sqrt(M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from carv3d.errors import ConfigError, OutputPathError
+from carv3d.estimator import build_estimator
+from carv3d.io import atomic_path, atomic_write_text
+from carv3d.log import logger
+
+# Timestep methods: (proposal, stratified t). "carv" adds camera stratification across renders.
+METHODS: dict[str, dict[str, Any]] = {
+    "uniform": {"proposal": "uniform", "stratified": False},
+    "is": {"proposal": "teacher-weight", "stratified": False},
+    "stratified": {"proposal": "uniform", "stratified": True},
+    "is+stratified": {"proposal": "teacher-weight", "stratified": True},
+    "adaptive": {"proposal": "adaptive", "stratified": True},
+}
+DEFAULT_RK = ((2, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 16))
+BASELINE = ("uniform", 2, 1)
+
+
+@dataclass
+class GradientStats:
+    """Running mean and variance of flattened gradients (Welford), plus the costs."""
+
+    count: int = 0
+    mean: Optional[torch.Tensor] = None
+    m2: Optional[torch.Tensor] = None
+    seconds: list[float] = dc_field(default_factory=list)
+
+    def update(self, grad: torch.Tensor, seconds: float) -> None:
+        grad = grad.double()
+        self.count += 1
+        if self.mean is None:
+            self.mean = grad.clone()
+            self.m2 = torch.zeros_like(grad)
+        else:
+            delta = grad - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (grad - self.mean)
+        self.seconds.append(seconds)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+    @property
+    def trace(self) -> float:
+        return float(self.variance.sum())
+
+    @property
+    def cost(self) -> float:
+        values = sorted(self.seconds[1:] or self.seconds)  # the first draw of an estimator warms caches
+        return values[len(values) // 2]
+
+
+def parse_rk(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        try:
+            r, k = item.lower().split("x")
+            pairs.append((int(r), int(k)))
+        except ValueError:
+            raise ConfigError(f"--rk expects pairs like 2x1,1x8 (R x K); got '{item}'.") from None
+    return pairs
+
+
+class FrozenScene:
+    """Field, renderer, teacher and cameras at fixed parameters: a gradient oracle."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, field_state: Optional[dict] = None,
+                 renderer_state: Optional[dict] = None, seed: int = 0):
+        from carv3d.parts import build_field, build_renderer
+        from carv3d.teacher import load_teacher
+
+        self.cfg, self.device = cfg, device
+        self.teacher = load_teacher(cfg.teacher, device)
+        self.embedding = self.teacher.embed(cfg.prompt, cfg.teacher.negative_prompt,
+                                            view_dependent=cfg.teacher.view_dependent_prompting)
+        self.field = build_field(cfg, device, cfg.train.seed)
+        self.renderer = build_renderer(cfg, device)
+        if field_state is not None:
+            self.field.load_state_dict(field_state)
+        if renderer_state is not None:
+            self.renderer.load_state_dict(renderer_state, strict=False)
+        self.params = [p for p in list(self.field.parameters()) + list(self.renderer.parameters()) if p.requires_grad]
+        self.host_generator = torch.Generator().manual_seed(seed)
+        self.device_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.seed = seed
+
+    def camera_sampler(self, stratified_cameras: bool):
+        from carv3d.render.cameras import CameraSampler
+
+        c = self.cfg.camera
+        return CameraSampler(c.elevation_range, c.azimuth_range, c.distance_range, c.fovy_range,
+                             stratified=stratified_cameras)
+
+    def gradient(self, estimator, cameras_sampler, n_renders: int, step: int) -> tuple[torch.Tensor, float]:
+        """One parameter-space gradient draw and its synchronised wall-clock cost."""
+        from carv3d.render.cameras import view_labels
+
+        cfg = self.cfg
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        started = time.perf_counter()
+        cameras = cameras_sampler.sample(n_renders, self.host_generator, self.device)
+        shading = self.renderer.sample_shading(self.host_generator)
+        labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
+        out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading)
+        latents = self.teacher.encode(out.rgb)
+        cond = self.teacher.conditioning(self.embedding, labels)
+        guidance = float(cfg.teacher.guidance_scale)
+        result = estimator.estimate(
+            latents, lambda x_t, t, idx: self.teacher.predict_noise(x_t, t, cond.select(idx), guidance),
+            self.device_generator, step,
+        )
+        for p in self.params:
+            p.grad = None
+        result.surrogate.backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        sync()
+        return grad.detach(), time.perf_counter() - started
+
+
+def make_estimator(cfg: DictConfig, scene: FrozenScene, method: str, R: int, K: int):
+    est_cfg = OmegaConf.merge(cfg.estimator, {"upstream_samples": R, "noise_draws": K, **METHODS[method]})
+    return build_estimator(est_cfg, scene.teacher.alphas_cumprod, scene.device)
+
+
+def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Sequence[tuple[int, int]], draws: int,
+            pilot: int, camera_stratified: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run the grid and return the report (see the module docstring)."""
+    runs: dict[tuple[str, int, int], GradientStats] = {}
+    jobs = [(m, r, k) for (r, k) in rk for m in methods]
+    if BASELINE not in jobs:
+        jobs.insert(0, BASELINE)
+    for m in {m for m, _, _ in jobs}:
+        for r, k in {(r, k) for _, r, k in jobs}:
+            if ("uniform", r, k) not in jobs:
+                jobs.append(("uniform", r, k))
+    total = sum(draws + (pilot if m == "adaptive" else 0) for m, _, _ in jobs)
+    bar = tqdm(total=total, desc="carv3d variance", unit="grad", disable=not progress, dynamic_ncols=True)
+    for method, R, K in jobs:
+        estimator = make_estimator(cfg, scene, method, R, K)
+        sampler = scene.camera_sampler(camera_stratified)
+        step = 0
+        if method == "adaptive":  # learn the proposal at this θ, then freeze it
+            estimator.adaptive_refresh_every = max(1, pilot // 4)
+            for _ in range(pilot):
+                scene.gradient(estimator, sampler, R, step)
+                step += 1
+                bar.update(1)
+            estimator.adaptive_refresh_every = 10**9
+        stats = GradientStats()
+        for _ in range(draws):
+            grad, seconds = scene.gradient(estimator, sampler, R, step)
+            stats.update(grad, seconds)
+            step += 1
+            bar.update(1)
+        runs[(method, R, K)] = stats
+        bar.set_postfix(method=method, R=R, K=K, var=f"{stats.trace:.3g}")
+    bar.close()
+
+    total_count = sum(s.count for s in runs.values())
+    reference = sum(s.mean * s.count for s in runs.values()) / total_count
+    base = runs[BASELINE]
+    rows = []
+    for (method, R, K), s in runs.items():
+        var_i = s.variance
+        nonzero = var_i > 0
+        z = (s.mean - reference)[nonzero] / (var_i[nonzero] / s.count).sqrt()
+        uniform = runs[("uniform", R, K)]
+        rows.append({
+            "method": method, "upstream_samples": R, "noise_draws": K, "draws": s.count,
+            "variance": s.trace, "cost_seconds": s.cost,
+            "ecm": (base.trace * base.cost) / (s.trace * s.cost) if s.trace > 0 else math.nan,
+            "relative_efficiency": uniform.trace / s.trace if s.trace > 0 else math.nan,
+            "bias_z_rms": float(z.pow(2).mean().sqrt()) if z.numel() else math.nan,
+        })
+    rows.sort(key=lambda r: (r["upstream_samples"], r["noise_draws"], list(METHODS).index(r["method"])))
+    return {
+        "reference_gradient_norm": float(reference.norm()),
+        "n_parameters": int(reference.numel()),
+        "baseline": {"method": BASELINE[0], "upstream_samples": BASELINE[1], "noise_draws": BASELINE[2]},
+        "camera_stratified": camera_stratified,
+        "rows": rows,
+        "variance_split": variance_split(rows),
+    }
+
+
+def variance_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """σ_b², σ_w² of the uniform estimator from Var(R=1, K) = σ_b² + σ_w²/K, least squares over K."""
+    points = [(r["noise_draws"], r["variance"]) for r in rows if r["method"] == "uniform" and r["upstream_samples"] == 1]
+    if len(points) < 2:
+        return {}
+    xs = torch.tensor([1.0 / k for k, _ in points], dtype=torch.float64)
+    ys = torch.tensor([v for _, v in points], dtype=torch.float64)
+    A = torch.stack([torch.ones_like(xs), xs], dim=1)
+    sigma_b2, sigma_w2 = torch.linalg.lstsq(A, ys.unsqueeze(1)).solution.squeeze(1).tolist()
+    return {"sigma_b2": sigma_b2, "sigma_w2": sigma_w2,
+            "ecm_bound_from_reuse": 1.0 + sigma_w2 / sigma_b2 if sigma_b2 > 0 else math.inf}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Log-log variance against cost per gradient, one line per method, each (R, K) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in METHODS:
+        rows = [r for r in report["rows"] if r["method"] == method and r["upstream_samples"] == 1]
+        if not rows:
+            continue
+        ax.plot([r["cost_seconds"] for r in rows], [r["variance"] for r in rows], "o-", label=method)
+        for r in rows:
+            ax.annotate(f"K={r['noise_draws']}", (r["cost_seconds"], r["variance"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    for r in report["rows"]:
+        if r["upstream_samples"] > 1:
+            ax.plot(r["cost_seconds"], r["variance"], "k*", markersize=10)
+            ax.annotate(f"{r['method']} R={r['upstream_samples']},K={r['noise_draws']}", (r["cost_seconds"], r["variance"]),
+                        fontsize=7, xytext=(3, -10), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds per gradient")
+    ax.set_ylabel("tr Cov of the parameter gradient")
+    ax.set_title("estimator variance against cost (lower left is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def add_variance_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Variance and cost of each estimator at a frozen scene (a run's checkpoint or a config's initial scene)."
+    p.add_argument("run_dir", nargs="?", help="a run directory (its latest checkpoint); omit to use --config/--prompt's initial scene")
+    p.add_argument("--config", help="config file for the initial scene")
+    p.add_argument("--prompt", help="prompt for the initial scene")
+    p.add_argument("--draws", type=int, default=32, help="gradients per estimator (M)")
+    p.add_argument("--pilot", type=int, default=16, help="gradients to learn the adaptive proposal before measuring")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
+    p.add_argument("--rk", default=",".join(f"{r}x{k}" for r, k in DEFAULT_RK), help="R x K pairs, e.g. 2x1,1x8")
+    p.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="variance.json", help="JSON report path (a PNG plot is written beside it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def variance_command(args: argparse.Namespace) -> str:
+    from carv3d.config import load_config
+    from carv3d.parts import resolve_device
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
+    if args.draws < 2:
+        raise ConfigError("--draws must be at least 2 to estimate a variance.")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
+    field_state = renderer_state = None
+    source: dict[str, Any]
+    if args.run_dir:
+        from carv3d.checkpoint import latest_checkpoint, load_checkpoint
+        from carv3d.run_dir import load_run_config, require_run_dir
+
+        run_dir = require_run_dir(args.run_dir)
+        cfg = load_run_config(run_dir, args.overrides)
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt)
+        field_state, renderer_state = state["field"], state["renderer"]
+        source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
+    else:
+        cfg = load_config(args.config, args.overrides, args.prompt)
+        if not cfg.prompt.strip():
+            raise ConfigError("carv3d variance needs a run directory or a prompt (--prompt or prompt=...).")
+        source = {"initial_scene": True, "config": args.config}
+    device = resolve_device(args.device if args.device != "auto" else cfg.train.device)
+    scene = FrozenScene(cfg, device, field_state, renderer_state, seed=args.seed)
+    if field_state is not None:
+        scene.field.to(device)
+    report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
+                     camera_stratified=args.camera_stratified)
+    report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
+    atomic_write_text(out, json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    logger.info("variance report: %s (plot %s)", out, out.with_suffix(".png"))
+    return format_table(report)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = ["| method | R | K | Var | ms/grad | ECM | RE | bias z |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['method']} | {r['upstream_samples']} | {r['noise_draws']} | {r['variance']:.4g} | "
+                     f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z_rms']:.2f} |")
+    split = report.get("variance_split") or {}
+    if split:
+        lines.append(f"\nσ_b² ≈ {split['sigma_b2']:.4g}, σ_w² ≈ {split['sigma_w2']:.4g}, "
+                     f"ECM bound from reuse alone ≈ {split['ecm_bound_from_reuse']:.2f}")
+    return "\n".join(lines)
