@@ -1,0 +1,60 @@
+"""Shared pytest fixtures.
+
+Sections (add yours under a heading of its own; keep heavy imports inside the fixtures so that
+test files that do not use them do not pay for them):
+
+- Environment: tests never touch the network.
+- Teachers: tiny random teachers in the real diffusers layouts, built once per session and loaded
+  through the same code a user's weights go through (:func:`carv3d.teacher.load_teacher`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------- environment
+# Set before anything imports huggingface_hub (it reads these at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# ------------------------------------------------------------------------------------------- teachers
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable-Diffusion-shaped pipeline saved with ``save_pretrained`` (seed 0).
+
+    64×64 images ↔ (4, 8, 8) latents; text embeddings (77, 32). Treat the folder as read-only.
+    """
+    from carv3d.teacher.tiny import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_sd_path: Path):
+    """The tiny Stable Diffusion teacher loaded with ``load_teacher`` on CPU (fp32, native 64 px)."""
+    from carv3d.config import TeacherConfig
+    from carv3d.teacher import load_teacher
+
+    return load_teacher(TeacherConfig(pretrained=str(tiny_sd_path)), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random pixel-space teacher (unet/ on 3 channels at 16 px, no vae/), seed 0."""
+    from carv3d.teacher.tiny import build_tiny_pixel_teacher
+
+    return build_tiny_pixel_teacher(tmp_path_factory.mktemp("tiny_pixel") / "teacher", seed=0, image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_teacher(tiny_pixel_path: Path):
+    """The tiny pixel-space teacher loaded with ``load_teacher`` on CPU."""
+    from carv3d.config import TeacherConfig
+    from carv3d.teacher import load_teacher
+
+    return load_teacher(TeacherConfig(pretrained=str(tiny_pixel_path)), device="cpu")
