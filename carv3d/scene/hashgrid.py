@@ -35,19 +35,16 @@ Backend choice lives in :func:`make_hash_encoding` and nowhere else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from carv3d.errors import BackendUnavailableError, ConfigError
 from carv3d.log import logger
+from carv3d.scene.layout import PRIMES, UINT32_MASK, grid_levels, init_table
 
-PRIMES = (1, 2654435761, 805459861)  # tinycudann's coherent_prime_hash factors for 3 dimensions
-UINT32_MASK = 0xFFFFFFFF
-INIT_RANGE = 1e-4  # tables start uniform in (−1e-4, 1e-4), as tinycudann initialises them
 TCNN_INSTALL_HINT = (
     "install it on a CUDA machine with `pip install "
     "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`, "
@@ -57,102 +54,90 @@ TCNN_INSTALL_HINT = (
 Device = Union[str, torch.device]
 
 
-@dataclass(frozen=True)
-class GridLevel:
-    """Geometry of one level of the encoding.
+_SAME_SIZE_INT = {4: torch.int32, 8: torch.int64, 16: torch.complex128}  # bytes → a dtype to move them
 
-    Attributes:
-        scale: s_l, the factor from [0, 1] to grid units.
-        resolution: R_l = ceil(s_l) + 1 vertices per axis.
-        table_size: T_l rows in this level's table.
-        offset: first row of this level in the flat table.
-        hashed: True when vertices are hashed (T_l < R_l³), False for a dense index.
+
+def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a contiguous (T, F) table. index: (M,) → (M, F).
+
+    A row of F floats is gathered as *one* element of an equally wide dtype where one exists
+    (F=2 float32 as int64): a 1-D gather is several times faster on CPU than a 2-D row gather.
+    Bit-exact: the bytes are only moved.
     """
-
-    scale: float
-    resolution: int
-    table_size: int
-    offset: int
-    hashed: bool
-
-
-def grid_levels(
-    n_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
-) -> list[GridLevel]:
-    """Per-level scale, resolution, table size, offset and index kind, exactly as tinycudann.
-
-    Raises:
-        ConfigError: for a configuration no encoding can be built from.
-    """
-    if n_levels < 1:
-        raise ConfigError(f"scene.grid.n_levels is {n_levels}; it must be at least 1.")
-    if not 3 <= log2_hashmap_size <= 30:
-        raise ConfigError(f"scene.grid.log2_hashmap_size is {log2_hashmap_size}; use 3..30 (19 is usual).")
-    if base_resolution < 2:
-        raise ConfigError(f"scene.grid.base_resolution is {base_resolution}; it must be at least 2.")
-    if not per_level_scale >= 1.0:
-        raise ConfigError(f"scene.grid.per_level_scale is {per_level_scale}; it must be >= 1 (finer levels).")
-    log2_b = np.log2(np.float32(per_level_scale))  # float32 throughout, like tcnn's exp2f/log2f
-    max_params = UINT32_MASK // 2  # tcnn caps R³ here before rounding up
-    levels, offset = [], 0
-    for level in range(n_levels):
-        scale = np.exp2(np.float32(level) * log2_b) * np.float32(base_resolution) - np.float32(1.0)
-        resolution = int(np.ceil(scale)) + 1
-        dense = resolution**3
-        table = -(-min(dense, max_params) // 8) * 8  # round up to a multiple of 8
-        table = min(table, 2**log2_hashmap_size)
-        stride = dense if resolution <= 0x659 else UINT32_MASK  # tcnn's overflow guard for 3D
-        levels.append(GridLevel(float(scale), resolution, table, offset, table < stride))
-        offset += table
-    return levels
+    width = table.shape[1] * table.element_size()
+    if width in _SAME_SIZE_INT and table.is_contiguous():
+        packed = table.view(_SAME_SIZE_INT[width]).view(-1)  # (T,)
+        return packed.index_select(0, index).view(table.dtype).view(-1, table.shape[1])
+    return table.index_select(0, index)
 
 
-def init_table(n_params: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Uniform(−1e-4, 1e-4) values for a flat table, drawn on the generator's device.
+class _InterpolateTable(torch.autograd.Function):
+    """``y_l = Σ_c w_lc · θ[index_lc]`` for every level, with a scatter backward; first-order only.
 
-    Both backends draw their tables here, so one seed gives the same initial table on either.
-    """
-    device = generator.device if generator is not None else torch.device("cpu")
-    values = torch.rand(n_params, generator=generator, device=device, dtype=torch.float32)
-    return values.mul_(2 * INIT_RANGE).sub_(INIT_RANGE)
+    Forward gathers the 8 corner rows of each level and contracts them with the trilinear
+    weights, writing level l into output columns [l·F, (l+1)·F). Backward, per level and feature:
 
+        ∂L/∂θ[r]   = Σ_{n,c : index_lcn = r} w_lcn · ∂L/∂y_ln     a 1-D index_add_
+        ∂L/∂w_lcn  = θ[index_lcn] · ∂L/∂y_ln                      only when the weights need it
 
-class _GatherRows(torch.autograd.Function):
-    """``rows = table[index]`` whose backward is one ``index_add_`` scatter.
-
-    Plain advanced indexing backpropagates through ``index_put_(accumulate=True)``, which sorts
-    the indices first; a hash grid repeats indices a lot, and the direct scatter is about 1.5×
-    faster on CPU (REFERENCE §5). The backward is itself differentiable (it is linear in the
-    incoming gradient), so double backward works too.
+    Plain indexing backpropagates through ``index_put_(accumulate=True)``, which sorts the
+    indices first; a hash grid repeats indices a lot, and the direct scatter is faster on CPU
+    (REFERENCE §5 measured ~1.5×, and a 1-D scatter per feature beats a 2-D row scatter again).
+    Working one level at a time keeps the temporaries small enough to stay in cache.
     """
 
     @staticmethod
-    def forward(ctx: Any, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # table: (T, F), index: (M,) int64 → rows: (M, F)
-        ctx.save_for_backward(index)
-        ctx.n_rows = table.shape[0]
-        return table.index_select(0, index)
+    def forward(ctx: Any, table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # table: (T, F), index: (L, 8, N) int64, weights: (L, 8, N) → y: (N, L·F)
+        n_levels, _, n = index.shape
+        n_features = table.shape[1]
+        ctx.n_rows, ctx.weights_dtype = table.shape[0], weights.dtype
+        weights = weights.to(table.dtype)
+        ctx.save_for_backward(table, index, weights)
+        y = table.new_empty((n, n_levels * n_features))
+        for level in range(n_levels):
+            rows = _gather_rows(table, index[level].view(-1)).view(8, n, n_features)
+            for f in range(n_features):  # Σ_c w_c · θ_c, feature by feature: contiguous (8, N) math
+                y[:, level * n_features + f] = (weights[level] * rows[:, :, f]).sum(0)
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        grad_table = grad_rows.new_zeros((ctx.n_rows, grad_rows.shape[1]))
-        return grad_table.index_add_(0, index, grad_rows), None
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], None, Optional[torch.Tensor]]:
+        table, index, weights = ctx.saved_tensors
+        n_levels, _, n = index.shape
+        n_features = table.shape[1]
+        grad_y = grad_y.to(table.dtype).t().contiguous()  # (L·F, N): one contiguous row per output
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_t = grad_y.new_zeros((n_features, ctx.n_rows))  # (F, T): a contiguous 1-D scatter each
+            for level in range(n_levels):
+                flat_index = index[level].view(-1)
+                for f in range(n_features):
+                    values = weights[level] * grad_y[level * n_features + f]  # (8, N)
+                    grad_t[f].index_add_(0, flat_index, values.view(-1))
+            grad_table = grad_t.t().contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_weights = torch.empty_like(weights)  # (L, 8, N)
+            for level in range(n_levels):
+                rows = _gather_rows(table, index[level].view(-1)).view(8, n, n_features)
+                g = grad_y[level * n_features : (level + 1) * n_features]  # (F, N)
+                grad_weights[level] = (rows * g.t()).sum(-1)
+            grad_weights = grad_weights.to(ctx.weights_dtype)
+        return grad_table, None, grad_weights
 
 
-def _corner_components(g: torch.Tensor) -> torch.Tensor:
-    """Integer vertex coordinates of both cell sides per axis. g: (N, L, 3) → (N, L, 3, 2)."""
-    return torch.stack((g, g + 1), dim=-1)
+def _corners(sides: torch.Tensor, op: Callable[..., torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Both sides of a cell per axis → its 8 corners: sides (2, 3, N) → (8, N).
 
-
-def _combine_corners(t: torch.Tensor, op: str) -> torch.Tensor:
-    """Combine per-axis terms t: (N, L, 3, 2) into 8 corners (N, L, 8), corner = c_0 + 2c_1 + 4c_2.
-
-    The corner order is tinycudann's: bit d of the corner number says whether axis d takes g_d + 1.
+    Corner c = c_0 + 2c_1 + 4c_2 (tinycudann's order: bit d says whether axis d takes the upper
+    side); ``op`` (+, ⊕ or ×) combines the axes. N stays the contiguous inner dimension, so
+    every broadcast is a plain vectorised loop.
     """
-    x, y, z = t[:, :, 0, None, None, :], t[:, :, 1, None, :, None], t[:, :, 2, :, None, None]
-    out = (x + y + z) if op == "add" else (x ^ y ^ z)  # (N, L, 2_z, 2_y, 2_x)
-    return out.reshape(*t.shape[:2], 8)
+    x, y, z = sides[:, 0], sides[:, 1], sides[:, 2]  # (2, N) each
+    zy = op(z[:, None], y[None, :])  # (2_z, 2_y, N)
+    result = op(zy[:, :, None], x[None, None], out=out)  # (2_z, 2_y, 2_x, N)
+    return result.view(8, -1)
 
 
 class HashGridEncoding(nn.Module):
@@ -192,61 +177,48 @@ class HashGridEncoding(nn.Module):
         self.n_output_dims = n_levels * n_features_per_level
         n_rows = self.levels[-1].offset + self.levels[-1].table_size
         self.params = nn.Parameter(init_table(n_rows * n_features_per_level, generator).to(device))
-        # Levels are dense up to n_dense, hashed after: resolutions grow with the level (b >= 1).
-        self.n_dense = sum(not level.hashed for level in self.levels)
+        # per level, the factors that multiply (g_d, g_d + 1): dense strides (1, R, R²) or primes π
+        factors = [[1, v.resolution, v.resolution**2] if not v.hashed else list(PRIMES) for v in self.levels]
+        self.register_buffer("factors", torch.tensor(factors, device=device).view(-1, 3, 1), persistent=False)
 
-        def buffer(name: str, values: list, dtype: torch.dtype) -> None:
-            self.register_buffer(name, torch.tensor(values, dtype=dtype, device=device), persistent=False)
-
-        buffer("scales", [level.scale for level in self.levels], torch.float32)  # (L,)
-        buffer("table_sizes", [level.table_size for level in self.levels], torch.int64)  # (L,)
-        buffer("offsets", [level.offset for level in self.levels], torch.int64)  # (L,)
-        # dense strides (1, R, R²) per level: (L, 3); hash factors: (3,)
-        buffer("strides", [[1, lv.resolution, lv.resolution**2] for lv in self.levels], torch.int64)
-        buffer("primes", list(PRIMES), torch.int64)
-
-    def corner_indices(self, g: torch.Tensor) -> torch.Tensor:
-        """Rows of the flat table for the 8 corners of each cell.
+    def level_corners(self, level: int, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Table rows and trilinear weights of the 8 corners around each point, on one level.
 
         Args:
-            g: (N, L, 3) int64 lower cell corners ``floor(s_l · x + 0.5)``.
+            level: l.
+            x_t: (3, N) points in [0, 1], one row per axis.
+            out: (8, N) int64, receives the rows (level offset included).
 
         Returns:
-            (N, L, 8) int64 rows, level offset included; corner c = c_0 + 2c_1 + 4c_2.
+            (8, N) weights Π_d (c_d ? f_d : 1 − f_d), differentiable in x.
         """
-        sides = _corner_components(g)  # (N, L, 3, 2)
-        parts = []
-        nd = self.n_dense
-        if nd > 0:  # dense: Σ_d (g_d + c_d) · stride_d, in uint32
-            terms = sides[:, :nd] * self.strides[:nd, :, None]
-            parts.append(_combine_corners(terms, "add") & UINT32_MASK)
-        if nd < self.n_levels:  # hash: ⊕_d (g_d + c_d) · π_d, each product in uint32
-            terms = (sides[:, nd:] * self.primes[:, None]) & UINT32_MASK
-            parts.append(_combine_corners(terms, "xor"))
-        index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return index % self.table_sizes[:, None] + self.offsets[:, None]
+        spec = self.levels[level]
+        pos = x_t * spec.scale + 0.5  # p: (3, N)
+        cell = torch.floor(pos)
+        frac = pos - cell  # f: (3, N); carries ∂f/∂x = s_l
+        a = cell.long() * self.factors[level]  # g_d · factor_d: (3, N)
+        sides = torch.stack((a, a + self.factors[level]))  # (2, 3, N): lower and upper side per axis
+        if spec.hashed:  # ⊕_d ((g_d + c_d)·π_d mod 2^32), mod T_l. T_l is a power of two, so masking
+            sides &= spec.table_size - 1  # each term first equals masking the XOR (and the uint32 wrap)
+            _corners(sides, torch.bitwise_xor, out=out.view(2, 2, 2, -1))
+        else:  # (Σ_d (g_d + c_d)·stride_d mod 2^32) mod T_l; the mod wraps the +0.5 overshoot
+            _corners(sides, torch.add, out=out.view(2, 2, 2, -1))
+            out.bitwise_and_(UINT32_MASK).remainder_(spec.table_size)
+        out += spec.offset
+        return _corners(torch.stack((1 - frac, frac)), torch.mul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode points. x: (N, 3) in [0, 1] → (N, L·F), level-major, in the table's dtype."""
-        n = x.shape[0]
-        pos = x[:, None, :] * self.scales.to(x.dtype)[None, :, None] + 0.5  # p: (N, L, 3)
-        cell = torch.floor(pos)
-        frac = pos - cell  # f: (N, L, 3); carries d/dx = s_l
-        index = self.corner_indices(cell.long())  # (N, L, 8)
-        # trilinear weights Π_d (c_d ? f_d : 1 − f_d), same corner order: (N, L, 8)
-        w = torch.stack((1 - frac, frac), dim=-1)  # (N, L, 3, 2)
-        weights = (w[:, :, 2, :, None, None] * w[:, :, 1, None, :, None] * w[:, :, 0, None, None, :]).reshape(
-            n, self.n_levels, 8
-        )
+        x_t = x.t().contiguous()  # (3, N)
+        index = torch.empty((self.n_levels, 8, x.shape[0]), dtype=torch.int64, device=x.device)
+        weights = torch.stack([self.level_corners(level, x_t, index[level]) for level in range(self.n_levels)])
         table = self.params.view(-1, self.n_features_per_level)  # (ΣT_l, F)
-        rows = _GatherRows.apply(table, index.reshape(-1))  # (N·L·8, F)
-        rows = rows.view(n * self.n_levels, 8, self.n_features_per_level)
-        out = torch.bmm(weights.reshape(n * self.n_levels, 1, 8).to(rows.dtype), rows)  # (N·L, 1, F)
-        return out.view(n, self.n_output_dims)
+        return _InterpolateTable.apply(table, index, weights)  # (N, L·F)
 
     def extra_repr(self) -> str:
+        n_dense = sum(not level.hashed for level in self.levels)
         return (
-            f"levels={self.n_levels}, features={self.n_features_per_level}, dense_levels={self.n_dense}, "
+            f"levels={self.n_levels}, features={self.n_features_per_level}, dense_levels={n_dense}, "
             f"resolutions={self.levels[0].resolution}..{self.levels[-1].resolution}, params={self.params.numel()}"
         )
 
