@@ -38,7 +38,7 @@ from carv3d import outputs
 class Trainer:
     """Score distillation of one prompt into a NeRF. Construct, then :meth:`run`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None):
         if not cfg.prompt or not str(cfg.prompt).strip():
             raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
         self.cfg = cfg
@@ -227,13 +227,11 @@ def train(cfg: DictConfig) -> Path:
     """Train a new run from a resolved config; returns the run directory."""
     if not cfg.prompt or not str(cfg.prompt).strip():
         raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
-    run_dir = create_run_dir(cfg)
-    logger.info("run directory %s", run_dir)
-    try:
-        trainer = Trainer(cfg, run_dir)
-    except BaseException:
-        write_status(run_dir, status="failed to start")
-        raise
+    # Everything that can fail on user input (teacher weights, prompt vocabulary, backends) fails
+    # here, before a run directory exists: a failed start leaves nothing behind.
+    trainer = Trainer(cfg)
+    trainer.run_dir = create_run_dir(cfg)
+    logger.info("run directory %s", trainer.run_dir)
     return trainer.run()
 
 

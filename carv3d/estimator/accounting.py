@@ -1,0 +1,304 @@
+"""Compute-aware accounting: streaming variances, the two-level (ANOVA) split, K*, auto-K, ECM.
+
+The two-stage model. A step averages R upstream samples (renders), each with K draws (t, ε). Let
+f_rk be the weighted residual of draw k of render r. With the between-render variance
+σ_b² = tr Cov(E[f | render]) and the within-render variance σ_w² = E tr Cov(f | render),
+
+.. math::
+
+    Var(\\hat g_{R,K}) = \\frac{1}{R}\\Big(σ_b² + \\frac{σ_w²}{K}\\Big),
+    \\qquad cost = R\\,(α + K)   \\text{ (in teacher-draw units, α = upstream cost / one draw)}.
+
+Var·cost = (σ_b² + σ_w²/K)(α + K) does not depend on R; d/dK = σ_b² − α·σ_w²/K² = 0 gives
+
+.. math::
+
+    K^* = \\sqrt{α\\, σ_w² / σ_b²}.
+
+Both σ² come from the K draws of each render by a one-way analysis of variance (:class:`AnovaSplit`).
+With K = 1 there is a single draw per render, so the spread *within* a render is not observable and
+only the sum σ_b² + σ_w² is: auto-K therefore never goes below K = 2.
+
+The latent-space caveat. In training the rows are latent gradients (the weighted residual of each
+draw), not parameter gradients: σ² here are latent-space proxies for the parameter-space variances
+that `carv3d variance` measures. :class:`AnovaSplit` takes any vectors, so that command can feed it
+parameter gradients.
+
+The stratification caveat. With stratified draws the K draws of a render are not i.i.d.: the within
+mean square then also counts the spread between strata, so σ_w² reads high (by at most K/(K − 1)) and
+σ_b² low — a conservative proxy that errs towards larger K, while the true within-render variance of
+a stratified average falls faster than σ_w²/K.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Union
+
+import torch
+
+from carv3d.estimator.timing import StepTimer  # noqa: F401  (re-exported: the cost side of the accounting)
+
+logger = logging.getLogger("carv3d")
+
+Number = Union[float, torch.Tensor]
+
+
+class Welford:
+    """Streaming mean and trace of the covariance of vectors (Welford; Chan et al.'s batch merge).
+
+    After rows x_1..x_n (each with frequency weight c_i, W = Σc_i) it holds
+
+    .. math::
+
+        \\bar x = \\frac{1}{W}\\sum_i c_i x_i, \\qquad M_2 = \\sum_i c_i ‖x_i − \\bar x‖²,
+
+    and ``variance`` = M₂/(W − 1), the unbiased trace of the covariance for unit weights. A batch
+    (mean m_B, M₂_B, weight W_B) merges exactly: δ = m_B − x̄, x̄ += δ·W_B/W, M₂ += M₂_B + ‖δ‖²·W_A·W_B/W.
+
+    Accumulators are float64 tensors on the rows' device; ``count`` is a Python float (the weights are
+    known on the host), so updates never synchronise with the host.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean: Optional[torch.Tensor] = None  # (D,) float64
+        self.m2: Optional[torch.Tensor] = None  # () float64
+
+    def update(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        """Add rows x: (B, D) (or one row (D,)), each with frequency weight ``weight``."""
+        x = x.detach().to(torch.float64)
+        x = x.reshape(1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
+        w_b = float(weight) * x.shape[0]
+        if w_b <= 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = float(weight) * (x - mean_b).pow(2).sum()
+        if self.mean is None:
+            self.count, self.mean, self.m2 = w_b, mean_b, m2_b
+            return
+        assert self.m2 is not None
+        total = self.count + w_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (w_b / total)
+        self.m2 = self.m2 + m2_b + delta.pow(2).sum() * (self.count * w_b / total)
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """tr Cov = M₂/(W − 1) (NaN with W ≤ 1): () float64."""
+        if self.m2 is None or self.count <= 1:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return self.m2 / (self.count - 1)
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+class AnovaSplit:
+    """Online one-way ANOVA of vectors in groups: σ_b² (between groups) and σ_w² (within), as traces.
+
+    Groups are renders, members are the K draws of a render. For G groups of sizes n_i (N = Σ n_i),
+    group means ȳ_i and the grand mean ȳ (weighted by n_i):
+
+    .. math::
+
+        SS_W = \\sum_i \\sum_j ‖y_{ij} − \\bar y_i‖², \\qquad MS_W = SS_W / (N − G),
+        \\qquad E[MS_W] = σ_w²,
+
+        SS_B = \\sum_i n_i ‖\\bar y_i − \\bar y‖², \\qquad MS_B = SS_B / (G − 1),
+        \\qquad E[MS_B] = σ_w² + n_0 σ_b², \\quad n_0 = \\frac{N − \\sum_i n_i² / N}{G − 1},
+
+    so σ̂_w² = MS_W and σ̂_b² = (MS_B − MS_W)/n₀ are unbiased (n₀ = K when all groups have K members).
+    σ̂_b² can come out negative by chance; it is reported as is (consumers clamp).
+
+    SS_W is summed per update; SS_B is a weighted :class:`Welford` over the group means. Groups may
+    arrive over many updates (steps) and with different K.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.ss_within: Optional[torch.Tensor] = None
+        self.n_samples = 0.0
+        self.n_groups = 0
+        self.sum_sizes_squared = 0.0
+        self.group_means = Welford()
+
+    def update(self, samples: torch.Tensor) -> None:
+        """Add G groups of K members each: samples: (G, K, ...) (flattened to (G, K, D))."""
+        y = samples.detach().to(torch.float64)
+        G, K = int(y.shape[0]), int(y.shape[1])
+        y = y.reshape(G, K, -1)
+        means = y.mean(1)  # (G, D)
+        ss = (y - means[:, None]).pow(2).sum()
+        self.ss_within = ss if self.ss_within is None else self.ss_within + ss
+        self.n_samples += G * K
+        self.n_groups += G
+        self.sum_sizes_squared += G * K * K
+        self.group_means.update(means, weight=K)
+
+    def _nan(self) -> torch.Tensor:
+        device = self.ss_within.device if self.ss_within is not None else None
+        return torch.tensor(float("nan"), dtype=torch.float64, device=device)
+
+    @property
+    def mean_square_within(self) -> torch.Tensor:
+        """MS_W = SS_W/(N − G) (NaN without a group of ≥ 2 members): () float64."""
+        df = self.n_samples - self.n_groups
+        if self.ss_within is None or df < 1:
+            return self._nan()
+        return self.ss_within / df
+
+    @property
+    def mean_square_between(self) -> torch.Tensor:
+        """MS_B = SS_B/(G − 1) (NaN with fewer than 2 groups): () float64."""
+        if self.n_groups < 2 or self.group_means.m2 is None:
+            return self._nan()
+        return self.group_means.m2 / (self.n_groups - 1)
+
+    @property
+    def sigma_w2(self) -> torch.Tensor:
+        """σ̂_w² = MS_W: () float64."""
+        return self.mean_square_within
+
+    @property
+    def sigma_b2(self) -> torch.Tensor:
+        """σ̂_b² = (MS_B − MS_W)/n₀: () float64 (may be negative)."""
+        if self.n_groups < 2:
+            return self._nan()
+        n0 = (self.n_samples - self.sum_sizes_squared / self.n_samples) / (self.n_groups - 1)
+        return (self.mean_square_between - self.mean_square_within) / n0
+
+
+def optimal_noise_draws(alpha: float, sigma_w2: float, sigma_b2: float) -> float:
+    """K* = sqrt(α·σ_w²/σ_b²), the minimiser of (σ_b² + σ_w²/K)(α + K) over real K > 0.
+
+    Returns inf when σ_b² ≤ 0 (reuse is free: as many draws as allowed) and 0 when σ_w² ≤ 0 or α ≤ 0.
+    """
+    if sigma_b2 <= 0:
+        return math.inf
+    if sigma_w2 <= 0 or alpha <= 0:
+        return 0.0
+    return math.sqrt(alpha * sigma_w2 / sigma_b2)
+
+
+def variance_cost_product(k: float, alpha: float, sigma_w2: float, sigma_b2: float) -> float:
+    """(σ_b² + σ_w²/K)·(α + K): R·Var × cost/R, the quantity K* minimises."""
+    return (sigma_b2 + sigma_w2 / k) * (alpha + k)
+
+
+def best_integer_noise_draws(alpha: float, sigma_w2: float, sigma_b2: float, min_draws: int, max_draws: int) -> int:
+    """The integer K in [min_draws, max_draws] with the smallest (σ_b² + σ_w²/K)(α + K).
+
+    The product is convex in K > 0, so the best integer is ⌊K*⌋ or ⌈K*⌉ (clamped to the bounds).
+    """
+    k_star = optimal_noise_draws(alpha, sigma_w2, sigma_b2)
+    if math.isinf(k_star):
+        return max_draws
+    candidates = {min(max(c, min_draws), max_draws) for c in (math.floor(k_star), math.ceil(k_star))}
+    candidates = {c for c in candidates if c >= 1} or {min_draws}
+    return min(sorted(candidates), key=lambda k: variance_cost_product(k, alpha, sigma_w2, sigma_b2))
+
+
+class AutoNoiseDraws:
+    """Chooses K online from the measured cost ratio α and the ANOVA split (``noise_draws: auto``).
+
+    Every ``every`` steps (and never more often) :meth:`update` takes the window's σ_b², σ_w² and α,
+    smooths each exponentially, s ← β·s + (1 − β)·new (β = ``smoothing``; the first value is taken as
+    is; NaN inputs are skipped), and sets K to :func:`best_integer_noise_draws` of the smoothed values
+    within [min_draws, max_draws]. With ``adapt=False`` it only tracks the values and K* for logging.
+    A change of K is logged on the ``carv3d`` logger.
+
+    K = 1 cannot be measured (no within-render spread), so with ``adapt`` the lower bound is at least 2.
+    """
+
+    def __init__(
+        self,
+        noise_draws: int,
+        min_draws: int = 2,
+        max_draws: int = 16,
+        every: int = 50,
+        smoothing: float = 0.9,
+        adapt: bool = True,
+    ) -> None:
+        if adapt and min_draws < 2:
+            logger.info("auto noise draws: lower bound raised from %d to 2 (K = 1 cannot separate σ_w² from σ_b²)", min_draws)
+            min_draws = 2
+        if not 1 <= min_draws <= max_draws:
+            raise ValueError(f"need 1 <= min_noise_draws <= max_noise_draws; got {min_draws}, {max_draws}")
+        if every < 1 or not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"need every >= 1 and 0 <= smoothing < 1; got {every}, {smoothing}")
+        self.adapt = adapt
+        self.min_draws, self.max_draws = int(min_draws), int(max_draws)
+        self.noise_draws = min(max(int(noise_draws), self.min_draws), self.max_draws) if adapt else int(noise_draws)
+        self.every = int(every)
+        self.smoothing = float(smoothing)
+        self.sigma_b2 = math.nan
+        self.sigma_w2 = math.nan
+        self.alpha = math.nan
+        self.optimal = math.nan  # K* of the smoothed values (real)
+        self.last_update_step: Optional[int] = None
+        self.changes = 0
+
+    def due(self, step: int) -> bool:
+        """True when at least ``every`` steps have passed since the window started."""
+        if self.last_update_step is None:
+            self.last_update_step = step
+            return False
+        return step - self.last_update_step >= self.every
+
+    def _smooth(self, old: float, new: float) -> float:
+        if not math.isfinite(new):
+            return old
+        if not math.isfinite(old):
+            return new
+        return self.smoothing * old + (1.0 - self.smoothing) * new
+
+    def update(self, step: int, sigma_b2: float, sigma_w2: float, alpha: float) -> int:
+        """Fold in one window's measurements; returns the K to use from now on."""
+        self.last_update_step = step
+        self.sigma_b2 = self._smooth(self.sigma_b2, float(sigma_b2))
+        self.sigma_w2 = self._smooth(self.sigma_w2, float(sigma_w2))
+        self.alpha = self._smooth(self.alpha, float(alpha))
+        if not all(math.isfinite(v) for v in (self.sigma_b2, self.sigma_w2, self.alpha)):
+            return self.noise_draws
+        sb2 = max(self.sigma_b2, 0.0)
+        self.optimal = optimal_noise_draws(self.alpha, self.sigma_w2, sb2)
+        if self.adapt:
+            new = best_integer_noise_draws(self.alpha, self.sigma_w2, sb2, self.min_draws, self.max_draws)
+            if new != self.noise_draws:
+                logger.info(
+                    "step %d: noise draws K %d -> %d (K* = %.2f from alpha = %.3g, sigma_w2 = %.3g, sigma_b2 = %.3g)",
+                    step, self.noise_draws, new, self.optimal, self.alpha, self.sigma_w2, sb2,
+                )
+                self.noise_draws = new
+                self.changes += 1
+        return self.noise_draws
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("noise_draws", "sigma_b2", "sigma_w2", "alpha", "optimal", "last_update_step", "changes")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        if self.adapt:
+            self.noise_draws = min(max(int(self.noise_draws), self.min_draws), self.max_draws)
+
+
+def ecm(var_baseline: Number, cost_baseline: Number, var_method: Number, cost_method: Number) -> Number:
+    """Effective compute multiplier: how much less compute the method needs for the baseline's variance.
+
+    ECM = (Var_b·cost_b)/(Var_m·cost_m). Variance of an average falls as 1/compute, so matching the
+    baseline's variance costs the method Var_m·cost_m/Var_b per baseline step's worth; ECM > 1 means
+    the method is cheaper. The paper's baseline is uniform t with R = 2, K = 1.
+    """
+    return (var_baseline * cost_baseline) / (var_method * cost_method)
+
+
+def relative_efficiency(var_uniform: Number, var_method: Number) -> Number:
+    """RE = Var_uniform/Var_method at the same (R, K): the variance gain of the timestep proposal alone."""
+    return var_uniform / var_method

@@ -1,0 +1,388 @@
+"""The (R, K) score-distillation estimator: many cheap teacher draws per expensive upstream sample.
+
+Given an upstream tensor x: (R, ...) that carries the graph to the parameters θ (R renders encoded
+to latents, or any differentiable generator's output) and a noise predictor ε̂, one step computes
+
+.. math::
+
+    g_r = \\frac{1}{K} \\sum_{k=1}^{K} \\frac{p(t_{rk})}{q(t_{rk})}\\, w(t_{rk})
+          \\big(\\hat ε(x_{t,rk}, t_{rk}) − ε_{rk}\\big),
+    \\qquad x_{t,rk} = \\sqrt{\\bar α_{t_{rk}}}\\, x_r + \\sqrt{1 − \\bar α_{t_{rk}}}\\, ε_{rk},
+
+(paper Eq. 13) with all R·K rows in **one** call of ``predict_noise``, and the surrogate
+
+.. math::
+
+    L = \\frac{1}{R} \\sum_r \\langle x_r, \\mathrm{sg}(g_r) \\rangle
+    \\quad\\Rightarrow\\quad
+    \\frac{\\partial L}{\\partial θ} = \\frac{1}{R} \\sum_r g_r^\\top \\frac{\\partial x_r}{\\partial θ},
+
+whose single backward pass carries the K averaged residuals through the upstream once per render.
+E[g_r | x_r] = Σ_t p(t)·w(t)·E_ε[ε̂(x_t, t) − ε] for every proposal q and draw scheme offered, because
+the table q that draws t is the table that weights it (:mod:`carv3d.estimator.timesteps`).
+
+Random draws of one :meth:`ScoreDistillationEstimator.estimate`, all from ``generator`` on its device,
+in this fixed order:
+
+1. timesteps t: (R, K) —
+   independent + uniform proposal: ``torch.randint(min_step, max_step + 1, (R·K,))``;
+   independent + other proposals: ``torch.rand((R·K,), float64)`` → inverse CDF;
+   stratified, K ≥ 2: ``torch.rand((R, K), float64)`` jitter, K strata per render;
+   stratified, K = 1: ``torch.rand((1, R), float64)`` jitter, R strata across the renders, then
+   ``torch.rand((1, R), float64)`` keys of a random permutation (so each render's draw is marginally
+   q-distributed even when the renders are not exchangeable);
+2. noise ε = ``torch.randn((R·K, ...), dtype=x.dtype)``, row n = r·K + k.
+
+With R = K = 1, the uniform proposal and no stratification, these are threestudio's draws
+(``randint`` for t, then one ``randn`` of x's shape for ε), x_t is computed with diffusers'
+``add_noise`` arithmetic and g = w(t)·(ε̂ − ε) with w = 1 − ᾱ_t: plain SDS, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from carv3d.estimator.accounting import AnovaSplit, AutoNoiseDraws
+from carv3d.estimator.adaptive import AdaptiveSecondMoment
+from carv3d.estimator.timesteps import TimestepDistribution
+from carv3d.estimator.timing import StepTimer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``predict_noise(x_t: (N, ...), t: (N,) long, upstream_index: (N,) long) -> eps_hat: (N, ...)``.
+``upstream_index[n]`` is the row r of the upstream sample row n was noised from (for per-render
+conditioning such as view-dependent prompts). Called under ``torch.no_grad()``."""
+
+Stat = Union[float, torch.Tensor]
+
+
+@dataclass
+class EstimateResult:
+    """One step's output.
+
+    Attributes:
+        latent_gradient: g: (R, ...), no graph; clipped elementwise when ``gradient_clip`` > 0.
+        surrogate: () tensor, (x · g).sum()/R; its backward gives (1/R) Σ_r g_r·∂x_r/∂θ.
+        stats: scalars to log; tensors stay on the device (call ``.item()`` at log time).
+        timesteps: (R, K) long, the drawn t.
+    """
+
+    latent_gradient: torch.Tensor
+    surrogate: torch.Tensor
+    stats: dict[str, Stat] = field(default_factory=dict)
+    timesteps: Optional[torch.Tensor] = None
+
+
+def piecewise_linear(schedule: Sequence[Sequence[float]], step: int) -> float:
+    """Value of a schedule [[step_0, v_0], [step_1, v_1], ...] (steps non-decreasing) at ``step``.
+
+    Linear between points, constant before the first and after the last. A repeated step is a jump:
+    [[5000, 0.98], [5000, 0.5]] gives 0.98 before step 5000 and 0.5 from it on.
+    """
+    points = [(float(s), float(v)) for s, v in schedule]
+    if step < points[0][0]:
+        return points[0][1]
+    i = max(j for j, (s, _) in enumerate(points) if s <= step)
+    if i == len(points) - 1:
+        return points[-1][1]
+    (s0, v0), (s1, v1) = points[i], points[i + 1]
+    return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+
+def add_noise(alphas_cumprod: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε with diffusers' ``DDPMScheduler.add_noise`` arithmetic.
+
+    ᾱ is cast to x's device and dtype first, and both roots are ``** 0.5``, as there.
+
+    Args:
+        alphas_cumprod: (T,).
+        x, noise: (N, ...).
+        t: (N,) long.
+    """
+    a = alphas_cumprod.to(device=x.device, dtype=x.dtype)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    sqrt_alpha = (a[t] ** 0.5).flatten().reshape(shape)
+    sqrt_one_minus_alpha = ((1 - a[t]) ** 0.5).flatten().reshape(shape)
+    return sqrt_alpha * x + sqrt_one_minus_alpha * noise
+
+
+class ScoreDistillationEstimator:
+    """The CARV estimator: render reuse (K draws per upstream sample), timestep importance sampling,
+    stratified draws and compute-aware accounting, behind one :meth:`estimate` call.
+
+    Args:
+        distribution: the timestep tables (p, w, q) and draws.
+        noise_draws: K, or ``"auto"`` to let ``auto`` choose it.
+        stratified: stratified inverse-CDF draws (K strata per render; across renders when K = 1).
+        gradient_clip: clip g elementwise to ±value after averaging the K draws; 0 = off. Clipping
+            biases the estimate; after the average it bites less often than per draw.
+        auto: the K controller; default ``AutoNoiseDraws(4)`` for ``"auto"``, and a non-adapting one
+            (it only logs σ_b², σ_w², α and K*) for a fixed K.
+        adaptive: the per-bin second-moment estimate, required for ``proposal == "adaptive"``.
+        adaptive_refresh_every: steps between rebuilds of the adaptive proposal's tables.
+        t_max_schedule: [[step, t_max], ...] for :func:`piecewise_linear`; empty keeps t_max fixed.
+        accounting_every: window (steps) of the ANOVA and timers when ``auto`` is not given.
+        timer: the :class:`StepTimer`; the loop times its upstream with ``estimator.timer("upstream")``.
+    """
+
+    def __init__(
+        self,
+        distribution: TimestepDistribution,
+        noise_draws: Union[int, str] = 1,
+        stratified: bool = False,
+        gradient_clip: float = 0.0,
+        auto: Optional[AutoNoiseDraws] = None,
+        adaptive: Optional[AdaptiveSecondMoment] = None,
+        adaptive_refresh_every: int = 50,
+        t_max_schedule: Sequence[Sequence[float]] = (),
+        accounting_every: int = 50,
+        timer: Optional[StepTimer] = None,
+    ) -> None:
+        self.distribution = distribution
+        if noise_draws == "auto":
+            self.auto = auto if auto is not None else AutoNoiseDraws(4, every=accounting_every)
+        elif isinstance(noise_draws, int) and noise_draws >= 1:
+            self.auto = AutoNoiseDraws(noise_draws, min_draws=1, max_draws=max(noise_draws, 1),
+                                       every=auto.every if auto else accounting_every, adapt=False)
+        else:
+            raise ValueError(f"noise_draws must be a positive integer or 'auto'; got {noise_draws!r}")
+        if distribution.proposal == "adaptive" and adaptive is None:
+            adaptive = AdaptiveSecondMoment(distribution.num_timesteps, device=distribution.device)
+        self.adaptive = adaptive
+        self.stratified = bool(stratified)
+        self.gradient_clip = float(gradient_clip)
+        self.adaptive_refresh_every = int(adaptive_refresh_every)
+        self.t_max_schedule = [list(map(float, point)) for point in t_max_schedule]
+        self.timer = timer if timer is not None else StepTimer(distribution.device)
+        self.anova = AnovaSplit()
+        self._last_refresh: Optional[int] = None
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def noise_draws(self) -> int:
+        """K used by the next :meth:`estimate`."""
+        return self.auto.noise_draws
+
+    def record_upstream_time(self, seconds: float) -> None:
+        """Add upstream (render + encode + backward) seconds measured by the caller."""
+        self.timer.record("upstream", seconds)
+
+    def cost_ratio(self) -> float:
+        """α = (upstream seconds per render)/(teacher seconds per draw) over the current window.
+
+        NaN when the upstream was not timed. Reading it synchronises with CUDA.
+        """
+        renders, draws = self.timer.count("renders"), self.timer.count("draws")
+        upstream, teacher = self.timer.seconds("upstream"), self.timer.seconds("teacher")
+        if renders <= 0 or draws <= 0 or upstream <= 0 or teacher <= 0:
+            return math.nan
+        return (upstream / renders) / (teacher / draws)
+
+    # ------------------------------------------------------------------ the step
+    def _draw_timesteps(self, R: int, K: int, generator: torch.Generator) -> torch.Tensor:
+        dist = self.distribution
+        if not self.stratified:
+            return dist.sample_independent(R * K, generator).reshape(R, K)
+        if K == 1:
+            return dist.sample_stratified(R, 1, generator, shuffle=True).reshape(R, 1)
+        return dist.sample_stratified(K, R, generator)
+
+    def _before_step(self, step: int) -> None:
+        if self.t_max_schedule:
+            self.distribution.set_t_max(piecewise_linear(self.t_max_schedule, step))
+        if self.adaptive is not None:
+            if self._last_refresh is None:
+                self._last_refresh = step
+            elif step - self._last_refresh >= self.adaptive_refresh_every:
+                self.adaptive.refresh()
+                self.distribution.set_adaptive_scale(self.adaptive.scale_per_timestep())
+                self._last_refresh = step
+
+    def _close_window(self, step: int) -> None:
+        """End an accounting window: read σ_b², σ_w², α (one host sync) into the K controller."""
+        enough = self.anova.n_groups >= 2 and self.anova.n_samples > self.anova.n_groups
+        sigma_b2 = float(self.anova.sigma_b2) if enough else math.nan
+        sigma_w2 = float(self.anova.sigma_w2) if enough else math.nan
+        self.auto.update(step, sigma_b2, sigma_w2, self.cost_ratio())
+        self.anova.reset()
+        self.timer.reset()
+
+    def estimate(
+        self,
+        upstream: torch.Tensor,
+        predict_noise: PredictNoise,
+        generator: torch.Generator,
+        step: int = 0,
+        max_batch: Optional[int] = None,
+    ) -> EstimateResult:
+        """One gradient estimate.
+
+        Args:
+            upstream: x: (R, ...), carries the graph to the parameters.
+            predict_noise: see :data:`PredictNoise`; called once with N = R·K rows (or in chunks of
+                ``max_batch`` rows when given).
+            generator: every draw of the step (see the module docstring for their order).
+            step: the training step (schedules, adaptive refreshes, the K controller's windows).
+            max_batch: chunk the teacher call; None = one call.
+
+        Returns:
+            :class:`EstimateResult`. The K of this step is ``stats["noise_draws"]``; a new K chosen
+            at the end of an accounting window applies from the next call.
+        """
+        self._before_step(step)
+        dist = self.distribution
+        R, K = int(upstream.shape[0]), self.noise_draws
+        N = R * K
+        with torch.no_grad():
+            x = upstream.detach()
+            t = self._draw_timesteps(R, K, generator).to(x.device)  # (R, K)
+            t_flat = t.reshape(N)
+            noise = torch.randn((N, *x.shape[1:]), generator=generator, device=generator.device, dtype=x.dtype)
+            noise = noise.to(x.device)
+            x_rep = x if K == 1 else x.repeat_interleave(K, dim=0)
+            x_t = add_noise(dist.alphas_cumprod, x_rep, noise, t_flat)
+            upstream_index = torch.arange(R, device=x.device).repeat_interleave(K)
+            with self.timer("teacher"):
+                eps_hat = self._call_teacher(predict_noise, x_t, t_flat, upstream_index, max_batch)
+            if eps_hat.shape != x_t.shape:
+                raise ValueError(f"predict_noise returned shape {tuple(eps_hat.shape)} for input {tuple(x_t.shape)}")
+            self.timer.add_count("renders", R)
+            self.timer.add_count("draws", N)
+            residual = eps_hat - noise  # (N, ...)
+            coef = dist.coefficient(t_flat).to(x.device)  # (p/q)·w: (N,)
+            weighted = coef.reshape((N,) + (1,) * (x.dim() - 1)) * residual  # f: (N, ...)
+            g = weighted.reshape(R, K, *x.shape[1:]).mean(1)
+            if self.gradient_clip > 0:
+                g = g.clamp(-self.gradient_clip, self.gradient_clip)
+            ratio = dist.importance_weight(t_flat)  # (N,) float64
+            mean_square = residual.reshape(N, -1).pow(2).mean(1)
+            if self.adaptive is not None:
+                self.adaptive.accumulate(t_flat, ratio, mean_square)
+            if K >= 2:
+                self.anova.update(weighted.reshape(R, K, -1))
+        surrogate = (upstream * g).sum() / R
+        stats = self._stats(R, K, t_flat, ratio, mean_square)
+        if self.auto.due(step):
+            self._close_window(step)
+        return EstimateResult(latent_gradient=g, surrogate=surrogate, stats=stats, timesteps=t)
+
+    @staticmethod
+    def _call_teacher(
+        predict_noise: PredictNoise, x_t: torch.Tensor, t: torch.Tensor, index: torch.Tensor, max_batch: Optional[int]
+    ) -> torch.Tensor:
+        N = x_t.shape[0]
+        if max_batch is None or N <= max_batch:
+            return predict_noise(x_t, t, index)
+        chunks = [predict_noise(x_t[i : i + max_batch], t[i : i + max_batch], index[i : i + max_batch])
+                  for i in range(0, N, max_batch)]
+        return torch.cat(chunks)
+
+    def _stats(self, R: int, K: int, t: torch.Tensor, ratio: torch.Tensor, mean_square: torch.Tensor) -> dict[str, Stat]:
+        """Per-step scalars; tensors are not read here (no host sync)."""
+        ratio = ratio.to(torch.float32)
+        return {
+            "noise_draws": float(K),
+            "upstream_samples": float(R),
+            "timestep_mean": t.to(torch.float32).mean(),
+            "t_max": self.distribution.t_max,
+            "importance_weight_mean": ratio.mean(),
+            "importance_weight_min": ratio.min(),
+            "importance_weight_max": ratio.max(),
+            "importance_weight_ess": ratio.sum().square() / (ratio.numel() * ratio.square().sum()),
+            "residual_mean_square": mean_square.to(torch.float32).mean(),
+            "sigma_b2_window": self.anova.sigma_b2.to(torch.float32),
+            "sigma_w2_window": self.anova.sigma_w2.to(torch.float32),
+            "sigma_b2": self.auto.sigma_b2,
+            "sigma_w2": self.auto.sigma_w2,
+            "alpha": self.auto.alpha,
+            "optimal_noise_draws": self.auto.optimal,
+        }
+
+    # ------------------------------------------------------------------ checkpoints and plots
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "distribution": self.distribution.state_dict(),
+            "auto": self.auto.state_dict(),
+            "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
+            "last_refresh": self._last_refresh,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the current accounting window (ANOVA, timers) restarts."""
+        self.distribution.load_state_dict(state["distribution"])
+        self.auto.load_state_dict(state["auto"])
+        if (state["adaptive"] is None) != (self.adaptive is None):
+            raise ValueError("estimator checkpoint and this run disagree on the adaptive proposal")
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive"])
+        self._last_refresh = state["last_refresh"]
+        self.anova.reset()
+        self.timer.reset()
+
+    def proposal_figure(self) -> "Figure":
+        """matplotlib Figure of p, w, q and the adaptive m₂ estimate (see :mod:`carv3d.estimator.plots`)."""
+        from carv3d.estimator.plots import proposal_figure
+
+        return proposal_figure(self.distribution, self.adaptive)
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def build_estimator(estimator_cfg: Any, alphas_cumprod: torch.Tensor, device: Any = None) -> ScoreDistillationEstimator:
+    """The estimator described by an ``estimator`` config section.
+
+    Reads (``carv3d.config.EstimatorConfig``; an OmegaConf node, the dataclass or a plain mapping):
+    ``noise_draws`` (int or "auto"), ``proposal``, ``stratified``, ``weighting``, ``t_min``, ``t_max``,
+    ``t_max_schedule``, ``gradient_clip``, ``min_noise_draws``, ``max_noise_draws``, ``auto_every``,
+    ``auto_smoothing``, ``adaptive_bins``, ``adaptive_refresh_every``, ``adaptive_defensive_mixture``.
+    Presets (``estimator.preset``) are resolved by ``carv3d.config.load_config`` before this is called.
+    With ``auto``, K starts at 4 (clamped to the bounds). ``upstream_samples`` (R) is the caller's:
+    the estimator takes R from the upstream tensor.
+    """
+    device = torch.device(device) if device is not None else alphas_cumprod.device
+    proposal = str(_get(estimator_cfg, "proposal", "uniform"))
+    distribution = TimestepDistribution(
+        alphas_cumprod.to(device),
+        t_min=float(_get(estimator_cfg, "t_min", 0.02)),
+        t_max=float(_get(estimator_cfg, "t_max", 0.98)),
+        weighting=str(_get(estimator_cfg, "weighting", "sds")),
+        proposal=proposal,
+        defensive=float(_get(estimator_cfg, "adaptive_defensive_mixture", 0.3)),
+        device=device,
+    )
+    every = int(_get(estimator_cfg, "auto_every", 50))
+    noise_draws: Union[int, str] = _get(estimator_cfg, "noise_draws", 1)
+    if isinstance(noise_draws, str) and noise_draws.strip().isdigit():
+        noise_draws = int(noise_draws)
+    auto = None
+    if noise_draws == "auto":
+        lo, hi = int(_get(estimator_cfg, "min_noise_draws", 2)), int(_get(estimator_cfg, "max_noise_draws", 16))
+        auto = AutoNoiseDraws(4, min_draws=lo, max_draws=hi, every=every,
+                              smoothing=float(_get(estimator_cfg, "auto_smoothing", 0.9)))
+    adaptive = None
+    if proposal == "adaptive":
+        adaptive = AdaptiveSecondMoment(distribution.num_timesteps, int(_get(estimator_cfg, "adaptive_bins", 20)), device=device)
+    schedule = _get(estimator_cfg, "t_max_schedule", None) or []
+    return ScoreDistillationEstimator(
+        distribution,
+        noise_draws=noise_draws,
+        stratified=bool(_get(estimator_cfg, "stratified", False)),
+        gradient_clip=float(_get(estimator_cfg, "gradient_clip", 0.0)),
+        auto=auto,
+        adaptive=adaptive,
+        adaptive_refresh_every=int(_get(estimator_cfg, "adaptive_refresh_every", 50)),
+        t_max_schedule=[list(point) for point in schedule],
+        accounting_every=every,
+        timer=StepTimer(device),
+    )

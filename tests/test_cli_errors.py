@@ -1,0 +1,134 @@
+"""Bad input: one clear message, exit code 2, no traceback, nothing half-written or overwritten."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from carv3d.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def assert_user_error(code, err, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+
+
+def _tiny(tiny_sd_path, out_dir):
+    return [f"teacher.pretrained={tiny_sd_path}", f"train.output_dir={out_dir}", "train.steps=0",
+            "train.progress=false", "train.tensorboard=false", "scene.grid.n_levels=2",
+            "scene.grid.log2_hashmap_size=10", "render.width=8", "render.height=8", "render.samples_per_ray=4",
+            "export.resolution=16", "export.threshold=2.0", "train.turntable_frames=2", "train.val_resolution=8"]
+
+
+def test_empty_prompt(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--prompt", "   ", f"train.output_dir={tmp_path}")
+    assert_user_error(code, err, "prompt is empty")
+    assert not any(tmp_path.iterdir()), "nothing may be written for an empty prompt"
+
+
+def test_unknown_key_and_wrong_type(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", "render.widht=3")
+    assert_user_error(code, err, "render.widht", "render.width")
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", "train.steps=many")
+    assert_user_error(code, err, "train.steps", "int")
+
+
+def test_missing_teacher_weights(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", f"teacher.pretrained={tmp_path / 'nowhere'}",
+                        f"train.output_dir={tmp_path / 'runs'}")
+    assert_user_error(code, err, "nowhere")
+
+
+def test_missing_hub_weights_says_where_it_looked(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", "teacher.pretrained=someone/not-cached",
+                        f"train.output_dir={tmp_path / 'runs'}")
+    assert_user_error(code, err, "someone/not-cached", str(tmp_path / "hub"))
+
+
+def test_resume_not_a_run(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--resume", str(tmp_path))
+    assert_user_error(code, err, "not a carv3d run")
+    code, err = run_cli(capsys, "train", "--resume", str(tmp_path / "missing"))
+    assert_user_error(code, err, "does not exist")
+
+
+def test_unwritable_output_dir(capsys, tmp_path, tiny_sd_path):
+    if os.geteuid() == 0:  # root ignores permission bits; use a path under a regular file instead
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        out_dir = blocker / "runs"
+    else:
+        out_dir = tmp_path / "ro"
+        out_dir.mkdir()
+        out_dir.chmod(0o500)
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", *_tiny(tiny_sd_path, out_dir))
+    assert_user_error(code, err, "cannot create the run directory", "train.output_dir")
+
+
+def test_existing_run_is_never_overwritten_and_checkpoints_are_checked(capsys, tmp_path, tiny_sd_path):
+    args = ["train", "--prompt", "a cube", *_tiny(tiny_sd_path, tmp_path), "train.run_name=mine"]
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    run_dir = tmp_path / "mine"
+    config_before = (run_dir / "config.yaml").read_text()
+    mesh_before = (run_dir / "mesh" / "mesh.glb").read_bytes()
+
+    code, err = run_cli(capsys, *args)
+    assert_user_error(code, err, "already exists", "--resume")
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert (run_dir / "mesh" / "mesh.glb").read_bytes() == mesh_before
+
+    # A truncated checkpoint is a clear error, not an unpickling traceback.
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    code, err = run_cli(capsys, "train", "--resume", str(run_dir))
+    assert_user_error(code, err, "corrupt", checkpoint.name)
+    code, err = run_cli(capsys, "export", str(run_dir), "--overwrite")
+    assert_user_error(code, err, "corrupt")
+
+    # A missing checkpoint too.
+    (run_dir / "checkpoints" / "LATEST").unlink()
+    code, err = run_cli(capsys, "train", "--resume", str(run_dir))
+    assert_user_error(code, err, "no checkpoint")
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    """A pickle that would execute code on load is refused (weights_only=True)."""
+    import torch
+
+    from carv3d.checkpoint import load_checkpoint
+    from carv3d.errors import CheckpointError
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "step_0000001.pt"
+    torch.save({"format_version": 1, "step": 1, "x": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    """The installed entry point, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "carv3d.cli", "train", "--prompt", "x", "estimator.noise_draw=2"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "estimator.noise_draws" in proc.stderr
