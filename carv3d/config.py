@@ -126,9 +126,15 @@ class OptimConfig:
 @dataclass
 class ExportConfig:
     formats: List[str] = field(default_factory=lambda: ["glb", "ply", "obj"])
-    resolution: int = 128
-    threshold: float = 10.0  # density isosurface level
-    min_component_fraction: float = 0.05  # drop components below this fraction of the largest
+    resolution: int = 128  # density grid nodes per axis
+    threshold: Union[float, int, str] = "auto"  # density isosurface level, or "auto" (best silhouette IoU vs the NeRF)
+    min_component_fraction: float = 0.05  # drop components below this fraction of the largest (by area)
+    max_hole_edges: int = 32  # close boundary loops of at most this many edges; 0 = off
+    faces: int = 50000  # face budget (quadric decimation); 0 = keep every face
+    texture_size: int = 1024  # baked albedo texture for glb/obj, a power of two; 0 = vertex colours only
+    silhouette_views: int = 8  # views of the automatic threshold search
+    silhouette_size: int = 96  # image size of the threshold search when the grid's own opacity is used
+    refine_from: int = 64  # coarse grid for coarse-to-fine sampling near the surface; 0 = sample every node
     at_end: bool = True
 
 

@@ -116,7 +116,11 @@ def finish(trainer: "Trainer", interrupted: bool = False) -> None:
     write_turntable(trainer.field, trainer.renderer, trainer.run_dir / "turntable.mp4",
                     cfg.train.turntable_frames, cfg.train.val_resolution, cfg.train.turntable_fps)
     if cfg.export.at_end:
-        from carv3d.export import export_run_scene
+        from carv3d.export.command import export_scene
+        from carv3d.export.isosurface import EmptyMeshError
 
-        export_run_scene(trainer.field, trainer.renderer, trainer.run_dir / "mesh", cfg.export, overwrite=True)
+        try:
+            export_scene(trainer.field, trainer.renderer, trainer.run_dir / "mesh", cfg.export, overwrite=True)
+        except EmptyMeshError as err:  # the run itself is fine; say why there is no mesh
+            logger.warning("no mesh exported: %s", err)
     logger.info("outputs in %s", trainer.run_dir)

@@ -38,8 +38,12 @@ def build_field(cfg: DictConfig, device: torch.device, seed: int) -> NeRFField:
     return NeRFField(cfg.scene, device=device, generator=generator)
 
 
-def build_renderer(cfg: DictConfig, device: torch.device) -> VolumeRenderer:
-    return VolumeRenderer.from_config(cfg.render, cfg.scene.radius, device)
+def build_renderer(cfg: DictConfig, device: torch.device, seed: int = 0) -> VolumeRenderer:
+    # The learned background's layers initialise from torch's global generator; seed a forked copy
+    # of it so the run is reproducible without touching the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return VolumeRenderer.from_config(cfg.render, cfg.scene.radius, device)
 
 
 @dataclass
@@ -61,7 +65,7 @@ def load_scene(run_dir: str | Path, device: str | torch.device = "cpu") -> Saved
     device = torch.device(device) if not isinstance(device, torch.device) else device
     state = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
     field = build_field(cfg, device, cfg.train.seed)
-    renderer = build_renderer(cfg, device)
+    renderer = build_renderer(cfg, device, cfg.train.seed)
     try:
         field.load_state_dict(state["field"])
         renderer.load_state_dict(state["renderer"], strict=False)

@@ -58,7 +58,7 @@ class Trainer:
             cfg.prompt, cfg.teacher.negative_prompt, view_dependent=cfg.teacher.view_dependent_prompting
         )
         self.field = build_field(cfg, self.device, seed)
-        self.renderer = build_renderer(cfg, self.device)
+        self.renderer = build_renderer(cfg, self.device, seed)
         self.camera_sampler = CameraSampler.from_config(cfg.camera)
         self.estimator = build_estimator(cfg.estimator, self.teacher.alphas_cumprod, self.device)
         self.optimizer = torch.optim.Adam(

@@ -104,7 +104,7 @@ class FrozenScene:
         self.embedding = self.teacher.embed(cfg.prompt, cfg.teacher.negative_prompt,
                                             view_dependent=cfg.teacher.view_dependent_prompting)
         self.field = build_field(cfg, device, cfg.train.seed)
-        self.renderer = build_renderer(cfg, device)
+        self.renderer = build_renderer(cfg, device, cfg.train.seed)
         if field_state is not None:
             self.field.load_state_dict(field_state)
         if renderer_state is not None:

@@ -1,0 +1,260 @@
+"""Export a field as mesh files: grid → threshold → marching cubes → cleanup → colours/texture → files.
+
+    density_grid (coarse) ─► auto_threshold (or a fixed level) ─► refine_grid near the level
+      ─► extract_isosurface (outward faces)
+      ─► remove_small_components ─► fill_small_holes ─► decimate ─► orient_outward
+      ─► vertex_colors (PLY, and GLB/OBJ without texture) ─► unwrap + bake_albedo (GLB/OBJ)
+      ─► mesh.glb, mesh.ply, mesh.obj (+ mesh.mtl, mesh_albedo.png)
+
+Everything that can be checked before the (slow) work is checked first: the formats, the texture
+size, the threshold and whether an output already exists.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from carv3d.errors import ConfigError, OutputPathError
+from carv3d.export.cleanup import (decimate, fill_small_holes, make_mesh, orient_outward,
+                                   remove_small_components)
+from carv3d.export.colors import vertex_colors
+from carv3d.export.formats import obj_sidecars, write_glb, write_obj, write_ply
+from carv3d.export.isosurface import density_grid, extract_isosurface
+from carv3d.export.sparse_grid import refine_grid
+from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
+from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
+from carv3d.log import logger
+from carv3d.render.cameras import Cameras
+
+FORMATS = ("glb", "ply", "obj")
+TEXTURED_FORMATS = ("glb", "obj")
+MAX_TEXTURE_SIZE = 8192
+
+_DEFAULTS = dict(formats=list(FORMATS), resolution=128, threshold="auto", min_component_fraction=0.05,
+                 max_hole_edges=32, faces=50000, texture_size=1024, silhouette_views=8, silhouette_size=96,
+                 refine_from=64)
+
+
+def _option(cfg: Any, name: str) -> Any:
+    """``cfg.name`` for an ExportConfig / DictConfig / namespace, with the schema default if absent."""
+    return getattr(cfg, name, _DEFAULTS[name]) if cfg is not None else _DEFAULTS[name]
+
+
+@dataclass
+class ExportedMesh:
+    """A finished mesh, before it is written.
+
+    Attributes:
+        vertices: (V, 3) float32 positions (scene units, +Y up, front +Z).
+        faces: (F, 3) int64, counter-clockwise seen from outside.
+        colors: (V, 4) uint8 vertex colours sampled from the field.
+        threshold: the density level used.
+        search: the automatic threshold search, when the threshold was "auto".
+        silhouette_iou: mean IoU of the final mesh's silhouettes against the NeRF's (auto only).
+        uv_mesh: the mesh split along UV seams (same faces), when a texture was baked.
+        texture: (S, S, 3) uint8 albedo texture, row 0 at the top.
+        timings: seconds per stage.
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    colors: np.ndarray
+    threshold: float
+    search: Optional[ThresholdSearch] = None
+    silhouette_iou: Optional[float] = None
+    uv_mesh: Optional[UVMesh] = None
+    texture: Optional[np.ndarray] = None
+    timings: dict = dataclass_field(default_factory=dict)
+
+
+def parse_threshold(value: Union[str, float, int]) -> Union[str, float]:
+    """``"auto"`` or a finite number (numbers given as strings are accepted)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"export.threshold is '{value}'; expected 'auto' or a density level "
+                              f"(a number, e.g. 10).") from None
+    value = float(value)
+    if not np.isfinite(value):
+        raise ConfigError(f"export.threshold is {value}; expected 'auto' or a finite number.")
+    return value
+
+
+def check_options(formats: Sequence[str], texture_size: int) -> list[str]:
+    """Validate the formats and the texture size; returns the formats in canonical order."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"unknown export format(s) {unknown or '(none given)'}; expected some of: "
+                          f"{', '.join(FORMATS)} (e.g. --format glb,obj).")
+    if texture_size != 0 and not (is_power_of_two(texture_size) and 16 <= texture_size <= MAX_TEXTURE_SIZE):
+        raise ConfigError(f"texture size {texture_size} is not a power of two between 16 and {MAX_TEXTURE_SIZE}; "
+                          f"use e.g. 512, 1024 or 2048 (0 for vertex colours only).")
+    return [f for f in FORMATS if f in formats]
+
+
+def planned_files(out_dir: Path, formats: Sequence[str], textured: bool) -> dict[str, Path]:
+    """The files an export writes: keys are the formats, plus ``mtl`` and ``texture`` for a textured OBJ."""
+    out_dir = Path(out_dir)
+    files = {fmt: out_dir / f"mesh.{fmt}" for fmt in formats}
+    if textured and "obj" in formats:
+        files["mtl"], files["texture"] = obj_sidecars(files["obj"])
+    return files
+
+
+def check_targets(files: dict[str, Path], overwrite: bool) -> None:
+    """Raise :class:`OutputPathError` when a target exists (and ``overwrite`` is False) or is not writable."""
+    out_dir = next(iter(files.values())).parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputPathError(f"the export folder '{out_dir}' is a file; choose another output folder (--out DIR).")
+    existing = [str(p) for p in files.values() if p.exists()]
+    if existing and not overwrite:
+        raise OutputPathError(f"export would overwrite {', '.join(existing)}; pass --overwrite "
+                              f"(overwrite=True) to replace them, or choose another folder with --out DIR.")
+    clash = [str(p) for p in files.values() if p.is_dir()]
+    if clash:
+        raise OutputPathError(f"cannot write {', '.join(clash)}: a folder of that name exists; "
+                              f"remove it or use --out DIR.")
+
+
+def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, nerf_opacity: Optional[OpacityFn] = None,
+               cameras: Optional[Cameras] = None, grid: Optional[np.ndarray] = None) -> ExportedMesh:
+    """Run the export pipeline up to (not including) writing files.
+
+    Args:
+        field: ``radius``, ``density(x)``, ``field(x) -> (density, albedo)``.
+        export_cfg: an ``ExportConfig`` (or DictConfig of it); None for the defaults.
+        textured: bake a texture (when ``texture_size > 0``).
+        nerf_opacity: the NeRF opacity renderer for the automatic threshold (see :func:`auto_threshold`).
+        cameras: views for the automatic threshold.
+        grid: a precomputed density grid at ``export_cfg.resolution`` (then no coarse-to-fine).
+
+    With ``0 < refine_from < resolution`` the field is sampled on a ``refine_from``³ grid, the
+    threshold is chosen on it, and only the nodes near that level are evaluated at ``resolution``
+    (:func:`carv3d.export.sparse_grid.refine_grid`).
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    threshold = parse_threshold(_option(export_cfg, "threshold"))
+    texture_size = int(_option(export_cfg, "texture_size")) if textured else 0
+    resolution = int(_option(export_cfg, "resolution"))
+    coarse_resolution = int(_option(export_cfg, "refine_from"))
+    sparse = grid is None and 2 <= coarse_resolution < resolution
+    if grid is None:
+        grid = density_grid(field, coarse_resolution if sparse else resolution)
+    lap("density_grid")
+    search = None
+    if threshold == "auto":
+        search = auto_threshold(field, nerf_opacity, grid=grid, cameras=cameras,
+                                n_views=int(_option(export_cfg, "silhouette_views")),
+                                image_size=int(_option(export_cfg, "silhouette_size")))
+        threshold = search.threshold
+    lap("threshold")
+    if sparse:
+        grid, fraction = refine_grid(field, grid, resolution, float(threshold))
+        logger.info("export: %d³ grid from a %d³ one, the field evaluated at %.1f%% of the nodes",
+                    resolution, coarse_resolution, 100 * fraction)
+        lap("refine_grid")
+    vertices, faces = extract_isosurface(grid, float(threshold), float(field.radius))
+    lap("marching_cubes")
+    mesh = remove_small_components(make_mesh(vertices, faces), float(_option(export_cfg, "min_component_fraction")))
+    mesh, _ = fill_small_holes(mesh, int(_option(export_cfg, "max_hole_edges")))
+    mesh = orient_outward(decimate(mesh, int(_option(export_cfg, "faces"))))
+    vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+    lap("cleanup")
+    colors = vertex_colors(field, vertices)
+    lap("vertex_colors")
+    result = ExportedMesh(vertices, faces, colors, float(threshold), search=search, timings=timings)
+    if search is not None:
+        result.silhouette_iou = mesh_iou(vertices, faces, search)
+        logger.info("export: threshold %.4g, mesh silhouette IoU %.3f against the NeRF's opacity",
+                    result.threshold, result.silhouette_iou)
+        lap("silhouette_check")
+    if texture_size:
+        result.uv_mesh = unwrap(vertices, faces, texture_size)
+        lap("uv_unwrap")
+        result.texture = bake_albedo(field, result.uv_mesh, texture_size)
+        lap("texture_bake")
+    logger.info("export: %d vertices, %d faces, threshold %.4g", len(vertices), len(faces), result.threshold)
+    return result
+
+
+def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
+               overwrite: bool = False) -> dict[str, Path]:
+    """Write an :class:`ExportedMesh` as ``mesh.<format>`` files (atomically) in ``out_dir``.
+
+    GLB and OBJ carry the texture when the mesh has one, vertex colours otherwise; PLY always has
+    vertex colours.
+    """
+    formats = check_options(formats, 0)
+    textured = mesh.texture is not None and mesh.uv_mesh is not None
+    files = planned_files(Path(out_dir), formats, textured)
+    check_targets(files, overwrite)
+    clock = time.perf_counter()
+    uvm = mesh.uv_mesh
+    for fmt in formats:
+        if fmt == "ply":
+            write_ply(files["ply"], mesh.vertices, mesh.faces, mesh.colors)
+        elif textured:
+            writer = write_glb if fmt == "glb" else write_obj
+            writer(files[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
+        else:
+            writer = write_glb if fmt == "glb" else write_obj
+            writer(files[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
+    mesh.timings["write"] = round(time.perf_counter() - clock, 4)
+    logger.info("export: wrote %s", ", ".join(str(p) for p in files.values()))
+    return files
+
+
+def export_mesh(field: Any, out_dir: Union[str, Path], export_cfg: Any = None, formats: Optional[Sequence[str]] = None,
+                overwrite: bool = False, *, nerf_opacity: Optional[OpacityFn] = None,
+                cameras: Optional[Cameras] = None) -> dict[str, Path]:
+    """Export a field as mesh files in ``out_dir``.
+
+    Args:
+        field: ``radius``, ``density(x)``, ``field(x) -> (density, albedo)``.
+        out_dir: the folder (created if missing).
+        export_cfg: an ``ExportConfig`` (resolution, threshold, cleanup, faces, texture_size, …);
+            None for the defaults.
+        formats: some of ``glb``, ``ply``, ``obj``; default ``export_cfg.formats``.
+        overwrite: replace existing files; otherwise an existing target is an error, raised before
+            any work is done.
+        nerf_opacity: ``cameras -> (B, H, W)`` NeRF opacity for ``threshold: auto`` (default: the
+            density grid's own opacity).
+        cameras: views for ``threshold: auto``.
+
+    Returns:
+        ``{"glb": …/mesh.glb, "ply": …/mesh.ply, "obj": …/mesh.obj}`` plus ``"mtl"`` and ``"texture"``
+        for a textured OBJ.
+
+    Raises:
+        ConfigError: unknown format, texture size not a power of two, invalid threshold.
+        OutputPathError: a target exists and ``overwrite`` is False.
+        EmptyMeshError: no surface at the threshold (the message gives the largest density).
+    """
+    formats = check_options(list(formats or _option(export_cfg, "formats")), int(_option(export_cfg, "texture_size")))
+    if int(_option(export_cfg, "resolution")) < 8:
+        raise ConfigError(f"export resolution {_option(export_cfg, 'resolution')} is too small; use at least 8 "
+                          f"(128 or 256 for a detailed mesh).")
+    parse_threshold(_option(export_cfg, "threshold"))
+    textured = int(_option(export_cfg, "texture_size")) > 0 and any(f in TEXTURED_FORMATS for f in formats)
+    check_targets(planned_files(Path(out_dir), formats, textured), overwrite)
+    mesh = build_mesh(field, export_cfg, textured=textured, nerf_opacity=nerf_opacity, cameras=cameras)
+    files = write_mesh(mesh, out_dir, formats, overwrite=overwrite)
+    logger.info("export timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in mesh.timings.items()))
+    return files

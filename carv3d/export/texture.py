@@ -1,0 +1,137 @@
+"""UV unwrapping (xatlas) and albedo baking into a texture on the CPU, with seam dilation.
+
+UV convention (OBJ's and trimesh's): u to the right, v **up**, origin at the bottom-left of the image.
+Texel (row i, column j) of an S×S texture covers the UV square around
+
+    u = (j + ½) / S,   v = 1 − (i + ½) / S.
+
+(glTF flips v; trimesh's GLB writer does that, see :mod:`carv3d.export.formats`.)
+
+Baking: every texel whose centre falls inside a UV triangle gets the field's albedo at the 3-D
+point with the same barycentric coordinates, ``x = λ_a·p_a + λ_b·p_b + λ_c·p_c``. Texels that no
+triangle covers (gutters between charts) take the colour of the nearest covered texel (Euclidean
+distance transform), so bilinear filtering and mipmaps never blend in a background colour at seams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.ndimage
+
+from carv3d.export.cleanup import face_areas
+from carv3d.export.colors import field_albedo
+from carv3d.export.raster import rasterize
+from carv3d.log import logger
+
+
+@dataclass
+class UVMesh:
+    """A mesh split along UV seams: vertex k is ``source[k]`` of the unsplit mesh.
+
+    Attributes:
+        vertices: (V', 3) float32 positions.
+        faces: (F, 3) int64, same faces (same order) as the unsplit mesh.
+        uv: (V', 2) float32 in [0, 1], v up.
+        source: (V',) int64 index of each vertex in the unsplit mesh.
+    """
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    uv: np.ndarray
+    source: np.ndarray
+
+
+def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 2,
+           faces_per_chart: int = 200, fill_ratio: float = 0.6) -> UVMesh:
+    """UV-unwrap a mesh with xatlas into one square atlas.
+
+    xatlas' chart growing is superlinear in chart size, and charts of a smooth marching-cubes
+    surface grow large: a 50k-face mesh took 105 s with default options. Capping the chart area at
+    ``A_total · faces_per_chart / F`` bounds the work per chart (the same mesh: ~2 s). The packing
+    scale is ``texels_per_unit = sqrt(fill_ratio · S² / A_total)``, so that at the typical packing
+    efficiency the atlas is about S texels wide; UVs are then divided by the atlas' larger side
+    (square texels, one atlas, never more).
+
+    Args:
+        vertices: (V, 3) positions.
+        faces: (F, 3) indices.
+        texture_size: S, the texture side in texels.
+        padding: texels between charts (before the final rescale to S).
+        faces_per_chart: the chart-area cap in units of the mean face area.
+        fill_ratio: expected fraction of the atlas covered by charts.
+
+    Returns:
+        The split mesh with UVs.
+    """
+    import xatlas
+
+    vertices = np.ascontiguousarray(vertices, dtype=np.float32)
+    faces = np.ascontiguousarray(faces, dtype=np.uint32)
+    area = float(face_areas(vertices, faces).sum())
+    chart_options = xatlas.ChartOptions()
+    chart_options.max_chart_area = area * faces_per_chart / max(len(faces), 1)
+    pack_options = xatlas.PackOptions()
+    pack_options.padding = int(padding)
+    pack_options.bilinear = True
+    pack_options.texels_per_unit = float(np.sqrt(fill_ratio * texture_size**2 / max(area, 1e-12)))
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(vertices, faces)
+    atlas.generate(chart_options, pack_options)
+    source, new_faces, uv = atlas[0]
+    side = float(max(atlas.width, atlas.height))
+    uv = uv.astype(np.float64) * np.array([atlas.width, atlas.height]) / side  # square texels
+    logger.info("texture: %d charts, atlas %dx%d texels rescaled to %d², %.0f%% used",
+                atlas.chart_count, atlas.width, atlas.height, texture_size, 100 * atlas.utilization)
+    source = source.astype(np.int64)
+    return UVMesh(vertices[source], new_faces.astype(np.int64), uv.astype(np.float32), source)
+
+
+def uv_to_pixels(uv: np.ndarray, texture_size: int) -> np.ndarray:
+    """(…, 2) UV (v up) -> (…, 2) texel coordinates (x = column, y = row; row 0 at the top)."""
+    return np.stack([uv[..., 0] * texture_size, (1.0 - uv[..., 1]) * texture_size], axis=-1)
+
+
+def dilate(image: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """Fill texels outside ``covered`` with the colour of the nearest covered texel.
+
+    Args:
+        image: (S, S, C) texture.
+        covered: (S, S) bool, the texels written by baking.
+    """
+    if covered.all() or not covered.any():
+        return image
+    _, (rows, cols) = scipy.ndimage.distance_transform_edt(~covered, return_indices=True)
+    return image[rows, cols]
+
+
+def bake_albedo(field: Any, uv_mesh: UVMesh, texture_size: int) -> np.ndarray:
+    """Bake the field's albedo into an S×S texture by rasterising the UV triangles.
+
+    Args:
+        field: the colour field (``field(x) -> (density, albedo)``).
+        uv_mesh: the unwrapped mesh.
+        texture_size: S.
+
+    Returns:
+        (S, S, 3) uint8 texture, row 0 at the top (v = 1), seams dilated.
+    """
+    size = texture_size
+    triangles = uv_to_pixels(uv_mesh.uv.astype(np.float64), size)[uv_mesh.faces]  # (F, 3, 2)
+    image = np.zeros((size * size, 3), dtype=np.float32)
+    covered = np.zeros(size * size, dtype=bool)
+    corners = uv_mesh.vertices.astype(np.float32)[uv_mesh.faces]  # (F, 3, 3)
+    for pixel, tri, bary in rasterize(triangles, size, size):
+        points = np.einsum("mk,mkd->md", bary, corners[tri])  # (M, 3) surface points
+        image[pixel] = field_albedo(field, points)
+        covered[pixel] = True
+    image = dilate(image.reshape(size, size, 3), covered.reshape(size, size))
+    logger.info("texture: baked %d texels (%.0f%% of %d²)", int(covered.sum()), 100 * covered.mean(), size)
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def is_power_of_two(n: int) -> bool:
+    """True for 1, 2, 4, 8, …"""
+    return n > 0 and n & (n - 1) == 0
