@@ -67,11 +67,21 @@ def _cmd_variance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from carv3d.sweep import run_sweep
+
+    outcome = run_sweep(args.file, backend=args.backend, max_parallel=args.max_parallel, address=args.address,
+                        dry_run=args.dry_run)
+    print(outcome.report())
+    return outcome.exit_code
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _cmd_train,
     "export": _cmd_export,
     "render": _cmd_render,
     "variance": _cmd_variance,
+    "sweep": _cmd_sweep,
 }
 
 
@@ -109,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     from carv3d.variance import add_variance_arguments
 
     add_variance_arguments(sub.add_parser("variance", help="measure estimator variance and cost at a frozen scene"))
+
+    p = sub.add_parser("sweep", help="run a sweep file (grid/zip of config overrides) locally or on Ray",
+                       description="Re-running a sweep skips finished runs and resumes unfinished ones. Results: "
+                                   "<output_dir>/<name>/summary.csv and summary.md. Exit code 1 when a run failed.")
+    p.add_argument("file", help="a sweep file (see configs/sweeps/)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: in-process, or one worker per GPU; ray: one Ray task per run (pip install 'carv3d[ray]')")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="most runs at once (local default: one per visible GPU; ray default: as Ray schedules)")
+    p.add_argument("--address", default=None, help="Ray cluster address, e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001 "
+                                                   "(default: a local Ray instance)")
+    p.add_argument("--dry-run", action="store_true", help="validate the file and print what each run would do")
     return parser
 
 
