@@ -7,11 +7,13 @@ For every estimator of a grid — (R, K) pairs × timestep methods — draw M pa
     cost = median wall-clock seconds per ĝ (render + encode + teacher + backward, synchronised)
     ECM  = (Var_base · cost_base) / (Var · cost)     base: uniform t, R = 2, K = 1
     RE   = Var_uniform(R, K) / Var                   same (R, K), uniform independent t
-    bias z = sqrt(mean_i z_i²),  z_i = (mean_i − ref_i) / sqrt(Var_i / M)
+    bias z = (‖d‖² − Var/M) / (sqrt(2 Σ_i Var_i²) / M),   d = mean − ref
 
 where ref is the pooled mean of all draws of all estimators (all are unbiased for the same
-expectation, so pooling gives the most precise reference). An unbiased estimator has a bias z near 1
-(a little under, because its own draws are part of the reference); a biased one grows like sqrt(M).
+expectation, so pooling gives the most precise reference). For an unbiased estimator d has mean 0
+and covariance ≈ Cov/M, so ‖d‖² has mean Var/M and (with a diagonal covariance) standard deviation
+sqrt(2 Σ Var_i²)/M: the bias z is then of order ±1 (a little negative, because the estimator's own
+draws are part of the reference); a bias b adds ‖b‖² to the numerator and grows linearly in M.
 """
 
 from __future__ import annotations
@@ -193,15 +195,15 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
     rows = []
     for (method, R, K), s in runs.items():
         var_i = s.variance
-        nonzero = var_i > 0
-        z = (s.mean - reference)[nonzero] / (var_i[nonzero] / s.count).sqrt()
+        distance2 = float((s.mean - reference).pow(2).sum())
+        spread = float(var_i.pow(2).sum().mul(2).sqrt()) / s.count
         uniform = runs[("uniform", R, K)]
         rows.append({
             "method": method, "upstream_samples": R, "noise_draws": K, "draws": s.count,
             "variance": s.trace, "cost_seconds": s.cost,
             "ecm": (base.trace * base.cost) / (s.trace * s.cost) if s.trace > 0 else math.nan,
             "relative_efficiency": uniform.trace / s.trace if s.trace > 0 else math.nan,
-            "bias_z_rms": float(z.pow(2).mean().sqrt()) if z.numel() else math.nan,
+            "bias_z": (distance2 - s.trace / s.count) / spread if spread > 0 else math.nan,
         })
     rows.sort(key=lambda r: (r["upstream_samples"], r["noise_draws"], list(METHODS).index(r["method"])))
     return {
@@ -282,6 +284,9 @@ def variance_command(args: argparse.Namespace) -> str:
     from carv3d.config import load_config
     from carv3d.parts import resolve_device
 
+    if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
+        args.overrides = [args.run_dir, *args.overrides]  # argparse gave the first key=value to RUN_DIR
+        args.run_dir = None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -327,7 +332,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["| method | R | K | Var | ms/grad | ECM | RE | bias z |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['method']} | {r['upstream_samples']} | {r['noise_draws']} | {r['variance']:.4g} | "
-                     f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z_rms']:.2f} |")
+                     f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z']:.2f} |")
     split = report.get("variance_split") or {}
     if split:
         lines.append(f"\nσ_b² ≈ {split['sigma_b2']:.4g}, σ_w² ≈ {split['sigma_w2']:.4g}, "
