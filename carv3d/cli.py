@@ -67,6 +67,14 @@ def _cmd_variance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from carv3d.world.evaluate import evaluate_command
+
+    print(evaluate_command(args.run_dir, views=args.views, resolution=args.resolution, out=args.out,
+                           overwrite=args.overwrite, device=args.device))
+    return 0
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from carv3d.sweep import run_sweep
 
@@ -81,6 +89,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": _cmd_export,
     "render": _cmd_render,
     "variance": _cmd_variance,
+    "evaluate": _cmd_evaluate,
     "sweep": _cmd_sweep,
 }
 
@@ -119,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     from carv3d.variance import add_variance_arguments
 
     add_variance_arguments(sub.add_parser("variance", help="measure estimator variance and cost at a frozen scene"))
+
+    p = sub.add_parser("evaluate", help="score a run against the embedded world's ground truth (world prompts only)",
+                       description="Renders the run and the ground truth from fixed held-out views; reports "
+                                   "silhouette IoU, masked colour error, PSNR, the Chamfer distance of RUN_DIR/mesh/mesh.ply, "
+                                   "the best-matching world object and the front/back check. Writes JSON.")
+    p.add_argument("run_dir")
+    p.add_argument("--views", type=int, default=16, help="held-out views: a multiple of 4, at least 12 (default 16)")
+    p.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--out", default=None, help="output JSON (default RUN_DIR/evaluation.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
     p = sub.add_parser("sweep", help="run a sweep file (grid/zip of config overrides) locally or on Ray",
                        description="Re-running a sweep skips finished runs and resumes unfinished ones. Results: "

@@ -1,0 +1,271 @@
+"""`carv3d evaluate`: metrics against hand-computed values, and the ground truth scored as a result.
+
+The "result" of most tests is :class:`carv3d.world.evaluate.WorldField` — the world object as a
+density field, ``σ = σ_max · sigmoid(−f / ε)`` with ε = 2e-4 and σ_max = 1e6 — rendered by the real
+:class:`~carv3d.render.renderer.VolumeRenderer`. Its silhouettes grow by about
+``ε · ln(σ_max √(2π R ε) / ln 2) ≈ 0.002`` scene units (0.1 px at 64 px), and the ground truth's
+sphere tracer counts rays within half a pixel of the surface as hits, so its IoU against its own
+object is not exactly 1: at 64 px we require ≥ 0.95 (measured: 0.98 for the house).
+
+Torch runs on one thread here: the machine has 2 shared cores, and the many small tensor ops of
+sphere tracing are ~10× slower when torch's threads oversubscribe them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from carv3d.cli import main
+from carv3d.errors import UserError
+from carv3d.render.cameras import orbit_cameras
+from carv3d.render.renderer import VolumeRenderer
+from carv3d.world.evaluate import (DISTANCE, EvaluationOptionError, NotAWorldPromptError, WorldField, _truth_masks,
+                                   evaluate_scene, held_out_cameras, match_object, render_result, truth_images,
+                                   world_prompt)
+from carv3d.world.metrics import (chamfer_distance, masked_colour_error, psnr, rotate_about_y, sample_surface,
+                                  silhouette_iou, world_surface)
+
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def renderer() -> VolumeRenderer:
+    return VolumeRenderer(1.0, sampler="stratified", samples_per_ray=64, background="white")
+
+
+def export_ply(field: WorldField, out_dir) -> str:
+    """The field's isosurface at its surface level through carv3d's exporter, as mesh.ply."""
+    from types import SimpleNamespace
+
+    from carv3d.export.pipeline import export_mesh
+
+    cfg = SimpleNamespace(threshold=field.surface_level, resolution=128, refine_from=64, texture_size=0,
+                          formats=["ply"])
+    return str(export_mesh(field, out_dir, cfg)["ply"])
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_image_metrics_match_hand_computed_values():
+    mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    truth = torch.zeros_like(mask)
+    mask[0, 0, :2, :2] = True  # 4 pixels
+    truth[0, 0, :2, :3] = True  # 6 pixels, 4 shared → IoU 4/6
+    # view 1: both empty → 1 by definition
+    assert silhouette_iou(mask, truth).tolist() == pytest.approx([4 / 6, 1.0])
+
+    rgb = torch.full((2, 3, 4, 4), 0.5)
+    ref = rgb.clone()
+    ref[0, 0, 0, 0] = 0.8  # one channel of one shared pixel differs by 0.3
+    ref[0, :, 3, 3] = 0.0  # outside both masks: not in the masked error
+    # masked error: mean over 4 shared pixels of the channel mean: (0.3 / 3) / 4
+    assert masked_colour_error(rgb, ref, mask, truth) == pytest.approx(0.1 / 4)
+    assert masked_colour_error(rgb, ref, mask, ~truth & ~mask) is None
+
+    # PSNR: a constant error of 0.1 on every value is −10 log10(0.01) = 20 dB; equal images hit the 100 dB cap.
+    assert psnr(rgb + 0.1, rgb).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)
+    assert psnr(rgb, rgb).tolist() == pytest.approx([100.0, 100.0])
+
+
+def test_chamfer_of_concentric_spheres_is_the_radius_gap():
+    import trimesh
+
+    rng = np.random.default_rng(0)
+    inner, outer = trimesh.creation.icosphere(5, radius=0.40), trimesh.creation.icosphere(5, radius=0.45)
+    a = sample_surface(inner.vertices, inner.faces, 20000, rng)
+    b = sample_surface(outer.vertices, outer.faces, 20000, rng)
+    # Every point of one sphere is 0.05 from the other; finite samples add ~(spacing/2)² / (2·0.05) ≈ 3e-4.
+    cd = chamfer_distance(a, b)
+    assert cd["chamfer"] == pytest.approx(0.05, abs=2e-3)
+    assert cd["result_to_truth"] == pytest.approx(0.05, abs=2e-3)
+    assert chamfer_distance(a, a)["chamfer"] == 0.0
+
+
+def test_surface_samples_are_uniform_and_world_surface_is_the_sdf_zero_set():
+    rng = np.random.default_rng(1)
+    vertices = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 1], [0, 0, 2]])
+    faces = np.array([[0, 1, 2], [3, 4, 5]])  # areas 0.5 and 1.5
+    points = sample_surface(vertices, faces, 40000, rng)
+    on_second = points[:, 2] > 0.5
+    # P(second) = 0.75; binomial std √(0.75·0.25/40000) = 0.0022, 5σ = 0.011.
+    assert on_second.mean() == pytest.approx(0.75, abs=0.011)
+    # Uniform on a triangle ⇒ the sample mean is the centroid (std of a coordinate ≤ 0.25/√30000 = 0.0015).
+    assert points[~on_second].mean(0) == pytest.approx([1 / 3, 1 / 3, 0.0], abs=0.008)
+
+    v, f = world_surface("sphere", resolution=96)
+    radii = np.linalg.norm(v, axis=1)
+    assert radii.min() > 0.42 - 2e-3 and radii.max() < 0.42 + 2e-3  # ball of radius 0.42 (objects.sphere)
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1).sum()
+    assert area == pytest.approx(4 * math.pi * 0.42 ** 2, rel=0.01)
+
+    # rotate_about_y raises the azimuth atan2(x, z): the front (+Z) turned by 90° faces +X.
+    assert rotate_about_y(np.array([[0.0, 0.5, 1.0]]), 90.0) == pytest.approx(np.array([[1.0, 0.5, 0.0]]))
+
+
+def test_held_out_cameras_are_fixed_and_not_the_validation_orbit():
+    cameras = held_out_cameras(16)
+    assert len(cameras) == 16
+    azimuths = [-157.5, -112.5, -67.5, -22.5, 22.5, 67.5, 112.5, 157.5]
+    assert sorted(set(cameras.azimuth.tolist())) == pytest.approx(azimuths)
+    assert sorted(set(cameras.elevation.tolist())) == [5.0, 40.0]
+    assert cameras.distance.tolist() == pytest.approx([1.55] * 16) and DISTANCE == pytest.approx(1.55)
+    assert torch.equal(cameras.c2w, held_out_cameras(16).c2w)
+    validation = orbit_cameras(4, elevation_deg=15.0, distance=2.0, fovy_deg=45.0)  # carv3d.outputs.validation_sheet
+    gaps = torch.cdist(cameras.positions, validation.positions)
+    assert gaps.min() > 0.3
+    for bad in (8, 14, 18):
+        with pytest.raises(EvaluationOptionError, match="multiple of 4"):
+            held_out_cameras(bad)
+
+
+def test_a_prompt_outside_the_world_names_the_unknown_words():
+    assert world_prompt("A red cube, front view").object == "cube"
+    with pytest.raises(NotAWorldPromptError) as info:
+        world_prompt("a shiny dragon")
+    message = str(info.value)
+    assert "shiny, dragon" in message and "only for prompts of the embedded world" in message
+    assert isinstance(info.value, UserError)
+
+
+# --------------------------------------------------------------------------- the truth as a result
+def test_ground_truth_scores_itself_near_one_and_ranks_itself_first(renderer, tmp_path):
+    field = WorldField("house", "red")
+    result = evaluate_scene(field, renderer, "a red house", mesh=export_ply(field, tmp_path), resolution=RESOLUTION)
+    assert result["silhouette_iou"] >= 0.95
+    assert min(result["per_view"]["silhouette_iou"]) >= 0.9
+    assert result["masked_colour_error"] <= 0.02  # same albedo; only edge pixels differ
+    assert result["psnr"] >= 20.0
+    assert result["alignment"] == {"rule": "fixed", "azimuth_offset_deg": 0.0, "candidates": 1}
+    # The mesh exported from the truth lies on the truth: grid spacing 2/127 = 0.016, so ≲ 0.008 expected.
+    assert result["chamfer"] < 0.02
+    # Best match: the house, clearly ahead of every other object.
+    ranking = {m["object"]: m["iou"] for m in result["ranking"]}
+    assert result["best_match"] == "house" and result["best_match_is_prompted"]
+    assert len(ranking) == 11 and max(v for k, v in ranking.items() if k != "house") < ranking["house"] - 0.1
+    assert ranking["house"] == result["silhouette_iou"]
+    # Front views look like the front, back views like the back.
+    assert result["front_matches_front"] is True
+    assert result["front_back"]["front_views"]["vs_same_side"]["iou"] >= 0.95
+    assert sorted(result["front_back"]["front_azimuths"]) == [-22.5, -22.5, 22.5, 22.5]
+    json.dumps(result)  # JSON-ready
+
+
+def test_a_wrong_object_scores_clearly_lower(renderer, tmp_path):
+    field = WorldField("duck", "yellow")
+    right = evaluate_scene(field, renderer, "a yellow duck", compare_all_objects=False, resolution=RESOLUTION)
+    mesh = export_ply(field, tmp_path)
+    wrong = evaluate_scene(field, renderer, "a yellow snowman", mesh=mesh, compare_all_objects=False,
+                           resolution=RESOLUTION)
+    assert right["silhouette_iou"] >= 0.95
+    assert wrong["silhouette_iou"] < right["silhouette_iou"] - 0.15
+    assert wrong["chamfer"] > 0.03  # vs < 0.02 for the right object (previous test)
+    assert right["psnr"] > wrong["psnr"] + 3.0
+
+
+def test_front_back_check_fails_for_a_turned_around_and_a_two_faced_result(renderer):
+    turned = evaluate_scene(WorldField("chair", "blue", rotation_deg=180.0), renderer, "a blue chair",
+                            compare_all_objects=False, resolution=RESOLUTION)
+    fb = turned["front_back"]
+    assert fb["front_views_match_front"] is False and fb["back_views_match_back"] is False
+    assert turned["front_matches_front"] is False
+    # Turned around, its front views are (up to edge pixels) the truth's back views.
+    assert fb["front_views"]["vs_opposite_side"]["iou"] >= 0.95
+
+    class TwoFacedHouse(WorldField):
+        """The front half of the house mirrored onto the back: a door on both ends."""
+
+        def object_frame(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x[:, 0], x[:, 1], x[:, 2].abs()], dim=-1)
+
+    janus = evaluate_scene(TwoFacedHouse("house", "red"), renderer, "a red house", compare_all_objects=False,
+                           resolution=RESOLUTION)
+    fb = janus["front_back"]
+    assert fb["front_views_match_front"] is True and fb["back_views_match_back"] is False
+    assert janus["front_matches_front"] is False
+
+
+def test_symmetric_objects_are_aligned_about_y_and_objects_with_a_front_are_not(renderer, tmp_path):
+    # A cube turned by 30° is a cube: the alignment finds δ ≡ −30° (mod 90°) to within half of
+    # its 9° step, the IoU is the unturned cube's, and the truth's surface turned alike matches the mesh.
+    field = WorldField("cube", "green", rotation_deg=30.0)
+    cube = evaluate_scene(field, renderer, "a green cube", mesh=export_ply(field, tmp_path),
+                          compare_all_objects=False, resolution=RESOLUTION)
+    offset = cube["alignment"]["azimuth_offset_deg"]
+    assert cube["alignment"]["rule"] == "search" and cube["alignment"]["candidates"] == 40
+    assert abs((offset + 30.0 + 45.0) % 90.0 - 45.0) <= 4.5
+    assert cube["silhouette_iou"] >= 0.95
+    assert cube["chamfer"] < 0.02
+    assert cube["front_back"]["applicable"] is False and cube["front_matches_front"] is None
+    # The truth's colours are re-traced for the chosen offset only; they agree with the cached silhouettes.
+    mask = render_result(field, renderer, held_out_cameras(16), RESOLUTION)[1]
+    match = match_object(mask, "cube", 16, RESOLUTION)
+    assert match["iou"] == pytest.approx(cube["silhouette_iou"], abs=1e-5)
+    assert torch.equal(truth_images("cube", "green", 16, RESOLUTION, match["rows"])[1],
+                       _truth_masks("cube", 16, RESOLUTION, 5, "cpu")[match["rows"]])
+
+    # A duck turned by 90° is not a duck facing the front.
+    turned = evaluate_scene(WorldField("duck", "yellow", rotation_deg=90.0), renderer, "a yellow duck",
+                            compare_all_objects=False, resolution=RESOLUTION)
+    assert turned["alignment"]["azimuth_offset_deg"] == 0.0
+    assert turned["silhouette_iou"] < 0.8
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+def _run_dir(tmp_path, prompt: str):
+    """A run directory with a checkpoint of an untrained (blob-initialised) field."""
+    from carv3d.checkpoint import save_checkpoint
+    from carv3d.config import load_config
+    from carv3d.parts import build_field, build_renderer
+    from carv3d.run_dir import create_run_dir
+
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path}", "train.run_name=run", "scene.grid.n_levels=4",
+                                 "scene.grid.log2_hashmap_size=12", "render.sampler=stratified"], prompt=prompt)
+    run_dir = create_run_dir(cfg)
+    field, renderer = build_field(cfg, torch.device("cpu"), 0), build_renderer(cfg, torch.device("cpu"), 0)
+    save_checkpoint(run_dir, 0, {"field": field.state_dict(), "renderer": renderer.state_dict()})
+    return run_dir
+
+
+def test_cli_writes_json_and_the_blob_is_not_mistaken_for_a_cube(tmp_path, capsys):
+    run_dir = _run_dir(tmp_path, "a red cube")
+    code = main(["evaluate", str(run_dir), "--views", "12", "--resolution", "32", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    result = json.loads((run_dir / "evaluation.json").read_text())
+    assert "silhouette IoU" in out and str(run_dir / "evaluation.json") in out
+    assert result["step"] == 0 and result["views"]["count"] == 12 and len(result["per_view"]["psnr"]) == 12
+    # The untrained blob is a ball: its IoU against the cube flatters it (0.82 measured), but the
+    # ranking puts a round object ahead of the cube.
+    assert 0.5 < result["silhouette_iou"] < 0.9
+    assert result["best_match_is_prompted"] is False and result["best_match"] in ("sphere", "cylinder")
+    assert result["ranking"][0]["iou"] > result["silhouette_iou"] + 0.05
+    assert "[12.0" not in (run_dir / "evaluation.json").read_text()  # sanity: lists of numbers are on one line
+    assert '"elevation_deg": [5.0, 5.0' in (run_dir / "evaluation.json").read_text()
+    assert result["chamfer"] is None and "not found" in result["surface"]["mesh"]
+
+    code = main(["evaluate", str(run_dir)])  # exists, no --overwrite: nothing is loaded or written
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
+    code = main(["evaluate", str(run_dir), "--views", "10"])
+    assert code == 2 and "multiple of 4" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_prompt_outside_the_world(tmp_path, capsys):
+    run_dir = _run_dir(tmp_path, "a golden dragon")
+    code = main(["evaluate", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1
+    assert "golden, dragon" in err and "only for prompts of the embedded world" in err
+    assert not (run_dir / "evaluation.json").exists()
