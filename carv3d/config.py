@@ -53,8 +53,10 @@ class SceneConfig:
 class CameraConfig:
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])  # degrees
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])  # degrees; 0 = front (+Z)
-    distance_range: List[float] = field(default_factory=lambda: [1.0, 1.5])
-    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])  # degrees
+    # Defaults match the embedded teacher's training cameras; the SD presets use threestudio's
+    # [1.0, 1.5] and [40, 70].
+    distance_range: List[float] = field(default_factory=lambda: [1.3, 1.8])
+    fovy_range: List[float] = field(default_factory=lambda: [40.0, 60.0])  # degrees
     stratified: bool = False  # stratify azimuth across the renders of a step and consecutive steps
     front_half_angle: float = 45.0  # |azimuth| < this is "front"; > 180 - this is "back"
     overhead_elevation: float = 60.0  # elevation above this is "overhead"
@@ -69,7 +71,7 @@ class RenderConfig:
     occupancy_resolution: int = 64
     occupancy_update_every: int = 16
     occupancy_threshold: float = 0.01
-    shading: str = "random"  # albedo | lambertian | textureless | random
+    shading: str = "albedo"  # albedo | lambertian | textureless | random (DreamFusion-style; SD presets)
     albedo_probability: float = 0.5  # with shading=random: albedo, else lambertian/textureless 50/50
     ambient: float = 0.1
     light_jitter: float = 0.5  # std of the random offset added to the unit camera direction for the light
@@ -147,7 +149,7 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
-    turntable_frames: int = 60
+    turntable_frames: int = 60  # 0 = no turntable video
     turntable_fps: int = 24
     val_resolution: int = 128
     max_nonfinite_steps: int = 20

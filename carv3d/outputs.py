@@ -113,8 +113,9 @@ def finish(trainer: "Trainer", interrupted: bool = False) -> None:
     trainer.field.eval()
     trainer.renderer.eval()
     write_validation(trainer)
-    write_turntable(trainer.field, trainer.renderer, trainer.run_dir / "turntable.mp4",
-                    cfg.train.turntable_frames, cfg.train.val_resolution, cfg.train.turntable_fps)
+    if cfg.train.turntable_frames > 0:
+        write_turntable(trainer.field, trainer.renderer, trainer.run_dir / "turntable.mp4",
+                        cfg.train.turntable_frames, cfg.train.val_resolution, cfg.train.turntable_fps)
     if cfg.export.at_end:
         from carv3d.export.command import export_scene
         from carv3d.export.isosurface import EmptyMeshError

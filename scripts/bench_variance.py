@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     setup_logging()
     name = f"variance-{int(time.time())}"
     cfg = load_config(args.config, [*args.overrides, f"train.steps={args.early}", f"train.output_dir={args.workdir}",
-                                     f"train.run_name={name}", "train.val_every=0", "export.at_end=false"], args.prompt)
+                                     f"train.run_name={name}", "train.val_every=0", "export.at_end=false",
+                                     "train.turntable_frames=0"], args.prompt)
     started = time.perf_counter()
     run_dir = train(cfg)
     timings = {"train_early_s": time.perf_counter() - started}
