@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pilot", type=int, default=16)
     parser.add_argument("--rk", default="2x1,1x1,1x2,1x4,1x8,1x16")
     parser.add_argument("--methods", default="uniform,is,stratified,is+stratified,adaptive")
+    parser.add_argument("--camera-stratified", action="store_true", help="also measure with stratified cameras")
     parser.add_argument("--workdir", default="runs/bench_variance")
     parser.add_argument("--out", default="variance_bench.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -76,27 +77,32 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "command": " ".join(sys.argv), "phases": {}}
     out = Path(args.out)
-    for phase, steps in (("early", args.early), ("late", args.late)):
-        if phase == "late":
-            started = time.perf_counter()
-            resume(run_dir, [f"train.steps={args.late}"])
-            timings["train_late_s"] = time.perf_counter() - started
-        state = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
+    states = {}
+    # Plain cameras first at both checkpoints, then camera stratification; the JSON is rewritten
+    # after every measurement so a time limit keeps what was measured.
+    plan = [("early", False), ("late", False)] + ([("early", True), ("late", True)] if args.camera_stratified else [])
+    for phase, camera_stratified in plan:
+        if phase not in states:
+            if phase == "late":
+                started = time.perf_counter()
+                resume(run_dir, [f"train.steps={args.late}"])
+                timings["train_late_s"] = time.perf_counter() - started
+            states[phase] = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
+        state = states[phase]
         run_cfg = load_config(run_dir / "config.yaml")
-        for camera_stratified in (False, True):
-            scene = FrozenScene(run_cfg, device, state["field"], state["renderer"], seed=0)
-            started = time.perf_counter()
-            result = measure(run_cfg, scene, args.methods.split(","), parse_rk(args.rk), args.draws, args.pilot,
-                             camera_stratified=camera_stratified)
-            result["seconds"] = time.perf_counter() - started
-            result["step"] = int(state["step"])
-            key = f"{phase}{'_camera_stratified' if camera_stratified else ''}"
-            report["phases"][key] = result
-            plot(result, out.with_name(f"{out.stem}_{key}.png"))
-            print(f"\n## {key} (step {state['step']})\n{format_table(result)}", flush=True)
-    report["timings"] = timings
-    report["summary"] = summarize(report["phases"])
-    out.write_text(json.dumps(report, indent=2))
+        scene = FrozenScene(run_cfg, device, state["field"], state["renderer"], seed=0)
+        started = time.perf_counter()
+        result = measure(run_cfg, scene, args.methods.split(","), parse_rk(args.rk), args.draws, args.pilot,
+                         camera_stratified=camera_stratified)
+        result["seconds"] = time.perf_counter() - started
+        result["step"] = int(state["step"])
+        key = f"{phase}{'_camera_stratified' if camera_stratified else ''}"
+        report["phases"][key] = result
+        plot(result, out.with_name(f"{out.stem}_{key}.png"))
+        print(f"\n## {key} (step {state['step']})\n{format_table(result)}", flush=True)
+        report["timings"] = timings
+        report["summary"] = summarize(report["phases"])
+        out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
 

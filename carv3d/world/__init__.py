@@ -7,7 +7,8 @@
 
 Objects are analytic SDFs in carv3d's canonical pose (+Y up, front towards +Z), see
 :mod:`carv3d.world.objects`; the renderer is :mod:`carv3d.world.raytrace`; the prompt grammar and
-vocabulary are in :mod:`carv3d.world.prompts`. Only torch is needed (no nerfacc, no diffusers).
+vocabulary are in :mod:`carv3d.world.prompts`. The world needs only torch (and carv3d's camera, ray
+and shading modules); nothing here imports diffusers.
 """
 
 from carv3d.world.objects import (
