@@ -222,3 +222,15 @@ def test_ecm_and_relative_efficiency():
     assert ecm(4.7e5, 60.0, 1.24e5, 60.0) == pytest.approx(3.79, abs=0.01)
     assert ecm(2.0, 1.0, 1.0, 4.0) == 0.5  # half the variance at four times the cost is a loss
     assert relative_efficiency(1.24e5, 1.13e5) == pytest.approx(1.097, abs=1e-3)
+
+
+def test_auto_noise_draws_moves_at_most_a_factor_two_per_window():
+    """A window with σ_b² ≈ 0 (K* = ∞) doubles K instead of jumping to the upper bound."""
+    from carv3d.estimator.accounting import AutoNoiseDraws
+
+    auto = AutoNoiseDraws(4, min_draws=2, max_draws=32, every=1, smoothing=0.0)
+    assert auto.update(1, sigma_b2=0.0, sigma_w2=10.0, alpha=4.0) == 8
+    assert auto.update(2, sigma_b2=0.0, sigma_w2=10.0, alpha=4.0) == 16
+    assert auto.update(3, sigma_b2=0.0, sigma_w2=10.0, alpha=4.0) == 32
+    # K* = sqrt(4 · 10 / 10) = 2: halves per window on the way down.
+    assert [auto.update(s, sigma_b2=10.0, sigma_w2=10.0, alpha=4.0) for s in (4, 5, 6, 7)] == [16, 8, 4, 2]

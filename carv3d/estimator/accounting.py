@@ -209,7 +209,9 @@ class AutoNoiseDraws:
     Every ``every`` steps (and never more often) :meth:`update` takes the window's σ_b², σ_w² and α,
     smooths each exponentially, s ← β·s + (1 − β)·new (β = ``smoothing``; the first value is taken as
     is; NaN inputs are skipped), and sets K to :func:`best_integer_noise_draws` of the smoothed values
-    within [min_draws, max_draws]. With ``adapt=False`` it only tracks the values and K* for logging.
+    within [min_draws, max_draws], moving at most a factor ``max_change_factor`` per window (a
+    window whose σ_b² reads as zero — K* = ∞ — then doubles K instead of jumping to the bound).
+    With ``adapt=False`` it only tracks the values and K* for logging.
     A change of K is logged on the ``carv3d`` logger.
 
     K = 1 cannot be measured (no within-render spread), so with ``adapt`` the lower bound is at least 2.
@@ -223,6 +225,7 @@ class AutoNoiseDraws:
         every: int = 50,
         smoothing: float = 0.9,
         adapt: bool = True,
+        max_change_factor: float = 2.0,
     ) -> None:
         if adapt and min_draws < 2:
             logger.info("auto noise draws: lower bound raised from %d to 2 (K = 1 cannot separate σ_w² from σ_b²)", min_draws)
@@ -232,6 +235,7 @@ class AutoNoiseDraws:
         if every < 1 or not 0.0 <= smoothing < 1.0:
             raise ValueError(f"need every >= 1 and 0 <= smoothing < 1; got {every}, {smoothing}")
         self.adapt = adapt
+        self.max_change_factor = float(max_change_factor)
         self.min_draws, self.max_draws = int(min_draws), int(max_draws)
         self.noise_draws = min(max(int(noise_draws), self.min_draws), self.max_draws) if adapt else int(noise_draws)
         self.every = int(every)
@@ -269,6 +273,9 @@ class AutoNoiseDraws:
         self.optimal = optimal_noise_draws(self.alpha, self.sigma_w2, sb2)
         if self.adapt:
             new = best_integer_noise_draws(self.alpha, self.sigma_w2, sb2, self.min_draws, self.max_draws)
+            lowest = max(self.min_draws, math.ceil(self.noise_draws / self.max_change_factor))
+            highest = min(self.max_draws, math.floor(self.noise_draws * self.max_change_factor))
+            new = min(max(new, lowest), highest)
             if new != self.noise_draws:
                 logger.info(
                     "step %d: noise draws K %d -> %d (K* = %.2f from alpha = %.3g, sigma_w2 = %.3g, sigma_b2 = %.3g)",
