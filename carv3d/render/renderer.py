@@ -262,6 +262,23 @@ class VolumeRenderer(nn.Module):
         t_starts, t_ends = stratified_samples(t_near[rows], t_far[rows], self.samples_per_ray, generator)
         return RaySegments.batched(t_starts, t_ends), rows
 
+    @staticmethod
+    def _sample_normals(field: Field, flat: torch.Tensor, weights: torch.Tensor, shape: torch.Size,
+                        min_weight: float = 1e-4) -> torch.Tensor:
+        """Normals at the samples (6 extra density evaluations each, central differences).
+
+        Without autograd (validation, turntables) only samples whose weight w_i > ``min_weight`` get
+        one: the others change a composited value by less than w_i·|n| and are left at 0, which makes
+        shaded renders several times cheaper. Training computes every normal (they carry gradients).
+        """
+        if torch.is_grad_enabled():
+            return _at_least_float32(field.normals(flat)).reshape(*shape, 3)
+        normals = torch.zeros(flat.shape[0], 3, device=flat.device, dtype=torch.float32)
+        mask = weights.reshape(-1) > min_weight
+        if bool(mask.any()):
+            normals[mask] = _at_least_float32(field.normals(flat[mask]))
+        return normals.reshape(*shape, 3)
+
     def render_rays(
         self,
         field: Field,
@@ -298,11 +315,11 @@ class VolumeRenderer(nn.Module):
         density, albedo = field(flat)
         sigmas = _at_least_float32(density).reshape(shape)
         albedo = _at_least_float32(albedo).reshape(*shape, 3)
-        normals = _at_least_float32(field.normals(flat)).reshape(*shape, 3) if with_normals else None
+        weights, _, _ = compute_weights(segments, sigmas, n_active)
+        normals = self._sample_normals(field, flat, weights, shape) if with_normals else None
         sample_light = light_dirs[rows][segments.ray_indices] if light_dirs is not None else None
         colours = shade(albedo, normals, sample_light, shading, self.ambient)
 
-        weights, _, _ = compute_weights(segments, sigmas, n_active)
         opacity = accumulate(segments, weights, None, n_active)
         rgb = accumulate(segments, weights, colours, n_active)
         depth = expected_depth(segments, weights, opacity, n_active)
