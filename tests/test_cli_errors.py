@@ -132,3 +132,27 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "estimator.noise_draws" in proc.stderr
+
+
+def test_export_bad_input(capsys, tmp_path, tiny_sd_path):
+    """Not a run, unknown format, texture size not a power of two, existing output: clear errors, nothing replaced."""
+    code, err = run_cli(capsys, "export", str(tmp_path))
+    assert_user_error(code, err, "not a carv3d run")
+    code, err = run_cli(capsys, "train", "--prompt", "a cube", *_tiny(tiny_sd_path, tmp_path), "train.run_name=r")
+    assert code == 0, err
+    run_dir = tmp_path / "r"
+    glb_before = (run_dir / "mesh" / "mesh.glb").read_bytes()
+    code, err = run_cli(capsys, "export", str(run_dir), "--format", "fbx", "--out", str(tmp_path / "o1"))
+    assert_user_error(code, err, "fbx")
+    code, err = run_cli(capsys, "export", str(run_dir), "--texture-size", "300", "--out", str(tmp_path / "o2"))
+    assert_user_error(code, err, "power of two")
+    code, err = run_cli(capsys, "export", str(run_dir))
+    assert_user_error(code, err, "--overwrite")
+    assert (run_dir / "mesh" / "mesh.glb").read_bytes() == glb_before
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # With --out elsewhere it works and the files load back.
+    code, err = run_cli(capsys, "export", str(run_dir), "--format", "ply", "--resolution", "16", "--out", str(tmp_path / "o3"))
+    assert code == 0, err
+    import trimesh
+
+    assert len(trimesh.load(tmp_path / "o3" / "mesh.ply", process=False).faces) > 0
