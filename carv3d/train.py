@@ -198,7 +198,9 @@ class Trainer:
                     bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
                 if cfg.train.val_every > 0 and self.step % cfg.train.val_every == 0:
                     outputs.write_validation(self)
-                if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0:
+                # No checkpoint inside a run of skipped steps: the last one saved stays the last good one.
+                if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0 \
+                        and self.nonfinite_in_a_row == 0:
                     self.save()
         except KeyboardInterrupt:
             interrupted = True

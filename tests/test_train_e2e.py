@@ -112,3 +112,52 @@ def test_sds_preset_matches_threestudio_sds(tiny_teacher):
     eps_hat = tiny_teacher.predict_noise(x_t, t, cond, guidance)  # CFG itself is checked in test_teacher.py
     expected = (1 - alpha) * (eps_hat - noise)
     assert torch.equal(result.latent_gradient, expected)
+
+
+def _trainer(tiny_sd_path, tmp_path, **extra):
+    from carv3d.run_dir import create_run_dir
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=6, **extra), prompt="a red cube")
+    trainer = Trainer(cfg)
+    trainer.run_dir = create_run_dir(cfg)
+    return trainer
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(tiny_sd_path, tmp_path):
+    from carv3d.errors import TrainingDivergedError
+
+    trainer = _trainer(tiny_sd_path, tmp_path, **{"train.max_nonfinite_steps": 3, "train.run_name": "nan"})
+    clean_predict = trainer.teacher.predict_noise
+    calls = {"n": 0}
+
+    def predict_noise(*args, **kwargs):  # steps 3.. return NaN noise predictions
+        calls["n"] += 1
+        out = clean_predict(*args, **kwargs)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    trainer.teacher.predict_noise = predict_noise
+    with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
+        trainer.run()
+    state = load_checkpoint(latest_checkpoint(trainer.run_dir))
+    assert state["step"] == 2  # the last good checkpoint (checkpoint_every=2) is the one kept
+    assert all(torch.isfinite(v).all() for v in state["field"].values())
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "diverged"
+    assert trainer.nonfinite_total == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exports(tiny_sd_path, tmp_path):
+    trainer = _trainer(tiny_sd_path, tmp_path, **{"train.run_name": "interrupted", "train.checkpoint_every": 100})
+    clean_step = trainer.train_step
+
+    def train_step():
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return clean_step()
+
+    trainer.train_step = train_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert load_checkpoint(latest_checkpoint(trainer.run_dir))["step"] == 3
+    assert (trainer.run_dir / "mesh" / "mesh.glb").is_file() and (trainer.run_dir / "turntable.mp4").is_file()
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "interrupted"
