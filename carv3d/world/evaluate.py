@@ -336,18 +336,6 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
     return _round(result)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvaluationOptionError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationOptionError(f"--device {name}: this torch has no CUDA device; use --device cpu or auto.")
-    return device
-
-
 def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 64,
                  out: Optional[Union[str, Path]] = None, overwrite: bool = False,
                  device: str = "auto") -> tuple[dict[str, Any], Path]:
@@ -359,11 +347,12 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
     Raises:
         RunDirError / CheckpointError: not a run, or no usable checkpoint.
         NotAWorldPromptError: the run's prompt is not a world prompt (the message lists the unknown words).
-        EvaluationOptionError: bad views, resolution or device.
+        EvaluationOptionError: bad views or resolution.
+        ConfigError: a bad --device.
         OutputPathError: ``out`` exists and ``overwrite`` is False.
     """
     from carv3d.io import atomic_write_text
-    from carv3d.parts import load_scene
+    from carv3d.parts import load_scene, resolve_device
     from carv3d.run_dir import load_run_config, require_run_dir
 
     run = require_run_dir(run_dir)
@@ -375,7 +364,7 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
         raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
     if target.is_dir():
         raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
-    scene = load_scene(run, _device(device))
+    scene = load_scene(run, resolve_device(device, option="--device"))
     result = evaluate_scene(scene.field, scene.renderer, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
                             resolution=resolution)
     result = {"run_dir": str(run), "step": scene.step, **result}
