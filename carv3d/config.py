@@ -14,6 +14,7 @@ the expected type.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
@@ -195,9 +196,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
 ALLOWED_EXPORT_FORMATS = ("glb", "ply", "obj")
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """The defaults tree, built once (building a structured config is the slow part of loading)."""
+    return OmegaConf.structured(Config)
+
+
+def defaults() -> DictConfig:
+    """A fresh, mutable copy of the default config."""
+    return _schema().copy()
+
+
 def all_keys(node: Any = None, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the config schema, e.g. ``render.samples_per_ray``."""
-    node = OmegaConf.structured(Config) if node is None else node
+    node = _schema() if node is None else node
     keys: list[str] = []
     for key in node.keys():
         full = f"{prefix}{key}"
@@ -219,7 +231,7 @@ def _nearest(key: str, candidates: Sequence[str]) -> str:
 
 
 def _expected_type(key: str) -> str:
-    node = OmegaConf.structured(Config)
+    node = _schema()
     try:
         leaf = OmegaConf.select(node, key, throw_on_missing=False)
     except OmegaConfBaseException:
@@ -334,14 +346,14 @@ def load_config(
     if prompt is not None:
         layers.append((OmegaConf.create({"prompt": prompt}), "--prompt"))
 
-    cfg = base.copy() if base is not None else OmegaConf.structured(Config)
+    cfg = base.copy() if base is not None else defaults()
     for layer, source in layers:  # first pass: find the preset the user asked for, check keys/types
         cfg = _merge(cfg, layer, source)
     if base is None:
         preset = cfg.estimator.preset
         if preset not in ESTIMATOR_PRESETS:
             raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
-        cfg = _merge(OmegaConf.structured(Config), {"estimator": ESTIMATOR_PRESETS[preset]}, f"preset {preset}")
+        cfg = _merge(defaults(), {"estimator": ESTIMATOR_PRESETS[preset]}, f"preset {preset}")
         for layer, source in layers:
             cfg = _merge(cfg, layer, source)
     _validate(cfg)
