@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Wall clock of the README's two commands on a fresh clone: `make demo` (install + demo run),
+then `make test` (the suite on the installed environment). Writes JSON.
+
+    python scripts/bench_setup.py --out docs/bench_setup_cpu.json
+
+The clone is made from this checkout's HEAD into a temporary folder; nothing installed by hand is
+used (the Makefile builds its own .venv there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int]:
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.run(cmd, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT).returncode
+    return time.perf_counter() - started, code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_setup.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="carv3d-fresh-") as tmp:
+        clone = Path(tmp) / "carv3d"
+        subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+        demo_s, demo_rc = timed(["make", "demo"], clone, Path(tmp) / "demo.log")
+        runs = sorted((clone / "runs").glob("*/run.json"))
+        run = json.loads(runs[-1].read_text()) if runs else {}
+        test_s, test_rc = timed(["make", "test"], clone, Path(tmp) / "test.log")
+        tail = (Path(tmp) / "test.log").read_text().strip().splitlines()[-1:]
+        counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected)", " ".join(tail))}
+    report = {
+        "commit": commit, "machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "make_demo_seconds": demo_s, "make_demo_exit": demo_rc,
+        "demo_training_seconds": run.get("elapsed_seconds"), "demo_steps": run.get("step"),
+        "make_test_seconds": test_s, "make_test_exit": test_rc, "tests": counts, "command": " ".join(sys.argv),
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0 if demo_rc == 0 and test_rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
