@@ -48,5 +48,3 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
-    if level > logging.DEBUG:
-        quiet_dependencies()

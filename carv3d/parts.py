@@ -13,29 +13,12 @@ import torch
 from omegaconf import DictConfig
 
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint
-from carv3d.errors import CheckpointError, ConfigError
+
+from carv3d.errors import CheckpointError
 from carv3d.log import logger
 from carv3d.render.renderer import VolumeRenderer
 from carv3d.run_dir import load_run_config, require_run_dir
 from carv3d.scene.field import NeRFField
-
-
-def resolve_device(name: str, option: str = "train.device") -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU.
-
-    Args:
-        name: auto, cpu, cuda or cuda:N.
-        option: how the user spelled the setting, for the error message (``train.device``, ``--device``).
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{option} is '{name}'; expected auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option} asks for CUDA but this torch has no CUDA device; use {option} cpu or auto.")
-    return device
 
 
 def build_field(cfg: DictConfig, device: torch.device, seed: int) -> NeRFField:

@@ -28,7 +28,8 @@ from carv3d.checkpoint import (generator_state, latest_checkpoint, load_checkpoi
 from carv3d.errors import CheckpointError, PromptError, TrainingDivergedError
 from carv3d.estimator import build_estimator
 from carv3d.log import logger
-from carv3d.parts import build_field, build_renderer, resolve_device
+from carv3d.devices import resolve_device
+from carv3d.parts import build_field, build_renderer
 from carv3d.render.cameras import CameraSampler, view_labels
 from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
 from carv3d.teacher import load_teacher
@@ -227,8 +228,6 @@ class Trainer:
 
 def train(cfg: DictConfig) -> Path:
     """Train a new run from a resolved config; returns the run directory."""
-    if not cfg.prompt or not str(cfg.prompt).strip():
-        raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
     # Everything that can fail on user input (teacher weights, prompt vocabulary, backends) fails
     # here, before a run directory exists: a failed start leaves nothing behind.
     trainer = Trainer(cfg)

@@ -119,9 +119,9 @@ class FrozenScene:
     def camera_sampler(self, stratified_cameras: bool):
         from carv3d.render.cameras import CameraSampler
 
-        c = self.cfg.camera
-        return CameraSampler(c.elevation_range, c.azimuth_range, c.distance_range, c.fovy_range,
-                             stratified=stratified_cameras)
+        sampler = CameraSampler.from_config(self.cfg.camera)
+        sampler.stratified = stratified_cameras
+        return sampler
 
     def gradient(self, estimator, cameras_sampler, n_renders: int, step: int) -> tuple[torch.Tensor, float]:
         """One parameter-space gradient draw and its synchronised wall-clock cost."""
@@ -282,7 +282,7 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
 
 def variance_command(args: argparse.Namespace) -> str:
     from carv3d.config import load_config
-    from carv3d.parts import resolve_device
+    from carv3d.devices import resolve_device
 
     if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
         args.overrides = [args.run_dir, *args.overrides]  # argparse gave the first key=value to RUN_DIR

@@ -13,9 +13,8 @@ Cameras look at the origin; camera-to-world matrices use OpenGL axes (the camera
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

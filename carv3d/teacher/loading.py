@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -23,8 +25,9 @@ from huggingface_hub.utils import validate_repo_id
 
 import carv3d
 from carv3d.errors import ConfigError, TeacherWeightsError
-from carv3d.log import logger
 from carv3d.teacher.diffusers_teacher import DiffusersTeacher
+from carv3d.devices import resolve_device
+from carv3d.log import logger, quiet_dependencies
 
 EMBEDDED = "embedded"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -117,13 +120,6 @@ def resolve_teacher_path(pretrained: str) -> Path:
     return snapshot
 
 
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` → float16 on CUDA, float32 elsewhere; otherwise the named dtype."""
     if name == "auto":
@@ -145,7 +141,9 @@ def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") ->
     Raises:
         TeacherWeightsError: weights not found, incomplete or corrupted.
     """
-    device = resolve_device(device)
+    device = resolve_device(device, option="teacher device")
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        quiet_dependencies()  # transformers/diffusers chatter (loading bars, optional backends)
     folder = resolve_teacher_path(str(teacher_cfg.pretrained))
     return DiffusersTeacher.from_folder(
         folder, device=device, dtype=resolve_dtype(str(teacher_cfg.dtype), device),

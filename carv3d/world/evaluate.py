@@ -352,7 +352,8 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
         OutputPathError: ``out`` exists and ``overwrite`` is False.
     """
     from carv3d.io import atomic_write_text
-    from carv3d.parts import load_scene, resolve_device
+    from carv3d.devices import resolve_device
+    from carv3d.parts import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
 
     run = require_run_dir(run_dir)
