@@ -177,6 +177,24 @@ class Trainer:
         }
         return metrics
 
+    def train_until(self, seconds: float) -> int:
+        """Take steps until the training clock :attr:`elapsed_seconds` reaches ``seconds``; returns how many.
+
+        The clock counts only time spent inside steps, synchronised on CUDA so that queued kernels are
+        paid by the step that launched them. Whatever a caller does between two calls (evaluating the
+        live scene, saving) is therefore not training time: benchmarks that compare methods at equal
+        wall clock train in slices with this. No logging, validation or checkpoints (that is :meth:`run`).
+        """
+        taken = 0
+        while self.elapsed_seconds < seconds:
+            started = time.perf_counter()
+            self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.elapsed_seconds += time.perf_counter() - started
+            taken += 1
+        return taken
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
         cfg = self.cfg

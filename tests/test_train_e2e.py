@@ -161,3 +161,31 @@ def test_ctrl_c_saves_a_checkpoint_and_exports(tiny_sd_path, tmp_path):
     assert load_checkpoint(latest_checkpoint(trainer.run_dir))["step"] == 3
     assert (trainer.run_dir / "mesh" / "mesh.glb").is_file() and (trainer.run_dir / "turntable.mp4").is_file()
     assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_train_until_counts_only_time_inside_steps(tiny_sd_path, tmp_path, monkeypatch):
+    """A fake clock: each step takes 0.25 s, the caller's "evaluation" between slices 10 s. The
+    training clock must add up the steps only and stop at the first step that reaches the target."""
+    import carv3d.train as train_module
+
+    trainer = _trainer(tiny_sd_path, tmp_path, **{"train.run_name": "until"})
+    now = {"t": 100.0}
+    monkeypatch.setattr(train_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: now["t"])}))
+
+    def train_step():
+        now["t"] += 0.25
+        trainer.step += 1
+
+    trainer.train_step = train_step
+    assert trainer.train_until(1.0) == 4 and trainer.elapsed_seconds == 1.0
+    now["t"] += 10.0  # evaluating between slices: not training time
+    assert trainer.train_until(1.6) == 3 and trainer.elapsed_seconds == 1.75  # overshoots by < one step
+    assert trainer.train_until(1.7) == 0 and trainer.step == 7
+
+
+def test_train_until_trains_the_real_scene(tiny_sd_path, tmp_path):
+    trainer = _trainer(tiny_sd_path, tmp_path, **{"train.run_name": "until_real"})
+    before = [p.detach().clone() for p in trainer.field.parameters()]
+    taken = trainer.train_until(1e-9)  # one real step reaches any positive target
+    assert taken == 1 and trainer.step == 1 and trainer.elapsed_seconds > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.field.parameters()))
