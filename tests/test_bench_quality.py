@@ -1,0 +1,175 @@
+"""scripts/bench_quality.py: the pure logic against hand-computed values, and (slow) the CPU preset end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "bench_quality.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+# ------------------------------------------------------------------------------------ time to reach
+def test_time_to_reach_interpolates_between_the_checkpoints_around_the_crossing():
+    times, values = [0, 10, 20, 30], [0.5, 0.6, 0.8, 0.9]
+    # crosses 0.7 between (10, 0.6) and (20, 0.8): 10 + (0.7 − 0.6)/(0.8 − 0.6)·10 = 15
+    assert bench.time_to_reach(times, values, 0.7) == pytest.approx(15.0)
+    assert bench.time_to_reach(times, values, 0.8) == pytest.approx(20.0)  # reached exactly at a grid point
+    assert bench.time_to_reach(times, values, 0.5) == 0.0  # already there at t = 0
+    assert bench.time_to_reach(times, values, 0.95) is None  # never
+
+
+def test_time_to_reach_uses_the_first_crossing_and_skips_missing_points():
+    # a curve that rises above, falls back and rises again: the first crossing counts, 0 + 0.1/0.4·10 = 2.5
+    assert bench.time_to_reach([0, 10, 20, 30], [0.5, 0.9, 0.6, 0.95], 0.6) == pytest.approx(2.5)
+    # None at t = 10: interpolate between (0, 0.5) and (20, 0.8): 0.15/0.3·20 = 10
+    assert bench.time_to_reach([0, 10, 20], [0.5, None, 0.8], 0.65) == pytest.approx(10.0)
+
+
+# ------------------------------------------------------------------------------------ mean ± std
+def test_mean_std_is_the_sample_standard_deviation():
+    result = bench.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert result["mean"] == pytest.approx(2.5)
+    assert result["std"] == pytest.approx(math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 3))  # 1.29099
+    assert bench.mean_std([None, 1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2}
+    assert bench.mean_std([0.7]) == {"mean": 0.7, "std": None, "n": 1}
+    assert bench.mean_std([None]) == {"mean": None, "std": None, "n": 0}
+
+
+def _run(prompt, seed, method, ious, best=(True, True)):
+    return {"prompt": prompt, "seed": seed, "method": method,
+            "evaluations": [{"silhouette_iou": iou, "best_match_is_prompted": ok, "masked_colour_error": 1 - iou,
+                             "psnr": 10.0, "front_matches_front": None, "chamfer": None}
+                            for iou, ok in zip(ious, best)]}
+
+
+def test_aggregate_averages_prompts_within_a_seed_then_takes_mean_and_std_over_seeds():
+    runs = [_run("a", 0, "sds", [0.5, 0.7]), _run("b", 0, "sds", [0.5, 0.9], best=(True, False)),
+            _run("a", 1, "sds", [0.5, 0.6]), _run("b", 1, "sds", [0.5, 0.8])]
+    # seed 0: [0.5, (0.7 + 0.9)/2 = 0.8]; seed 1: [0.5, 0.7] → mean [0.5, 0.75], std [0, √(2·0.05²) = 0.070711]
+    iou = bench.aggregate(runs, "silhouette_iou", 2)
+    assert [p["mean"] for p in iou] == pytest.approx([0.5, 0.75])
+    assert [p["std"] for p in iou] == pytest.approx([0.0, 0.0707107], abs=1e-6)
+    # booleans become fractions: seed 0 has 1 of 2 prompts right at the end, seed 1 both → mean 0.75
+    best = bench.aggregate(runs, "best_match_is_prompted", 2)
+    assert [p["mean"] for p in best] == pytest.approx([1.0, 0.75])
+    # a metric nobody measured stays missing instead of becoming 0
+    assert bench.aggregate(runs, "chamfer", 2)[1] == {"mean": None, "std": None, "n": 0}
+
+
+# ------------------------------------------------------------------------------------ ahead or not
+def test_ahead_at_every_checkpoint_leaves_out_t0_and_needs_every_later_one():
+    result = bench.ahead_at_every_checkpoint([0.5, 0.6, 0.8], [0.5, 0.55, 0.7])
+    assert result["every_checkpoint"] is True and result["per_checkpoint"] == [True, True]
+    assert result["difference"] == pytest.approx([0.05, 0.1])
+    behind_once = bench.ahead_at_every_checkpoint([0.5, 0.6, 0.7], [0.5, 0.55, 0.72])
+    assert behind_once["every_checkpoint"] is False and behind_once["per_checkpoint"] == [True, False]
+    tie = bench.ahead_at_every_checkpoint([0.5, 0.6], [0.5, 0.6])  # equal is not ahead
+    assert tie["every_checkpoint"] is False
+    # lower is better (colour error): 0.2 < 0.3 is ahead
+    assert bench.ahead_at_every_checkpoint([0.4, 0.2], [0.4, 0.3], higher_is_better=False)["every_checkpoint"] is True
+    assert bench.ahead_at_every_checkpoint([0.5, None], [0.5, 0.6])["per_checkpoint"] == [False]
+
+
+def test_summary_of_a_hand_made_report():
+    times = bench.checkpoint_times(30.0, 3)
+    assert times == [0.0, 10.0, 20.0, 30.0]
+    runs = [_run("a", 0, "sds", [0.5, 0.6, 0.7, 0.8], best=[True] * 4),
+            _run("a", 1, "sds", [0.5, 0.6, 0.7, 0.8], best=[True] * 4),
+            _run("a", 0, "carv", [0.5, 0.7, 0.9, 0.9], best=[True] * 4),
+            _run("a", 1, "carv", [0.5, 0.7, 0.7, 0.9], best=[True] * 4),
+            {"prompt": "a", "seed": 2, "method": "carv", "error": "RuntimeError: boom"}]  # left out
+    report = {"settings": {"checkpoint_seconds": times, "prompts": ["a"]},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    summary = bench.summarize(report)
+    overall = summary["overall"]
+    assert overall["runs"] == {"sds": 2, "carv": 2}
+    # carv mean [0.5, 0.7, 0.8, 0.9] reaches the sds final 0.8 exactly at t = 20 → 2/3 of the budget
+    assert overall["baseline_final_mean_iou"] == pytest.approx(0.8)
+    assert overall["carv_seconds_to_baseline_final_iou"] == pytest.approx(20.0)
+    assert overall["carv_fraction_of_budget"] == pytest.approx(2 / 3)
+    assert overall["meets_target_fraction"] is False
+    assert overall["carv_ahead_on_iou"]["every_checkpoint"] is True
+    assert overall["curves"]["carv"]["silhouette_iou"][2]["std"] == pytest.approx(math.sqrt(0.02))  # 0.9, 0.7
+    assert summary["per_prompt"]["a"]["carv_seconds_to_baseline_final_iou"] == pytest.approx(20.0)
+
+
+# ------------------------------------------------------------------------------------ the plan
+def test_paired_schedule_puts_each_sds_run_next_to_its_carv_twin_alternating_the_order():
+    schedule = bench.paired_schedule(["a red cube", "a blue house"], [0, 1])
+    assert schedule == [("a red cube", 0, "sds"), ("a red cube", 0, "carv"),
+                        ("a blue house", 0, "carv"), ("a blue house", 0, "sds"),
+                        ("a red cube", 1, "sds"), ("a red cube", 1, "carv"),
+                        ("a blue house", 1, "carv"), ("a blue house", 1, "sds")]
+
+
+def test_resume_reuses_finished_runs_only_with_the_same_settings(tmp_path):
+    args = bench.parse_args(["--preset", "cpu", "--budget", "5", "--checkpoints", "1"])
+    settings = bench.resolve_settings(args)
+    path = tmp_path / "old.json"
+    ok, failed = _run("a red cube", 0, "sds", [0.5, 0.6]), {"prompt": "a red cube", "seed": 0, "method": "carv", "error": "x"}
+    path.write_text(json.dumps({"settings": settings, "runs": {"ok": ok, "failed": failed}}))
+    assert bench.reusable_runs(path, settings) == {"ok": ok}  # a failed run is run again
+    specs = bench.build_specs(settings, ["a red cube | seed 0 | sds"])
+    assert [spec.key for spec in specs] == ["a red cube | seed 0 | carv", "a blue house | seed 0 | carv",
+                                            "a blue house | seed 0 | sds"]
+    other = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--budget", "6", "--checkpoints", "1"]))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.reusable_runs(path, other)
+
+
+# ------------------------------------------------------------------------------------ end to end (slow)
+@pytest.mark.slow
+def test_cpu_preset_end_to_end_writes_the_json_and_plot_and_resumes(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(SCRIPT), "--preset", "cpu", "--prompt", "a blue house", "--budget", "3",
+               "--checkpoints", "2", "--eval-views", "12", "--eval-resolution", "16", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[2/2]" in done.stdout and "ETA" in done.stdout
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert {"command", "settings", "protocol", "runs", "summary", "sessions"} <= set(report)
+    assert report["settings"]["checkpoint_seconds"] == [0.0, 1.5, 3.0]
+    assert set(report["runs"]) == {"a blue house | seed 0 | sds", "a blue house | seed 0 | carv"}
+    for run in report["runs"].values():
+        assert run["steps"] >= 1 and run["train_seconds"] >= 3.0
+        assert [e["t_nominal"] for e in run["evaluations"]] == [0.0, 1.5, 3.0]
+        first, last = run["evaluations"][0], run["evaluations"][-1]
+        assert first["step"] == 0 and first["t_train"] == 0.0 and last["t_train"] >= 3.0
+        for key in ("silhouette_iou", "masked_colour_error", "psnr", "best_match", "best_match_is_prompted",
+                    "front_matches_front", "noise_draws", "eval_seconds"):
+            assert key in last
+        assert 0.0 <= last["silhouette_iou"] <= 1.0 and isinstance(last["front_matches_front"], bool)
+    # same seed, same initial scene: both methods start from the same quality
+    sds, carv = (report["runs"][f"a blue house | seed 0 | {m}"]["evaluations"][0] for m in ("sds", "carv"))
+    assert sds["silhouette_iou"] == carv["silhouette_iou"]
+    assert report["runs"]["a blue house | seed 0 | sds"]["evaluations"][-1]["noise_draws"] == 1
+    overall = report["summary"]["overall"]
+    assert overall["runs"] == {"sds": 1, "carv": 1}
+    assert {"baseline_final_mean_iou", "carv_seconds_to_baseline_final_iou", "carv_fraction_of_budget",
+            "carv_ahead_on_iou", "curves"} <= set(overall)
+    assert set(report["summary"]["per_prompt"]) == {"a blue house"}
+    again = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "0 runs to do (2 reused)" in again.stdout
+    assert json.loads(out.read_text())["runs"] == report["runs"]
