@@ -283,6 +283,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
 
     wall_start = time.time()
     started = time.perf_counter()
+    print(f"[bench_quality] start {spec.key} (worker {os.getpid()})", flush=True)
     overrides = [*spec.overrides, *BENCH_OVERRIDES, f"estimator.preset={spec.method}", f"train.seed={spec.seed}"]
     cfg = load_config(spec.config, overrides, spec.prompt)
     trainer = Trainer(cfg)
@@ -574,6 +575,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     reused = reusable_runs(out, settings) if args.resume else {}
     report = new_report(settings, " ".join(sys.argv if argv is None else ["bench_quality.py", *argv]))
+    if args.resume and out.is_file():  # keep the earlier sessions' timings next to the runs they made
+        report["sessions"] = json.loads(out.read_text()).get("sessions", [])
     report["runs"].update({key: run for key, run in reused.items()
                            if key in {run_key(*entry) for entry in paired_schedule(settings["prompts"], settings["seeds"])}})
     specs = build_specs(settings, report["runs"])
