@@ -567,6 +567,7 @@ class Progress:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI: never download weights (workers inherit it)
     args = parse_args(argv)
     settings = resolve_settings(args)
     check_prompts(settings["prompts"])
