@@ -217,7 +217,7 @@ class Trainer:
         # Labels from the cameras while they are still on the CPU: reading them on the GPU is a sync.
         cameras = self.camera_sampler.sample(n_renders, self.host_generator, "cpu")
         labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
-        cameras = cameras.to(self.device)
+        cameras = cameras.to(self.device, non_blocking=True)
         shading = self.renderer.sample_shading(self.host_generator)
 
         with self.estimator.timer("upstream"):
