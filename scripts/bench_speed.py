@@ -294,10 +294,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="skip the remaining configurations once this many seconds have passed")
     args = parser.parse_args(argv)
     args.draws = [int(v) for v in (args.draws or ("1,8" if args.quick else "1,4,8,16")).split(",")]
-    args.warmup = args.warmup if args.warmup is not None else (4 if args.quick else 8)
-    args.steps = args.steps if args.steps is not None else (10 if args.quick else 30)
-    if args.tiny and args.steps > 10 and "--steps" not in (argv or sys.argv):
-        args.steps = 5
+    # --tiny is a CPU check of the script, not a measurement: a few steps are enough.
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 4 if args.quick else 8)
+    args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10 if args.quick else 30)
     return args
 
 
@@ -330,6 +329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from carv3d.log import setup_logging
     from carv3d.scene.hashgrid import tinycudann_import_error
     from carv3d.teacher import load_teacher
+    from carv3d.teacher.fast import resolve_fast_paths
 
     setup_logging()
     device = resolve_device(args.device, option="--device")
@@ -364,7 +364,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     samplers = [s for s in args.samplers.split(",") if s]
     teachers = [t for t in args.teachers.split(",") if t]
     flops_cache: dict[int, dict[str, int]] = {}
-    for teacher_mode in teachers:  # outermost: one teacher in memory at a time (peak memory is per config)
+    loaded = None  # one copy of the weights for all modes; eager first, then re-wrapped with fast paths
+    for teacher_mode in teachers:
         teacher = None
         for grid in grids:
             for sampler in samplers:
@@ -385,8 +386,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         try:
                             if teacher is None:
                                 t_load = time.perf_counter()
-                                teacher = load_teacher(cfg.teacher, device)
-                                log(f"{teacher_mode} teacher loaded in {time.perf_counter() - t_load:.1f} s "
+                                if loaded is None:
+                                    loaded = teacher = load_teacher(cfg.teacher, device)
+                                else:
+                                    teacher = loaded.with_fast_paths(resolve_fast_paths(cfg.teacher, device))
+                                log(f"{teacher_mode} teacher ready in {time.perf_counter() - t_load:.1f} s "
                                     f"(fast paths: {teacher.fast.describe()})")
                             t_cfg = time.perf_counter()
                             entry.update(status="ok", **run_config(args, cfg, teacher, card, flops_cache))
@@ -406,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             f"(×{entry['step_over_floor']:.1f})")
                     else:
                         log(f"{name}: {entry['status']} ({entry.get('reason', '')})")
-        del teacher
+        del teacher  # drops its CUDA graphs (and their memory pool) before the next mode
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

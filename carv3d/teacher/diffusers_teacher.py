@@ -11,6 +11,7 @@ S = :attr:`DiffusersTeacher.image_size`:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -206,6 +207,22 @@ class DiffusersTeacher:
                     device, teacher.image_size, teacher.latent_shape, teacher.prediction_type)
         logger.info("teacher: fast paths %s; U-Net attention %s", teacher.fast.describe(), attention_summary(unet))
         return teacher
+
+    def with_fast_paths(self, fast: FastPaths) -> "DiffusersTeacher":
+        """The same teacher (same modules, no reload) with other fast paths.
+
+        For benchmarks that compare eager and fast calls without holding two copies of the weights.
+        ``channels_last`` converts the shared modules in place; that changes memory layout only, so
+        the original teacher stays correct (and stays eager).
+        """
+        other = copy.copy(self)
+        other.fast = fast
+        other._unet_call = build_unet_call(self.unet, fast)
+        if fast.channels_last and self.vae is not None:
+            self.vae.to(memory_format=torch.channels_last)
+        other._embeddings = dict(self._embeddings)
+        logger.info("teacher: fast paths %s", fast.describe())
+        return other
 
     # ------------------------------------------------------------------ text
     def embed(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True) -> PromptEmbedding:
