@@ -89,6 +89,10 @@ class TeacherConfig:
     resolution: int = 0  # image size fed to encode(); 0 = the teacher's native size
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     max_batch: int = 32  # largest U-Net batch per call (CFG doubles it)
+    # Fast paths (carv3d/teacher/fast.py). CUDA only: on other devices they are skipped and logged.
+    cuda_graph: str = "auto"  # auto (on for CUDA) | on | off: replay the guided U-Net call as a CUDA graph per batch shape
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off: NHWC memory format for the U-Net and VAE convolutions
+    compile: bool = False  # torch.compile the U-Net (minutes of compiling at SD scale; measure before turning it on)
 
 
 @dataclass
@@ -147,6 +151,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: bool = True  # autocast on CUDA
+    # auto (on for CUDA) | on | off. On: a step never waits for the GPU — a non-finite step is skipped
+    # on the device (fused Adam's found_inf) and the skip counters are read on log/checkpoint steps.
+    sync_free: str = "auto"
     log_every: int = 10
     val_every: int = 250
     checkpoint_every: int = 250
@@ -188,12 +195,26 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "render.shading": ("albedo", "lambertian", "textureless", "random"),
     "render.background": ("white", "random", "learned"),
     "teacher.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "teacher.cuda_graph": ("auto", "on", "off"),
+    "teacher.channels_last": ("auto", "on", "off"),
+    "train.sync_free": ("auto", "on", "off"),
     "estimator.preset": tuple(ESTIMATOR_PRESETS),
     "estimator.proposal": ("uniform", "teacher-weight", "adaptive"),
     "estimator.weighting": ("sds", "uniform", "fantasia3d"),
 }
 
 ALLOWED_EXPORT_FORMATS = ("glb", "ply", "obj")
+
+# auto | on | off keys. YAML (and so OmegaConf's key=value parsing) reads a bare on/off as a boolean,
+# which a str field then holds as "True"/"False": those are folded back to on/off.
+SWITCH_KEYS = ("teacher.cuda_graph", "teacher.channels_last", "train.sync_free")
+_SWITCH_SPELLINGS = {"true": "on", "false": "off", "yes": "on", "no": "off", "1": "on", "0": "off"}
+
+
+def _normalise_switches(cfg: DictConfig) -> None:
+    for key in SWITCH_KEYS:
+        value = str(OmegaConf.select(cfg, key)).lower()
+        OmegaConf.update(cfg, key, _SWITCH_SPELLINGS.get(value, value))
 
 
 @functools.lru_cache(maxsize=1)
@@ -296,6 +317,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def _validate(cfg: DictConfig) -> None:
+    _normalise_switches(cfg)
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:

@@ -27,19 +27,42 @@ from carv3d.checkpoint import (generator_state, latest_checkpoint, load_checkpoi
                                save_checkpoint)
 from carv3d.errors import CheckpointError, PromptError, TrainingDivergedError
 from carv3d.estimator import build_estimator
+from carv3d.estimator.timing import StepTimer
 from carv3d.log import logger
 from carv3d.devices import resolve_device
 from carv3d.parts import build_field, build_renderer
 from carv3d.render.cameras import CameraSampler, view_labels
 from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
-from carv3d.teacher import load_teacher
+from carv3d.teacher import DiffusersTeacher, load_teacher
 from carv3d import outputs
 
 
-class Trainer:
-    """Score distillation of one prompt into a NeRF. Construct, then :meth:`run`."""
+SECTIONS = ("render", "encode", "teacher", "backward", "optimizer")  # the step's timed sections
 
-    def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None):
+
+def resolve_sync_free(value: str, device: torch.device) -> bool:
+    """``train.sync_free``: auto → on for CUDA (where a host sync stalls the launch queue), off elsewhere.
+
+    On the CPU kernels run synchronously, so there is nothing to gain; ``on`` still works there (the
+    tests use it to check the device-side skip against the synchronous one).
+    """
+    value = str(value)
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"train.sync_free is '{value}'; expected auto, on or off")
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+class Trainer:
+    """Score distillation of one prompt into a NeRF. Construct, then :meth:`run`.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: where the run writes (None until :func:`train` creates it).
+        teacher: an already loaded teacher to use instead of loading ``cfg.teacher`` (benchmarks and
+            sweeps that build many trainers over one teacher); it must match ``cfg.teacher``.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None, teacher: Optional[DiffusersTeacher] = None):
         if not cfg.prompt or not str(cfg.prompt).strip():
             raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
         self.cfg = cfg
@@ -54,7 +77,7 @@ class Trainer:
         self.host_generator = torch.Generator().manual_seed(seed)
         self.device_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
 
-        self.teacher = load_teacher(cfg.teacher, self.device)
+        self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
         self.embedding = self.teacher.embed(
             cfg.prompt, cfg.teacher.negative_prompt, view_dependent=cfg.teacher.view_dependent_prompting
         )
@@ -62,17 +85,27 @@ class Trainer:
         self.renderer = build_renderer(cfg, self.device, seed)
         self.camera_sampler = CameraSampler.from_config(cfg.camera)
         self.estimator = build_estimator(cfg.estimator, self.teacher.alphas_cumprod, self.device)
+        self.sync_free = resolve_sync_free(cfg.train.sync_free, self.device)
+        # Sync-free steps use fused Adam: its `found_inf` input skips a step on the device (as
+        # GradScaler does), so deciding to skip a non-finite step needs no host round trip.
         self.optimizer = torch.optim.Adam(
             self.field.parameter_groups(cfg.optim.lr_grid, cfg.optim.lr_mlp)
             + [{"params": list(self.renderer.parameters()), "lr": cfg.optim.lr_background, "name": "background"}],
-            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **({"fused": True} if self.sync_free else {}),
         )
         self.step = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_total = 0
+        # Sync-free: the same counters as device tensors, folded into the ints above when read.
+        self._pending_in_a_row: Optional[torch.Tensor] = None
+        self._pending_total: Optional[torch.Tensor] = None
         self.elapsed_seconds = 0.0
-        logger.info("device %s; hash grid backend %s; sampler %s; teacher %s",
-                    self.device, self.field.encoding_backend, self.renderer.sampler, cfg.teacher.pretrained)
+        # Render / encode / backward / optimizer times: CUDA events on GPU, read on log steps only.
+        self.timer = StepTimer(self.device)
+        self._timed_steps = 0
+        logger.info("device %s; hash grid backend %s; sampler %s; teacher %s; sync-free steps %s",
+                    self.device, self.field.encoding_backend, self.renderer.sampler, cfg.teacher.pretrained,
+                    "on" if self.sync_free else "off")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -100,8 +133,53 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not match this run's config ({str(err).splitlines()[0][:200]}).") from None
         self.step = int(state["step"])
-        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self._pending_in_a_row = self._pending_total = None
+        self._nonfinite_total = int(state.get("nonfinite_total", 0))
         self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _fold_pending(self) -> None:
+        """Read the device-side skip counters (one host sync) into the host ones."""
+        if self._pending_total is not None:
+            assert self._pending_in_a_row is not None
+            in_a_row, total = torch.stack([self._pending_in_a_row, self._pending_total]).tolist()
+            self._nonfinite_in_a_row = int(in_a_row)  # started from the host count, so it is the whole run
+            if int(total) > 0:
+                logger.warning("steps up to %d: %d non-finite step(s) skipped since the last check (%d in a row now)",
+                               self.step, int(total), int(in_a_row))
+            self._nonfinite_total += int(total)
+            self._pending_in_a_row = self._pending_total = None
+
+    @property
+    def nonfinite_in_a_row(self) -> int:
+        """Skipped (non-finite) steps in a row up to now (reading it syncs in sync-free mode)."""
+        self._fold_pending()
+        return self._nonfinite_in_a_row
+
+    @property
+    def nonfinite_total(self) -> int:
+        """All skipped steps of the run (reading it syncs in sync-free mode)."""
+        self._fold_pending()
+        return self._nonfinite_total
+
+    def check_divergence(self) -> None:
+        """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row."""
+        in_a_row = self.nonfinite_in_a_row
+        if in_a_row >= self.cfg.train.max_nonfinite_steps:
+            where = self.run_dir / "checkpoints" if self.run_dir is not None else "the run directory"
+            raise TrainingDivergedError(
+                f"{in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
+                f"The last good checkpoint in {where} is intact. Try a lower learning rate "
+                "(optim.lr_grid), a lower teacher.guidance_scale or estimator.gradient_clip."
+            )
+
+    def timing_metrics(self) -> dict[str, float]:
+        """Mean milliseconds per step of each section since the last call (syncs with CUDA), then reset."""
+        steps = max(self._timed_steps, 1)
+        totals = self.timer.totals()
+        self.timer.reset()
+        self._timed_steps = 0
+        return {f"time_{name}_ms": 1000.0 * totals.get(name, 0.0) / steps for name in SECTIONS}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.state_dict())
@@ -112,7 +190,8 @@ class Trainer:
         guidance = float(self.cfg.teacher.guidance_scale)
 
         def predict_noise(x_t: torch.Tensor, t: torch.Tensor, upstream_index: torch.Tensor) -> torch.Tensor:
-            return self.teacher.predict_noise(x_t, t, cond.select(upstream_index), guidance)
+            with self.timer("teacher"):
+                return self.teacher.predict_noise(x_t, t, cond.select(upstream_index), guidance)
 
         return predict_noise
 
@@ -135,40 +214,46 @@ class Trainer:
         self.renderer.train()
         self.renderer.update_occupancy(self.field, self.step)
         n_renders = int(cfg.estimator.upstream_samples)
-        cameras = self.camera_sampler.sample(n_renders, self.host_generator, self.device)
-        shading = self.renderer.sample_shading(self.host_generator)
+        # Labels from the cameras while they are still on the CPU: reading them on the GPU is a sync.
+        cameras = self.camera_sampler.sample(n_renders, self.host_generator, "cpu")
         labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
+        cameras = cameras.to(self.device, non_blocking=True)
+        shading = self.renderer.sample_shading(self.host_generator)
 
         with self.estimator.timer("upstream"):
-            out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading,
-                                need_normals=cfg.optim.orientation_weight > 0)
-            latents = self.teacher.encode(out.rgb)
+            with self.timer("render"):
+                out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading,
+                                    need_normals=cfg.optim.orientation_weight > 0)
+            with self.timer("encode"):
+                latents = self.teacher.encode(out.rgb)
         result = self.estimator.estimate(latents, self._predict_noise_for(labels), self.device_generator, self.step)
         regularisers = self._regularisers(out)
         loss = result.surrogate + sum(regularisers.values(), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        with self.estimator.timer("upstream"):
+        with self.estimator.timer("upstream"), self.timer("backward"):
             loss.backward()
 
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
-        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # the one host sync of a step
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros((), device=self.device)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self._timed_steps += 1
+        if self.sync_free:
+            self._sync_free_update(finite)
+        elif not bool(finite):  # the one host sync of a (synchronous) step
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                raise TrainingDivergedError(
-                    f"{self.nonfinite_in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
-                    f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact. Try a lower learning rate "
-                    "(optim.lr_grid), a lower teacher.guidance_scale or estimator.gradient_clip."
-                )
+            self._nonfinite_in_a_row += 1
+            self._nonfinite_total += 1
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self._nonfinite_in_a_row)
+            self.check_divergence()
             self.step += 1
             return None
-        self.nonfinite_in_a_row = 0
-        self.optimizer.step()
+        else:
+            self._nonfinite_in_a_row = 0
+            with self.timer("optimizer"):
+                self.optimizer.step()
         self.step += 1
         metrics: dict[str, Any] = {
+            "step_finite": finite,
             "sds_gradient_norm": result.latent_gradient.norm() / n_renders,
             "parameter_gradient_norm": grad_norm,
             "opacity_mean": out.opacity.mean().detach(),
@@ -193,7 +278,30 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             self.elapsed_seconds += time.perf_counter() - started
             taken += 1
+            if self.sync_free:  # the clock already synchronised: reading the skip counters is free
+                self.check_divergence()
         return taken
+
+    def _sync_free_update(self, finite: torch.Tensor) -> None:
+        """Optimizer step and skip bookkeeping without reading ``finite`` on the host.
+
+        Fused Adam reads ``found_inf`` on the device: 1 leaves parameters, moments and step counts
+        untouched, which is exactly the synchronous path's skip. The skip counters are device tensors
+        (in a row: reset by a finite step; total) folded into the host counters when read.
+        """
+        skipped = (~finite).to(torch.float32)
+        self.optimizer.found_inf = skipped  # type: ignore[attr-defined]
+        try:
+            with self.timer("optimizer"):
+                self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
+        if self._pending_total is None:  # a new window: the in-a-row count continues the host's
+            self._pending_in_a_row = torch.full((), float(self._nonfinite_in_a_row), device=self.device)
+            self._pending_total = torch.zeros((), device=self.device)
+        assert self._pending_in_a_row is not None
+        self._pending_in_a_row = (self._pending_in_a_row + 1.0) * skipped
+        self._pending_total = self._pending_total + skipped
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -212,7 +320,11 @@ class Trainer:
                 metrics = self.train_step()
                 self.elapsed_seconds += time.perf_counter() - started
                 bar.update(1)
-                if metrics is not None and (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps):
+                log_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                if self.sync_free and (log_step or self.step % max(cfg.train.checkpoint_every, 1) == 0):
+                    self.check_divergence()  # sync-free steps read their skip counters only here
+                if metrics is not None and log_step:
+                    metrics.update(self.timing_metrics())
                     logged = writer.write(self.step, metrics, elapsed_seconds=self.elapsed_seconds)
                     bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
                 if cfg.train.val_every > 0 and self.step % cfg.train.val_every == 0:

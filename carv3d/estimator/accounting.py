@@ -142,7 +142,7 @@ class AnovaSplit:
 
     def _nan(self) -> torch.Tensor:
         device = self.ss_within.device if self.ss_within is not None else None
-        return torch.tensor(float("nan"), dtype=torch.float64, device=device)
+        return torch.full((), float("nan"), dtype=torch.float64, device=device)  # a fill, not a host-to-device copy
 
     @property
     def mean_square_within(self) -> torch.Tensor:

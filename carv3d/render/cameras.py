@@ -46,8 +46,11 @@ class Cameras:
     def positions(self) -> torch.Tensor:
         return self.c2w[:, :3, 3]
 
-    def to(self, device: torch.device | str) -> "Cameras":
-        return Cameras(*(t.to(device) for t in (self.c2w, self.fovy, self.elevation, self.azimuth, self.distance)))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Cameras":
+        """Move to ``device``. ``non_blocking`` from (pageable) CPU memory is safe — CUDA stages the
+        bytes before returning — and avoids the stream synchronisation of a blocking copy."""
+        return Cameras(*(t.to(device, non_blocking=non_blocking)
+                         for t in (self.c2w, self.fovy, self.elevation, self.azimuth, self.distance)))
 
     def __getitem__(self, index) -> "Cameras":
         return Cameras(self.c2w[index], self.fovy[index], self.elevation[index], self.azimuth[index], self.distance[index])

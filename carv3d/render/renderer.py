@@ -256,6 +256,12 @@ class VolumeRenderer(nn.Module):
                 segments = RaySegments(t, t.clone(), torch.zeros(1, dtype=torch.long, device=origins.device), True)
             return segments, rows
         t_near, t_far, hit = ray_box_intersect(origins, directions, self.scene_radius, self.near)
+        if origins.is_cuda:
+            # Every ray, misses included: a miss has t_far == t_near, so its samples have zero width
+            # and zero weight. Selecting the hits would need their count on the host (a sync per step).
+            rows = torch.arange(n, device=origins.device)
+            t_starts, t_ends = stratified_samples(t_near, t_far, self.samples_per_ray, generator)
+            return RaySegments.batched(t_starts, t_ends), rows
         rows = hit.nonzero().squeeze(-1)
         if rows.numel() == 0:  # every ray misses: render ray 0 with its empty interval (t_far == t_near)
             rows = torch.zeros(1, dtype=torch.long, device=origins.device)

@@ -11,6 +11,7 @@ S = :attr:`DiffusersTeacher.image_size`:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -26,6 +27,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from carv3d.errors import ConfigError, PromptError, TeacherWeightsError
 from carv3d.log import logger
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
+from carv3d.teacher.fast import FastPaths, attention_summary, build_unet_call
 from carv3d.teacher.folder import inspect_teacher_folder
 from carv3d.teacher.vocabulary import PromptVocabulary
 
@@ -96,6 +98,7 @@ class DiffusersTeacher:
         max_batch: int = 32,
         vocabulary: Optional[PromptVocabulary] = None,
         name: str = "",
+        fast: Optional[FastPaths] = None,
     ) -> None:
         """
         Args:
@@ -107,6 +110,7 @@ class DiffusersTeacher:
             max_batch: most samples per U-Net call; CFG makes the U-Net batch twice this.
             vocabulary: a closed vocabulary that :meth:`embed` enforces, or None (any prompt).
             name: where the teacher came from, for messages.
+            fast: CUDA fast paths (:mod:`carv3d.teacher.fast`); None = eager.
         """
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -121,6 +125,10 @@ class DiffusersTeacher:
             if model.dtype != self.dtype:  # from_folder loads in the right dtype; cast only otherwise
                 model.to(dtype=self.dtype)
             model.to(self.device).eval().requires_grad_(False)
+        self.fast = fast or FastPaths()
+        self._unet_call = build_unet_call(unet, self.fast)  # applies channels_last to the U-Net
+        if self.fast.channels_last and vae is not None:
+            vae.to(memory_format=torch.channels_last)
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
         self.prediction_type = scheduler.config.prediction_type
@@ -168,6 +176,7 @@ class DiffusersTeacher:
         dtype: Optional[torch.dtype] = None,
         resolution: int = 0,
         max_batch: int = 32,
+        fast: Optional[FastPaths] = None,
     ) -> "DiffusersTeacher":
         """Load each component with ``from_pretrained(folder, subfolder=…, local_files_only=True,
         use_safetensors=True)``; never touches the network. See :mod:`carv3d.teacher.folder` for the layout.
@@ -191,11 +200,29 @@ class DiffusersTeacher:
         scheduler = _load_component("scheduler", DDPMScheduler, folder, "scheduler")
         vocabulary = PromptVocabulary.from_file(info.vocabulary_file) if info.vocabulary_file else None
         teacher = cls(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype,
-                      resolution=resolution, max_batch=max_batch, vocabulary=vocabulary, name=str(folder))
+                      resolution=resolution, max_batch=max_batch, vocabulary=vocabulary, name=str(folder),
+                      fast=fast)
         logger.info("teacher: %s (%s, %s on %s, images %d px → x %s, %s)", folder,
                     "latent" if vae is not None else "pixel space", str(dtype).replace("torch.", ""),
                     device, teacher.image_size, teacher.latent_shape, teacher.prediction_type)
+        logger.info("teacher: fast paths %s; U-Net attention %s", teacher.fast.describe(), attention_summary(unet))
         return teacher
+
+    def with_fast_paths(self, fast: FastPaths) -> "DiffusersTeacher":
+        """The same teacher (same modules, no reload) with other fast paths.
+
+        For benchmarks that compare eager and fast calls without holding two copies of the weights.
+        ``channels_last`` converts the shared modules in place; that changes memory layout only, so
+        the original teacher stays correct (and stays eager).
+        """
+        other = copy.copy(self)
+        other.fast = fast
+        other._unet_call = build_unet_call(self.unet, fast)
+        if fast.channels_last and self.vae is not None:
+            self.vae.to(memory_format=torch.channels_last)
+        other._embeddings = dict(self._embeddings)
+        logger.info("teacher: fast paths %s", fast.describe())
+        return other
 
     # ------------------------------------------------------------------ text
     def embed(self, prompt: str, negative_prompt: str = "", view_dependent: bool = True) -> PromptEmbedding:
@@ -285,7 +312,10 @@ class DiffusersTeacher:
         pixels = images.to(self.device) * 2.0 - 1.0
         if self.vae is None:
             return pixels.to(self._output_dtype)
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        pixels = pixels.to(self.device, self.dtype)
+        if self.fast.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        posterior = self.vae.encode(pixels).latent_dist
         return ((posterior.mean - self.shift_factor) * self.scaling_factor).to(self._output_dtype)
 
     @torch.no_grad()
@@ -310,7 +340,8 @@ class DiffusersTeacher:
         (diffusers' convention: s = 1 is the plain conditional model, s = 0 the unconditional one.
         threestudio writes ε_c + s'·(ε_c − ε_u); its s' = 100 is s = 101 here.) Both branches run in
         one U-Net call on the batch [x_t; x_t] with [uncond; cond], at most ``max_batch`` samples
-        (2·max_batch rows) per call; s = 1 skips the unconditional half. The U-Net runs in the teacher
+        (2·max_batch rows) per call; s = 1 skips the unconditional half. With ``fast.cuda_graph`` each
+        call shape is recorded once and replayed (:class:`carv3d.teacher.fast.CapturedUNet`). The U-Net runs in the teacher
         dtype; guidance and the v/x₀ → ε conversion (:func:`model_output_to_noise`) in float32.
 
         Args:
@@ -336,11 +367,11 @@ class DiffusersTeacher:
             x, tt = x_t[rows].to(self.dtype), t[rows]
             c = cond.cond[rows].to(self.device, self.dtype)
             if scale == 1.0:
-                guided = self.unet(x, tt, encoder_hidden_states=c).sample.to(out.dtype)
+                guided = self._unet_call(x, tt, c).to(out.dtype)
             else:
                 u = cond.uncond[rows].to(self.device, self.dtype)
-                both = self.unet(torch.cat([x, x]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([u, c]))
-                eps_u, eps_c = both.sample.to(out.dtype).chunk(2)
+                both = self._unet_call(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([u, c]))
+                eps_u, eps_c = both.to(out.dtype).chunk(2)
                 guided = eps_u + scale * (eps_c - eps_u)
             alpha_bar = self.alphas_cumprod[tt].to(out.dtype)
             out[rows] = model_output_to_noise(guided, x_t[rows], alpha_bar, self.prediction_type)

@@ -26,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 import carv3d
 from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.teacher.diffusers_teacher import DiffusersTeacher
+from carv3d.teacher.fast import resolve_fast_paths
 from carv3d.devices import resolve_device
 from carv3d.log import logger, quiet_dependencies
 
@@ -135,7 +136,8 @@ def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") ->
     """Load the teacher that ``teacher_cfg`` (a :class:`carv3d.config.TeacherConfig` node) names.
 
     Uses ``pretrained`` (where), ``dtype`` (auto: fp16 on CUDA, fp32 on CPU), ``resolution`` and
-    ``max_batch``; ``guidance_scale``, ``negative_prompt`` and ``view_dependent_prompting`` are for
+    ``max_batch``, and the fast paths ``cuda_graph``, ``channels_last``, ``compile`` (CUDA only,
+    see :mod:`carv3d.teacher.fast`); ``guidance_scale``, ``negative_prompt`` and ``view_dependent_prompting`` are for
     the caller of :meth:`DiffusersTeacher.embed` / :meth:`DiffusersTeacher.predict_noise`.
 
     Raises:
@@ -148,4 +150,5 @@ def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") ->
     return DiffusersTeacher.from_folder(
         folder, device=device, dtype=resolve_dtype(str(teacher_cfg.dtype), device),
         resolution=int(teacher_cfg.resolution), max_batch=int(teacher_cfg.max_batch),
+        fast=resolve_fast_paths(teacher_cfg, device),
     )

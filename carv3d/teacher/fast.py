@@ -1,0 +1,196 @@
+"""Fast paths for a frozen diffusers teacher on CUDA: CUDA graphs, channels_last, compile, SDPA.
+
+At Stable Diffusion scale the U-Net call of a training step is launch-bound up to K ≈ 8 (REFERENCE
+§4: 8 CFG draws cost 1.4× one draw): hundreds of small kernels whose launches cost more than their
+arithmetic. The teacher is frozen and a step calls it at a handful of fixed shapes (one per K), so
+its forward can be recorded once per shape and replayed:
+
+- ``cuda_graph``: :class:`CapturedUNet` records ``unet(sample, t, encoder_hidden_states)`` into a
+  ``torch.cuda.CUDAGraph`` the first time a shape is seen (after two warm-up calls on a side stream,
+  as PyTorch's docs prescribe) and afterwards copies the inputs into the graph's static buffers and
+  replays it: one launch instead of hundreds, no Python in the U-Net. All graphs share one memory
+  pool (they never run concurrently and their output is copied out before the next replay).
+- ``channels_last``: NHWC weights and activations, the layout cuDNN's fp16/bf16 convolution kernels
+  want (avoids NCHW↔NHWC transposes around every convolution). Applies to the U-Net and the VAE.
+- ``compile``: ``torch.compile`` of the U-Net (fixed shapes). Composes with the CUDA graph: the
+  compiled kernels are what gets recorded. Compiling SD's U-Net takes minutes per shape, so it is
+  off by default.
+- fused attention: diffusers runs attention through ``F.scaled_dot_product_attention``
+  (``AttnProcessor2_0``) on torch ≥ 2; :func:`attention_summary` reports which processors a model
+  uses so the startup log shows it.
+
+Everything here is CUDA only. On another device each path is skipped and the reason logged; the
+eager code path is then exactly the one without fast paths.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from carv3d.log import logger
+
+SWITCHES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths a teacher uses (resolved for its device by :func:`resolve_fast_paths`)."""
+
+    cuda_graph: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+    def describe(self) -> str:
+        on = [name for name in ("cuda_graph", "channels_last", "compile") if getattr(self, name)]
+        return ", ".join(on) if on else "none (eager)"
+
+
+def _switch(value: Any, key: str, device: torch.device) -> bool:
+    """auto → on for CUDA; on → on for CUDA, skipped (logged) elsewhere; off → off."""
+    value = str(value).lower() if not isinstance(value, bool) else ("on" if value else "off")
+    if value not in SWITCHES:
+        raise ValueError(f"teacher.{key} is '{value}'; expected one of {', '.join(SWITCHES)}")
+    if value == "off":
+        return False
+    if device.type != "cuda":
+        if value == "on":
+            logger.info("teacher: %s=on skipped on %s (a CUDA-only fast path)", key, device)
+        return False
+    return True
+
+
+def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
+    """Read ``teacher.cuda_graph``, ``teacher.channels_last`` and ``teacher.compile`` for ``device``.
+
+    ``teacher_cfg`` may be an OmegaConf node, a dataclass or any object with those attributes;
+    missing ones take the defaults (auto, auto, False).
+    """
+    device = torch.device(device)
+    compile_requested = bool(getattr(teacher_cfg, "compile", False))
+    if compile_requested and device.type != "cuda":
+        logger.info("teacher: compile skipped on %s (only used on CUDA)", device)
+    return FastPaths(
+        cuda_graph=_switch(getattr(teacher_cfg, "cuda_graph", "auto"), "cuda_graph", device),
+        channels_last=_switch(getattr(teacher_cfg, "channels_last", "auto"), "channels_last", device),
+        compile=compile_requested and device.type == "cuda",
+    )
+
+
+def attention_summary(model: Optional[torch.nn.Module]) -> str:
+    """Which attention processors a diffusers model uses, e.g. ``"AttnProcessor2_0 ×16 (SDPA)"``."""
+    processors = getattr(model, "attn_processors", None)
+    if not processors:
+        return "no attention layers"
+    counts = Counter(type(p).__name__ for p in processors.values())
+    parts = [f"{name} ×{n}" + (" (SDPA)" if "2_0" in name or "SDPA" in name.upper() else "")
+             for name, n in sorted(counts.items())]
+    return ", ".join(parts)
+
+
+class _Graph:
+    """One recorded U-Net call: static inputs, the graph, and its output buffer."""
+
+    def __init__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.sample = sample.clone()
+        self.timestep = timestep.clone()
+        self.hidden = hidden.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        self.output: Optional[torch.Tensor] = None
+
+
+class CapturedUNet:
+    """``unet(sample, t, encoder_hidden_states=...).sample`` replayed from CUDA graphs, one per shape.
+
+    Call it like the U-Net's forward but with tensors only; it returns the ``.sample`` tensor (a
+    fresh copy: the graph's output buffer is overwritten by the next replay). A shape whose capture
+    fails (an unsupported op in a custom U-Net) is logged once and runs eagerly from then on.
+
+    Args:
+        forward: ``forward(sample, timestep, hidden) -> Tensor``, the (possibly compiled) U-Net call.
+        max_graphs: keep at most this many shapes (auto-K visits a few K values; each graph holds
+            its activations' memory in the shared pool).
+    """
+
+    def __init__(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 max_graphs: int = 8) -> None:
+        self.forward = forward
+        self.max_graphs = int(max_graphs)
+        self.graphs: dict[tuple, _Graph] = {}
+        self.failed: set[tuple] = set()
+        self.pool: Any = None
+        self.replays = 0
+
+    @staticmethod
+    def _key(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> tuple:
+        return (tuple(sample.shape), sample.dtype, sample.device, tuple(timestep.shape), timestep.dtype,
+                tuple(hidden.shape), hidden.dtype)
+
+    @torch.no_grad()
+    def _capture(self, key: tuple, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> _Graph:
+        entry = _Graph(sample, timestep, hidden)
+        side = torch.cuda.Stream(device=sample.device)
+        side.wait_stream(torch.cuda.current_stream(sample.device))
+        with torch.cuda.stream(side):  # warm-up: cuDNN/cuBLAS autotuning and lazy init happen here, not in the graph
+            for _ in range(2):
+                self.forward(entry.sample, entry.timestep, entry.hidden)
+        torch.cuda.current_stream(sample.device).wait_stream(side)
+        with torch.cuda.graph(entry.graph, pool=self.pool):
+            entry.output = self.forward(entry.sample, entry.timestep, entry.hidden)
+        if self.pool is None:
+            self.pool = entry.graph.pool()
+        logger.info("teacher: captured a CUDA graph of the U-Net for input %s", tuple(sample.shape))
+        return entry
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if not sample.is_cuda:
+            return self.forward(sample, timestep, hidden)
+        key = self._key(sample, timestep, hidden)
+        if key in self.failed:
+            return self.forward(sample, timestep, hidden)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.clear()  # rare (K moved far); the pool's memory is reused by the new graphs
+            try:
+                entry = self._capture(key, sample, timestep, hidden)
+            except Exception as err:  # noqa: BLE001 — any capture failure falls back to eager, logged
+                self.failed.add(key)
+                logger.warning("teacher: CUDA graph capture failed for input %s (%s: %s); running it eagerly",
+                               tuple(sample.shape), type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+                torch.cuda.synchronize(sample.device)
+                return self.forward(sample, timestep, hidden)
+            self.graphs[key] = entry
+        entry.sample.copy_(sample)
+        entry.timestep.copy_(timestep)
+        entry.hidden.copy_(hidden)
+        entry.graph.replay()
+        self.replays += 1
+        assert entry.output is not None
+        return entry.output.clone()
+
+
+def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The function the teacher calls for one U-Net batch: ``(sample, t, hidden) -> prediction``.
+
+    Applies ``channels_last`` to the U-Net's weights (in place) and to each input, then wraps the
+    call in ``torch.compile`` and/or :class:`CapturedUNet` as ``fast`` says. With no fast path it is
+    exactly ``unet(sample, t, encoder_hidden_states=hidden).sample``.
+    """
+    if fast.channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+    def eager(sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if fast.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        return unet(sample, timestep, encoder_hidden_states=hidden).sample
+
+    call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = eager
+    if fast.compile:
+        call = torch.compile(eager, dynamic=False)
+    if fast.cuda_graph:
+        call = CapturedUNet(call)
+    return call

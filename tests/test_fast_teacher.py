@@ -1,0 +1,154 @@
+"""CUDA fast paths against eager (GPU only): CUDA-graph replay + channels_last, sync-free steps.
+
+    python -m pytest -m gpu tests/test_fast_teacher.py
+
+Tolerances: the teachers run in fp16; channels_last and graph replay may pick other cuDNN kernels,
+which reorder fp16 sums (~1e-3 relative per layer). Predictions are compared with an error relative
+to their norm of 1e-2, gradients by cosine similarity ≥ 0.999 and norm ratio within 2%.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from carv3d.config import TeacherConfig, load_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_sd_path):
+    from carv3d.teacher import load_teacher
+
+    eager = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", channels_last="off"), "cuda")
+    fast = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", channels_last="on"), "cuda")
+    return eager, fast
+
+
+def _inputs(teacher, n: int, seed: int):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    x_t = torch.randn((n, *teacher.latent_shape), generator=generator, device="cuda")
+    t = torch.randint(20, 980, (n,), generator=generator, device="cuda")
+    embedding = teacher.embed("a red cube")
+    cond = teacher.conditioning(embedding, ["front", "side", "back", "overhead"][:1] * n)
+    return x_t, t, cond
+
+
+def test_fast_teacher_matches_eager_and_replays_fresh_inputs(teachers):
+    from carv3d.teacher.fast import CapturedUNet
+
+    eager, fast = teachers
+    assert fast.fast.cuda_graph and fast.fast.channels_last and isinstance(fast._unet_call, CapturedUNet)
+    for n, seed in ((3, 0), (3, 1), (5, 2), (3, 3)):  # a repeated shape must replay the new inputs, not stale ones
+        x_t, t, cond = _inputs(eager, n, seed)
+        want = eager.predict_noise(x_t, t, cond, guidance_scale=7.5)
+        got = fast.predict_noise(x_t, t, cond, guidance_scale=7.5)
+        assert torch.isfinite(got).all()
+        assert _relative_error(got, want) < 1e-2, (n, seed)
+    assert len(fast._unet_call.graphs) == 2  # shapes 2·3 and 2·5 rows
+    assert fast._unet_call.replays == 4 and not fast._unet_call.failed
+    # Different inputs give different outputs through the replayed graph (it is not a constant).
+    a = fast.predict_noise(*_inputs(eager, 3, 10), guidance_scale=7.5)
+    b = fast.predict_noise(*_inputs(eager, 3, 11), guidance_scale=7.5)
+    assert _relative_error(a, b) > 0.1
+
+
+def test_fast_encode_matches_eager_with_its_gradient(teachers):
+    eager, fast = teachers
+    image = torch.rand(2, 3, 32, 32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    grads = []
+    outs = []
+    for teacher in (eager, fast):
+        x = image.clone().requires_grad_(True)
+        latents = teacher.encode(x)
+        (latents * torch.linspace(-1, 1, latents.numel(), device="cuda").view_as(latents)).sum().backward()
+        outs.append(latents.detach())
+        grads.append(x.grad)
+    assert _relative_error(outs[1], outs[0]) < 1e-2
+    assert _relative_error(grads[1], grads[0]) < 2e-2
+
+
+def _trainer(tiny_sd_path, tmp_path, fast: bool, teacher=None):
+    from carv3d.train import Trainer
+
+    switch = "on" if fast else "off"
+    cfg = load_config(overrides=[
+        f"teacher.pretrained={tiny_sd_path}", "train.device=cuda", "render.sampler=stratified",
+        "render.width=32", "render.height=32", "render.samples_per_ray=32", "scene.grid.n_levels=8",
+        "scene.grid.log2_hashmap_size=15", "estimator.noise_draws=4", "train.progress=false",
+        "train.tensorboard=false", f"teacher.cuda_graph={switch}", f"teacher.channels_last={switch}",
+        f"train.sync_free={switch}", f"train.output_dir={tmp_path}",
+    ], prompt="a red cube")
+    return Trainer(cfg, teacher=teacher)
+
+
+def test_training_step_gradient_fast_matches_eager(tiny_sd_path, tmp_path, teachers):
+    eager_teacher, fast_teacher = teachers
+    eager = _trainer(tiny_sd_path, tmp_path, fast=False, teacher=eager_teacher)
+    fast = _trainer(tiny_sd_path, tmp_path, fast=True, teacher=fast_teacher)
+    assert fast.sync_free and not eager.sync_free
+    # One step (same scene, same draws): later steps would compare Adam's amplification of rounding
+    # differences in near-zero gradients, not the fast paths. .grad holds the step's gradient.
+    eager.train_step()
+    fast.train_step()
+    for (name, a), (_, b) in zip(eager.field.named_parameters(), fast.field.named_parameters()):
+        ga, gb = a.grad.flatten().float(), b.grad.flatten().float()
+        cosine = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
+        assert cosine > 0.999, (name, cosine)
+        assert abs(float(gb.norm() / ga.norm()) - 1.0) < 0.02, name
+    assert fast.nonfinite_total == eager.nonfinite_total == 0
+
+
+def test_sync_free_step_does_not_synchronise(tiny_sd_path, tmp_path, teachers):
+    """After warm-up, a sync-free step with the stratified sampler makes no blocking CUDA call.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronising call (``.item()``, a
+    blocking copy to the host, ``nonzero``...). The occupancy-grid sampler is excluded: nerfacc's
+    packed sampling sizes its output on the host.
+    """
+    _, fast_teacher = teachers
+    trainer = _trainer(tiny_sd_path, tmp_path, fast=True, teacher=fast_teacher)
+    for _ in range(3):
+        trainer.train_step()  # captures, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] + f" ({w.filename}:{w.lineno})" for w in caught
+             if "synchroniz" in str(w.message).lower()]
+    assert not syncs, "synchronising calls in a sync-free step:\n" + "\n".join(syncs)
+
+
+def test_step_timer_events_agree_with_a_synchronised_clock():
+    """StepTimer's CUDA events (read lazily) against perf_counter around the same work, synchronised."""
+    import time
+
+    from carv3d.estimator.timing import StepTimer
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    events, clock = StepTimer("cuda"), 0.0
+    for _ in range(5):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with events("matmul"):
+            for _ in range(20):
+                a @ a
+        torch.cuda.synchronize()
+        clock += time.perf_counter() - started
+    assert events.use_events
+    assert events.seconds("matmul") == pytest.approx(clock, rel=0.2)

@@ -1,0 +1,211 @@
+"""Fast paths and sync-free steps, the parts that can be checked on a CPU.
+
+The CUDA side (graph replay vs eager, gradients, no host syncs) is in tests/test_fast_teacher.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from carv3d.config import load_config
+from carv3d.errors import ConfigError
+from carv3d.teacher.fast import CapturedUNet, FastPaths, attention_summary, build_unet_call, resolve_fast_paths
+
+from test_train_e2e import tiny_overrides
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("spelling, expected", [("on", "on"), ("off", "off"), ("true", "on"), ("false", "off"),
+                                                ("auto", "auto")])
+def test_switch_keys_accept_yaml_booleans(spelling, expected):
+    # YAML reads a bare on/off as a boolean; the switch keys fold those back to on/off.
+    cfg = load_config(overrides=[f"teacher.cuda_graph={spelling}", f"teacher.channels_last={spelling}",
+                                 f"train.sync_free={spelling}"])
+    assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free) == (expected,) * 3
+
+
+def test_switch_keys_reject_other_values_and_default_to_auto():
+    with pytest.raises(ConfigError, match="teacher.cuda_graph"):
+        load_config(overrides=["teacher.cuda_graph=sometimes"])
+    cfg = load_config()
+    assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free, cfg.teacher.compile) == \
+        ("auto", "auto", "auto", False)
+
+
+def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
+    cfg = load_config(overrides=["teacher.cuda_graph=on", "teacher.channels_last=on", "teacher.compile=true"])
+    with caplog.at_level("INFO", logger="carv3d"):
+        fast = resolve_fast_paths(cfg.teacher, torch.device("cpu"))
+    assert fast == FastPaths(False, False, False)
+    assert "cuda_graph=on skipped" in caplog.text and "compile skipped" in caplog.text
+    on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last=True, compile=False)
+    assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
+                              torch.device("cuda")).cuda_graph is False
+
+
+# ------------------------------------------------------------------ the U-Net call
+def test_eager_unet_call_is_the_plain_forward_and_cpu_capture_passes_through(tiny_teacher):
+    unet = tiny_teacher.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(3, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 500, 990])
+    hidden = torch.randn(3, 77, 32, generator=generator)
+    expected = unet(sample, t, encoder_hidden_states=hidden).sample
+    call = build_unet_call(unet, FastPaths())
+    assert torch.equal(call(sample, t, hidden), expected)
+    captured = CapturedUNet(call)
+    assert torch.equal(captured(sample, t, hidden), expected)  # CPU tensors: no graph, same call
+    assert captured.graphs == {} and captured.replays == 0
+    assert "AttnProcessor2_0" in attention_summary(unet) and "(SDPA)" in attention_summary(unet)
+
+
+def test_loaded_teacher_on_cpu_runs_eagerly(tiny_teacher):
+    assert tiny_teacher.fast == FastPaths()
+    assert not isinstance(tiny_teacher._unet_call, CapturedUNet)
+
+
+# ------------------------------------------------------------------ sync-free steps
+def _nan_from_call(trainer, first_bad: int, last_bad: int) -> None:
+    """Make teacher calls first_bad..last_bad (1-based) return NaN noise predictions."""
+    clean = trainer.teacher.predict_noise
+    calls = {"n": 0}
+
+    def predict_noise(*args, **kwargs):
+        calls["n"] += 1
+        out = clean(*args, **kwargs)
+        return out * float("nan") if first_bad <= calls["n"] <= last_bad else out
+
+    trainer.teacher.predict_noise = predict_noise
+
+
+def _run_steps(tiny_sd_path, tmp_path, sync_free: str, steps: int = 6):
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=steps, **{"train.sync_free": sync_free}),
+                      prompt="a red cube")
+    trainer = Trainer(cfg)
+    if not trainer.sync_free:
+        # The same (fused) Adam as the sync-free trainer, so that only the skip mechanism differs:
+        # with eps = 1e-15 Adam turns rounding differences in near-zero gradients into ±lr steps.
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in trainer.optimizer.param_groups]
+        trainer.optimizer = torch.optim.Adam(groups, fused=True)
+    _nan_from_call(trainer, 3, 4)  # steps 3 and 4 are non-finite
+    in_a_row = []
+    for _ in range(steps):
+        trainer.train_step()
+        if trainer.step == 4:
+            in_a_row.append(trainer.nonfinite_in_a_row)  # read mid-run: 2 skipped in a row
+    return trainer, in_a_row
+
+
+def test_sync_free_step_skips_nonfinite_steps_like_the_synchronous_one(tiny_sd_path, tmp_path):
+    """Device-side skipping (fused Adam's found_inf) against the host-side `if not finite: skip`.
+
+    Same draws, same optimizer, same skipped steps: the parameters agree bit for bit, the counters
+    exactly, and the optimizer step counts show that the two skipped steps did not count.
+    """
+    sync, sync_rows = _run_steps(tiny_sd_path, tmp_path / "sync", "off")
+    free, free_rows = _run_steps(tiny_sd_path, tmp_path / "free", "on")
+    assert not sync.sync_free and free.sync_free
+    assert sync_rows == free_rows == [2]
+    assert (sync.nonfinite_total, sync.nonfinite_in_a_row) == (free.nonfinite_total, free.nonfinite_in_a_row) == (2, 0)
+    for (name, a), (_, b) in zip(sync.field.named_parameters(), free.field.named_parameters()):
+        assert torch.equal(a, b), name
+        assert torch.isfinite(b).all()
+    steps = {float(s["step"]) for s in free.optimizer.state_dict()["state"].values()}
+    assert steps == {4.0}  # 6 steps, 2 skipped
+
+
+def test_sync_free_divergence_is_caught_at_the_next_check(tiny_sd_path, tmp_path):
+    from carv3d.errors import TrainingDivergedError
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=5, **{"train.sync_free": "on",
+                                                                                   "train.max_nonfinite_steps": 3}),
+                      prompt="a red cube")
+    trainer = Trainer(cfg)
+    _nan_from_call(trainer, 2, 99)
+    for _ in range(4):
+        trainer.train_step()  # never raises by itself: nothing is read on the host
+    with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
+        trainer.check_divergence()
+
+
+def test_step_section_timers_cover_the_step(tiny_sd_path, tmp_path):
+    import time
+
+    from carv3d.train import SECTIONS, Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=3), prompt="a red cube")
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    trainer.timing_metrics()  # reset
+    started = time.perf_counter()
+    for _ in range(2):
+        trainer.train_step()
+    wall_ms = 1000 * (time.perf_counter() - started) / 2
+    timing = trainer.timing_metrics()
+    assert set(timing) == {f"time_{name}_ms" for name in SECTIONS}
+    assert all(v > 0 for v in timing.values()), timing
+    assert sum(timing.values()) <= wall_ms * 1.01  # disjoint sections inside the step
+    assert sum(timing.values()) > 0.5 * wall_ms  # and they are most of it
+    assert trainer.timing_metrics() == {f"time_{name}_ms": 0.0 for name in SECTIONS}
+
+
+# ------------------------------------------------------------------ the benchmark script
+@pytest.mark.slow
+def test_bench_speed_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
+    bench_speed = _bench_module()
+    out = tmp_path / "bench.json"
+    assert bench_speed.main(["--device", "cpu", "--quick", "--tiny", "--draws", "2", "--warmup", "1", "--steps", "2",
+                             "--samplers", "stratified,occupancy_grid", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["status"] == "finished"
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+    assert {r["name"] for r in ok} == {"eager/torch/stratified/K2", "fast/torch/stratified/K2"}
+    for r in ok:
+        assert r["ms_per_step_median"] > 0 and r["it_per_s"] == pytest.approx(1000 / r["ms_per_step_median"])
+        assert r["flops"]["unet"] > 0 and r["flops"]["vae_encode_forward_backward"] > 0
+        assert 0 < r["floor_ms"] and r["hash_grid"]["points"] > 0
+        assert set(r["split_ms"]) == {"render", "encode", "teacher", "backward", "optimizer"}
+    assert {r["status"] for r in report["results"] if r["sampler_requested"] == "occupancy_grid"} == {"unavailable"}
+
+
+def _bench_module():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import bench_speed
+    finally:
+        sys.path.pop(0)
+    return bench_speed
+
+
+def test_bench_flop_counts_scale_with_the_rows_of_the_teacher_call(tiny_teacher):
+    bench = _bench_module()
+    k1 = bench.teacher_flops(tiny_teacher, 1, 7.5, 64)
+    k4 = bench.teacher_flops(tiny_teacher, 4, 7.5, 64)
+    no_cfg = bench.teacher_flops(tiny_teacher, 4, 1.0, 64)
+    assert k1["unet"] > 0 and k4["unet"] == 4 * k1["unet"]  # U-Net FLOPs are linear in the batch
+    assert no_cfg["unet"] * 2 == k4["unet"]  # guidance doubles the rows
+    assert k1["vae_encode_forward_backward"] == k4["vae_encode_forward_backward"] > 0  # one render either way
+
+
+def test_bench_grid_bytes_model():
+    bench = _bench_module()
+    from carv3d.config import load_config
+    from carv3d.parts import build_field
+
+    cfg = load_config(overrides=["scene.grid.n_levels=4", "scene.grid.log2_hashmap_size=10"])
+    field = build_field(cfg, torch.device("cpu"), 0)
+    table = field.encoding.params.numel() * 4
+    got = bench.grid_bytes_per_step(field, 1000)
+    assert got["table_bytes"] == table
+    assert got["bytes"] == 1000 * 4 * 8 * 2 * 4 * 3 + 8 * table
