@@ -56,8 +56,9 @@ class CameraConfig:
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])  # degrees; 0 = front (+Z)
     # Defaults match the embedded teacher's training cameras; the SD presets use threestudio's
     # [1.0, 1.5] and [40, 70].
-    distance_range: List[float] = field(default_factory=lambda: [1.3, 1.8])
-    fovy_range: List[float] = field(default_factory=lambda: [40.0, 60.0])  # degrees
+    # The embedded teacher's camera (carv3d.world.WorldCameraRanges); SD configs set their own ranges.
+    distance_range: List[float] = field(default_factory=lambda: [1.55, 1.55])
+    fovy_range: List[float] = field(default_factory=lambda: [50.0, 50.0])  # degrees
     stratified: bool = False  # stratify azimuth across the renders of a step and consecutive steps
     front_half_angle: float = 45.0  # |azimuth| < this is "front"; > 180 - this is "back"
     overhead_elevation: float = 60.0  # elevation above this is "overhead"
@@ -91,7 +92,9 @@ class TeacherConfig:
     max_batch: int = 32  # largest U-Net batch per call (CFG doubles it)
     # Fast paths (carv3d/teacher/fast.py). CUDA only: on other devices they are skipped and logged.
     cuda_graph: str = "auto"  # auto (on for CUDA) | on | off: replay the guided U-Net call as a CUDA graph per batch shape
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off: NHWC memory format for the U-Net and VAE convolutions
+    # NHWC for the U-Net and VAE: off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm
+    # has no fast NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
+    channels_last: str = "off"  # auto (on for CUDA) | on | off
     compile: bool = False  # torch.compile the U-Net (minutes of compiling at SD scale; measure before turning it on)
 
 

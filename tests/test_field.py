@@ -176,6 +176,8 @@ def test_cuda_field_equals_cpu_field_for_one_seed():
     x = points(1000, 12, scale=0.9)
     d_cpu, a_cpu = cpu(x)
     d_cuda, a_cuda = cuda(x.cuda())
-    torch.testing.assert_close(d_cuda.cpu(), d_cpu, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a_cuda.cpu(), a_cpu, rtol=1e-5, atol=1e-5)
+    # fp32 on both devices; cuBLAS and the CPU sum the MLP's products in different orders, which moved
+    # one density of 1000 by 2e-5 (relative) on the H200.
+    torch.testing.assert_close(d_cuda.cpu(), d_cpu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a_cuda.cpu(), a_cpu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cuda.normals(x.cuda()).cpu(), cpu.normals(x), rtol=1e-3, atol=1e-3)

@@ -36,7 +36,7 @@ def test_switch_keys_reject_other_values_and_default_to_auto():
         load_config(overrides=["teacher.cuda_graph=sometimes"])
     cfg = load_config()
     assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free, cfg.teacher.compile) == \
-        ("auto", "auto", "auto", False)
+        ("auto", "off", "auto", False)  # channels_last measured slower on the H200: opt-in
 
 
 def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
