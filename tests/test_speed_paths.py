@@ -46,7 +46,7 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
     assert fast == FastPaths(False, False, False)
     assert "cuda_graph=on skipped" in caplog.text and "compile skipped" in caplog.text
     on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
-    assert on_cuda == FastPaths(cuda_graph=True, channels_last=True, compile=False)
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile=False)  # channels_last: opt-in
     assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
                               torch.device("cuda")).cuda_graph is False
 
