@@ -241,7 +241,7 @@ def file_sha256(path: Optional[str]) -> Optional[str]:
 # ------------------------------------------------------------------------------------ one run (worker side)
 def evaluate_live(trainer: Any, spec: RunSpec, nominal_seconds: float) -> dict[str, Any]:
     """Evaluate the scene being trained, in eval mode, and put it back in train mode (the clock is paused)."""
-    from carv3d.world.evaluate import evaluate_scene
+    from carv3d.world.evaluate import evaluate_scene, truth_lighting_for
 
     started = time.perf_counter()
     trainer.field.eval()
@@ -249,7 +249,8 @@ def evaluate_live(trainer: Any, spec: RunSpec, nominal_seconds: float) -> dict[s
     try:
         mesh = live_mesh(trainer) if spec.chamfer else None
         result = evaluate_scene(trainer.field, trainer.renderer, spec.prompt, mesh=mesh, views=spec.eval_views,
-                                resolution=spec.eval_resolution)
+                                resolution=spec.eval_resolution,
+                                truth_lighting=truth_lighting_for(str(trainer.cfg.render.shading)))
     finally:
         trainer.field.train()
         trainer.renderer.train()

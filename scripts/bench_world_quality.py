@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--workdir", default="runs/bench_world_quality")
     parser.add_argument("--out", default="world_quality.json")
     parser.add_argument("--resume", action="store_true", help="keep the prompts already in --out")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="evaluate finished runs already in --workdir instead of training them again")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
@@ -87,8 +89,12 @@ def main() -> int:
                      f"train.run_name={name}", *args.overrides]
         cfg = load_config(args.config, overrides, prompt)
         started = time.perf_counter()
-        run_dir = train(cfg)
-        seconds = time.perf_counter() - started
+        existing = workdir / name
+        if args.reuse_runs and (existing / "mesh" / "mesh.ply").exists():
+            run_dir, seconds = existing, None  # trained earlier; only the evaluation is new
+        else:
+            run_dir = train(cfg)
+            seconds = time.perf_counter() - started
         result, _ = evaluate_run(run_dir, overwrite=True)
         row = {"prompt": prompt, "run_dir": str(run_dir), "steps": int(cfg.train.steps), "seconds": seconds,
                **{key: result.get(key) for key in HEADLINE},
@@ -100,7 +106,7 @@ def main() -> int:
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(out)
         print(f"[world_quality] {prompt}: IoU {row['silhouette_iou']:.3f}, best match {row['best_match']}, "
-              f"front right {row['front_matches_front']}, {seconds:.0f} s", flush=True)
+              f"front right {row['front_matches_front']}, trained in {seconds or 0:.0f} s", flush=True)
     print(json.dumps(report.get("bar"), indent=2))
     return 0
 

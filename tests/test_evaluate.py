@@ -254,12 +254,34 @@ def test_cli_writes_json_and_the_blob_is_not_mistaken_for_a_cube(tmp_path, capsy
     assert "[12.0" not in (run_dir / "evaluation.json").read_text()  # sanity: lists of numbers are on one line
     assert '"elevation_deg": [5.0, 5.0' in (run_dir / "evaluation.json").read_text()
     assert result["chamfer"] is None and "not found" in result["surface"]["mesh"]
+    # The run trains with render.shading=albedo (the default): its colours are compared with the world
+    # as the teacher saw it, lit.
+    assert result["views"]["truth_lighting"] == "world"
 
     code = main(["evaluate", str(run_dir)])  # exists, no --overwrite: nothing is loaded or written
     err = capsys.readouterr().err
     assert code == 2 and "already exists" in err and "--overwrite" in err and "Traceback" not in err
     code = main(["evaluate", str(run_dir), "--views", "10"])
     assert code == 2 and "multiple of 4" in capsys.readouterr().err
+
+
+def test_world_lit_truth_is_the_image_the_teacher_was_trained_on():
+    """truth_images(lighting="world") against a second path, the teacher's data renderer render_world,
+    and the unlit truth: lighting only darkens (light factor ≤ 1) and leaves background and masks alone."""
+    from carv3d.world.evaluate import evaluation_cameras, truth_lighting_for
+    from carv3d.world.raytrace import render_world
+
+    rows = torch.arange(8)
+    lit, lit_mask = truth_images("house", "blue", 16, 32, rows, lighting="world")
+    unlit, unlit_mask = truth_images("house", "blue", 16, 32, rows, lighting="unlit")
+    teacher_view = render_world("house", "blue", evaluation_cameras(16, 1, "cpu")[rows], 32, 32)
+    torch.testing.assert_close(lit, teacher_view.rgb, rtol=0, atol=1e-5)
+    assert torch.equal(lit_mask, unlit_mask)
+    assert (lit <= unlit + 1e-6).all() and (lit[~lit_mask.expand_as(lit)] == unlit[~lit_mask.expand_as(lit)]).all()
+    assert float((unlit - lit).abs().max()) > 0.2  # the back of the house is in shadow
+    assert truth_lighting_for("albedo") == "world" and truth_lighting_for("random") == "unlit"
+    with pytest.raises(EvaluationOptionError, match="lighting"):
+        evaluate_scene(WorldField("cube"), VolumeRenderer(1.0, samples_per_ray=8), "a red cube", truth_lighting="sunset")
 
 
 def test_cli_refuses_a_prompt_outside_the_world(tmp_path, capsys):

@@ -45,6 +45,7 @@ from carv3d.render.cameras import Cameras, make_cameras
 from carv3d.world.metrics import MeshLike, chamfer_to_world, front_back_check, masked_colour_error, psnr, silhouette_iou
 from carv3d.world.objects import COLOURS, OBJECT_NAMES, OBJECTS, material_albedo
 from carv3d.world.prompts import WorldPrompt, parse_prompt
+from carv3d.world.raytrace import AMBIENT as WORLD_AMBIENT
 from carv3d.world.raytrace import MaterialRender, WorldCameraRanges, compose_rgb, render_materials, sdf_normals
 
 Tensor = torch.Tensor
@@ -56,8 +57,20 @@ MASK_LEVEL = 0.5
 FRONT_WINDOW = 30.0  # |azimuth| ≤ this counts as a front view in the front/back check
 ALIGNMENT_ANGLES = 36  # at least this many candidate azimuth offsets
 EVALUATION_FILE = "evaluation.json"
-COLOUR_COMPARISON = ("unlit albedo over white: the result rendered with shading=albedo (deterministic) against "
-                     "the world's material colours traced with ambient 1")
+COLOUR_COMPARISON = {
+    "unlit": "the result rendered with shading=albedo (deterministic) against the world's material colours "
+             "traced with ambient 1",
+    "world": "the result rendered with shading=albedo (deterministic) against the world as the teacher saw it: "
+             "material colours under the world's fixed light (ambient 0.4)",
+}
+TRUTH_LIGHTINGS = tuple(COLOUR_COMPARISON)
+
+
+def truth_lighting_for(shading: str) -> str:
+    """Which truth a run's colours should match: a run trained with ``render.shading=albedo`` learns
+    the colours the teacher was shown, the world's lighting baked in ("world"); a run trained with
+    lit shading (lambertian, textureless, random) learns albedo, the light separate ("unlit")."""
+    return "world" if shading == "albedo" else "unlit"
 
 
 class NotAWorldPromptError(PromptError):
@@ -168,12 +181,12 @@ class WorldField(nn.Module):
 
 
 def _truth_materials(object_name: str, cameras: Cameras, resolution: int,
-                     max_rays: int = 2**20) -> list[MaterialRender]:
-    """Unlit material renders (ambient 1: light factor 1) of an object, in chunks of at most
-    ``max_rays`` rays so that large rings at high resolution fit in memory."""
+                     max_rays: int = 2**20, ambient: float = 1.0) -> list[MaterialRender]:
+    """Material renders of an object (ambient 1: unlit; AMBIENT: the world's light), in chunks of at
+    most ``max_rays`` rays so that large rings at high resolution fit in memory."""
     per_chunk = max(1, max_rays // (resolution * resolution))
-    return [render_materials(object_name, cameras[i:i + per_chunk], resolution, resolution, supersample=1, ambient=1.0)
-            for i in range(0, len(cameras), per_chunk)]
+    return [render_materials(object_name, cameras[i:i + per_chunk], resolution, resolution, supersample=1,
+                             ambient=ambient) for i in range(0, len(cameras), per_chunk)]
 
 
 @lru_cache(maxsize=32)
@@ -218,11 +231,13 @@ def match_object(mask: Tensor, object_name: str, views: int, resolution: int) ->
     return best
 
 
-def truth_images(object_name: str, colour: str, views: int, resolution: int, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Unlit truth from the ring cameras ``rows`` (see :func:`match_object`): rgb (B, 3, H, W) over
-    white (:func:`carv3d.world.raytrace.compose_rgb`) and mask (B, 1, H, W) bool."""
+def truth_images(object_name: str, colour: str, views: int, resolution: int, rows: Tensor,
+                 lighting: str = "unlit") -> tuple[Tensor, Tensor]:
+    """Truth from the ring cameras ``rows`` (see :func:`match_object`), unlit or under the world's
+    light (``lighting``): rgb (B, 3, H, W) over white (:func:`carv3d.world.raytrace.compose_rgb`) and
+    mask (B, 1, H, W) bool."""
     cameras = evaluation_cameras(views, _ring_factor(object_name, views), rows.device)[rows]
-    parts = _truth_materials(object_name, cameras, resolution)
+    parts = _truth_materials(object_name, cameras, resolution, ambient=1.0 if lighting == "unlit" else WORLD_AMBIENT)
     weights, coverage = torch.cat([p.weights for p in parts]), torch.cat([p.coverage for p in parts])
     rgb = compose_rgb(weights, coverage, torch.tensor(COLOURS[colour], device=rows.device).expand(len(rows), 3))
     return rgb, coverage > MASK_LEVEL
@@ -267,7 +282,7 @@ def to_json(result: dict[str, Any]) -> str:
 
 def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = None, views: int = 16,
                    resolution: int = 64, compare_all_objects: bool = True, chamfer_points: int = 20000,
-                   seed: int = 0, chunk_rays: int = 16384) -> dict[str, Any]:
+                   seed: int = 0, chunk_rays: int = 16384, truth_lighting: str = "unlit") -> dict[str, Any]:
     """Evaluate a scene against the world's ground truth of a world prompt (module docstring).
 
     Args:
@@ -280,6 +295,9 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
         compare_all_objects: rank the result against every world object (else only the prompted one).
         chamfer_points: surface samples per mesh; seed: their generator's seed.
         chunk_rays: rays per renderer call.
+        truth_lighting: the colours compared with: "unlit" (material albedo) or "world" (as the teacher
+            saw them, the world's fixed light baked in); :func:`truth_lighting_for` picks by the
+            run's ``render.shading``. Silhouettes do not depend on it.
 
     Returns:
         A JSON-ready dict: headline numbers ``silhouette_iou``, ``masked_colour_error``, ``psnr``,
@@ -292,13 +310,15 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
     start = time.perf_counter()
     parsed = world_prompt(prompt)
     check_options(views, resolution)
+    if truth_lighting not in TRUTH_LIGHTINGS:
+        raise EvaluationOptionError(f"truth lighting '{truth_lighting}' is unknown; expected one of {TRUTH_LIGHTINGS}.")
     device = field_device(field)
     cameras = evaluation_cameras(views, 1, device)
     rgb, mask = render_result(field, renderer, cameras, resolution, chunk_rays)
     names = OBJECT_NAMES if compare_all_objects else (parsed.object,)
     matches = {name: match_object(mask, name, views, resolution) for name in names}
     own = matches[parsed.object]
-    truth_rgb, truth_mask = truth_images(parsed.object, parsed.colour, views, resolution, own["rows"])
+    truth_rgb, truth_mask = truth_images(parsed.object, parsed.colour, views, resolution, own["rows"], truth_lighting)
     colour_error = masked_colour_error(rgb, truth_rgb, mask, truth_mask)
     per_view_psnr = psnr(rgb, truth_rgb)
     ranking = sorted(({"object": m["object"], "iou": m["iou"], "azimuth_offset_deg": m["azimuth_offset_deg"]}
@@ -323,7 +343,8 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
         "front_matches_front": front_back.get("passed"),
         "views": {"count": views, "resolution": resolution, "elevations_deg": list(ELEVATIONS),
                   "azimuths_deg": cameras.azimuth[: views // 2].tolist(), "distance": DISTANCE, "fovy_deg": FOVY,
-                  "mask_level": MASK_LEVEL, "colour_comparison": COLOUR_COMPARISON},
+                  "mask_level": MASK_LEVEL, "colour_comparison": COLOUR_COMPARISON[truth_lighting],
+                  "truth_lighting": truth_lighting},
         "alignment": {"rule": rule, "azimuth_offset_deg": own["azimuth_offset_deg"],
                       "candidates": _ring_factor(parsed.object, views) * views // 2 if rule == "search" else 1},
         "per_view": {"azimuth_deg": cameras.azimuth.tolist(), "elevation_deg": cameras.elevation.tolist(),
@@ -366,8 +387,9 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
     if target.is_dir():
         raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
     scene = load_scene(run, resolve_device(device, option="--device"))
+    lighting = truth_lighting_for(str(load_run_config(run).render.shading))
     result = evaluate_scene(scene.field, scene.renderer, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
-                            resolution=resolution)
+                            resolution=resolution, truth_lighting=lighting)
     result = {"run_dir": str(run), "step": scene.step, **result}
     atomic_write_text(target, to_json(result))
     return result, target
