@@ -3,6 +3,7 @@
 
     python scripts/tables.py speed docs/bench_speed_h200.json
     python scripts/tables.py quality docs/bench_quality_h200.json
+    python scripts/tables.py world docs/quality_cpu.json
 """
 
 from __future__ import annotations
@@ -80,14 +81,31 @@ def quality_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def world_table(report: dict[str, Any]) -> str:
+    """scripts/bench_world_quality.py: one row per prompt, then the bar's verdict."""
+    lines = ["| prompt | silhouette IoU | best match | front on the front | colour error | PSNR | Chamfer | training s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        front = {True: "yes", False: "no", None: "—"}[row["front_matches_front"]]
+        lines.append(f"| {row['prompt']} | {row['silhouette_iou']:.3f} | {row['best_match']} | {front} | "
+                     f"{row['masked_colour_error']:.3f} | {row['psnr']:.1f} | {_fmt(row.get('chamfer'), '.4f')} | "
+                     f"{_fmt(row.get('seconds'), '.0f')} |")
+    bar = report["bar"]
+    lines.append("")
+    lines.append(f"Mean IoU {bar['mean_silhouette_iou']:.3f} (bar {bar['iou_bar']}: {'met' if bar['iou_met'] else 'missed'}); "
+                 f"best match prompted for every prompt: {'yes' if bar['best_match_all_prompted'] else 'no'}; "
+                 f"fronts right: {bar['fronts_right']}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("speed", "quality"))
+    parser.add_argument("kind", choices=("speed", "quality", "world"))
     parser.add_argument("json")
     args = parser.parse_args()
     with open(args.json) as handle:
         report = json.load(handle)
-    print(speed_table(report) if args.kind == "speed" else quality_table(report))
+    print({"speed": speed_table, "quality": quality_table, "world": world_table}[args.kind](report))
 
 
 if __name__ == "__main__":
