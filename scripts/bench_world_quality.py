@@ -72,6 +72,7 @@ def main() -> int:
     import torch
 
     from carv3d.config import load_config
+    from carv3d.io import atomic_write_text
     from carv3d.log import setup_logging
     from carv3d.train import train
     from carv3d.world.evaluate import evaluate_run
@@ -103,13 +104,12 @@ def main() -> int:
         result, _ = evaluate_run(run_dir, overwrite=True)
         row = {"prompt": prompt, "run_dir": str(run_dir), "steps": int(cfg.train.steps), "seconds": seconds,
                **{key: result.get(key) for key in HEADLINE},
-               "ranking": (result.get("ranking") or [])[:3]}
+               "ranking": (result.get("ranking") or [])[:3], "front_back": result.get("front_back"),
+               "truth_lighting": result["views"]["truth_lighting"]}
         report["rows"].append(row)
         report["bar"] = bar_verdict(report["rows"], iou_bar)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out)
+        atomic_write_text(out, json.dumps(report, indent=2))
         print(f"[world_quality] {prompt}: IoU {row['silhouette_iou']:.3f}, best match {row['best_match']}, "
               f"front right {row['front_matches_front']}, trained in {seconds:.0f} s", flush=True)
     print(json.dumps(report.get("bar"), indent=2))

@@ -235,7 +235,7 @@ class WorldCameraRanges:
     elevation: tuple[float, float] = (-10.0, 90.0)
     # One distance and one field of view: an object's apparent size then tells its true size. With
     # ranges (1.3–1.8, 40–60°) the teacher could not tell a big cube from a near one, and score
-    # distillation let objects grow ~17% past their size (a cube's result then matched the sphere best).
+    # distillation let objects grow past their size (a cube's result then matched the sphere best).
     distance: tuple[float, float] = (1.55, 1.55)
     fovy: tuple[float, float] = (50.0, 50.0)
     front_half_angle: float = 45.0
