@@ -5,7 +5,7 @@ Layers, later wins::
     dataclass defaults ← estimator preset ← --config FILE ← key=value overrides ← --prompt
 
 The estimator preset (``estimator.preset``: ``carv`` or ``sds``) is a layer of its own so that a
-user's explicit ``estimator.*`` keys always win over the preset's values.
+user's explicit ``estimator.*`` and ``camera.stratified`` keys always win over the preset's values.
 
 Errors are :class:`carv3d.errors.ConfigError` with the offending key, the nearest valid keys and
 the expected type.
@@ -103,7 +103,7 @@ class EstimatorConfig:
     """Score-distillation gradient estimator; see carv3d.estimator for the formulas."""
 
     preset: str = "carv"  # carv | sds | none (none: only the keys below)
-    upstream_samples: int = 1  # R: renders per step
+    upstream_samples: int = 1  # R: renders per step (the carv preset sets 2)
     noise_draws: Union[int, str] = 1  # K per render, or "auto"
     proposal: str = "uniform"  # uniform | teacher-weight | adaptive
     stratified: bool = False
@@ -183,10 +183,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# Presets are partial estimator configs. `carv` is the default; `sds` is threestudio's plain SDS.
+# Presets are partial configs of the estimator and of the camera stratification that feeds it (the
+# between-render half of the variance). `carv` is the default; `sds` is threestudio's plain SDS.
+# carv renders R = 2 views per step on antithetic azimuth strata: with the embedded teacher on a GPU
+# a step is launch-bound, so the second render is free and halves the between-render variance
+# (docs/variance_h200_r2.json, docs/quality_h200_r2_camera.json). Where a render is not free (a CPU,
+# or Stable Diffusion's VAE encode) the configs set upstream_samples: 1.
 ESTIMATOR_PRESETS: dict[str, dict[str, Any]] = {
-    "sds": dict(upstream_samples=1, noise_draws=1, proposal="uniform", stratified=False, weighting="sds"),
-    "carv": dict(upstream_samples=1, noise_draws="auto", proposal="adaptive", stratified=True, weighting="sds"),
+    "sds": {"estimator": dict(upstream_samples=1, noise_draws=1, proposal="uniform", stratified=False, weighting="sds"),
+            "camera": dict(stratified=False)},
+    "carv": {"estimator": dict(upstream_samples=2, noise_draws="auto", proposal="adaptive", stratified=True,
+                               weighting="sds"),
+             "camera": dict(stratified=True)},
     "none": {},
 }
 
@@ -378,7 +386,7 @@ def load_config(
         preset = cfg.estimator.preset
         if preset not in ESTIMATOR_PRESETS:
             raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
-        cfg = _merge(defaults(), {"estimator": ESTIMATOR_PRESETS[preset]}, f"preset {preset}")
+        cfg = _merge(defaults(), ESTIMATOR_PRESETS[preset], f"preset {preset}")
         for layer, source in layers:
             cfg = _merge(cfg, layer, source)
     _validate(cfg)

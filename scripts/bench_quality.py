@@ -341,18 +341,20 @@ def warm_up_cuda_extensions() -> Optional[float]:
     return time.perf_counter() - started
 
 
-def execute(specs: Sequence[RunSpec], parallel: int, threads: int, on_result) -> None:
-    """Run the specs in order, ``parallel`` at a time in spawned workers (in-process when 1)."""
+def execute(specs: Sequence[Any], parallel: int, threads: int, on_result, worker=None) -> None:
+    """Run ``worker(spec)`` (default :func:`run_one`) for each spec in order, ``parallel`` at a time in
+    spawned workers (in-process when 1); ``on_result`` gets each result in the parent as it arrives."""
+    worker = worker or run_one
     if parallel <= 1:
         init_worker(threads)
         for spec in specs:
-            on_result(run_one(spec))
+            on_result(worker(spec))
         return
     import torch.multiprocessing as mp
 
     # spawn, not fork: CUDA cannot be used in a forked child, and every worker gets a clean interpreter.
     with mp.get_context("spawn").Pool(parallel, initializer=init_worker, initargs=(threads,)) as pool:
-        for result in pool.imap_unordered(run_one, specs, chunksize=1):
+        for result in pool.imap_unordered(worker, specs, chunksize=1):
             on_result(result)
 
 

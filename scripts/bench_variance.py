@@ -6,6 +6,7 @@ Trains one run (the given config and prompt) to ``--early`` steps, measures ever
 with and without camera stratification. Writes one JSON file (and the variance plots beside it).
 
     python scripts/bench_variance.py --prompt "a red cube" --early 100 --late 600 --draws 32 --out docs/variance.json
+    python scripts/bench_variance.py ... --cameras stratified --resume --out docs/variance.json   # add phases
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--pilot", type=int, default=16)
     parser.add_argument("--rk", default="2x1,1x1,1x2,1x4,1x8,1x16")
     parser.add_argument("--methods", default="uniform,is,stratified,is+stratified,adaptive")
-    parser.add_argument("--camera-stratified", action="store_true", help="also measure with stratified cameras")
+    parser.add_argument("--cameras", choices=("plain", "stratified", "both"), default="plain",
+                        help="camera sampling of the measured estimators (stratified: azimuth strata across renders)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the phases already in --out and measure only the missing ones (the run is retrained "
+                             "with the same seed, so a long grid can be split over several time-limited calls)")
     parser.add_argument("--workdir", default="runs/bench_variance")
     parser.add_argument("--out", default="variance_bench.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
@@ -73,15 +78,22 @@ def main(argv=None) -> int:
     run_dir = train(cfg)
     timings = {"train_early_s": time.perf_counter() - started}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.resume and out.exists() else None
     report = {"prompt": args.prompt, "config": args.config, "overrides": args.overrides, "draws": args.draws,
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "command": " ".join(sys.argv), "phases": {}}
-    out = Path(args.out)
+    if previous:
+        report["phases"] = previous["phases"]
+        report["commands"] = [*previous.get("commands", [previous["command"]]), report["command"]]
     states = {}
     # Plain cameras first at both checkpoints, then camera stratification; the JSON is rewritten
     # after every measurement so a time limit keeps what was measured.
-    plan = [("early", False), ("late", False)] + ([("early", True), ("late", True)] if args.camera_stratified else [])
+    camera_modes = {"plain": [False], "stratified": [True], "both": [False, True]}[args.cameras]
+    plan = [(phase, mode) for mode in camera_modes for phase in ("early", "late")]
     for phase, camera_stratified in plan:
+        if f"{phase}{'_camera_stratified' if camera_stratified else ''}" in report["phases"]:
+            continue  # measured by an earlier call (--resume)
         if phase not in states:
             if phase == "late":
                 started = time.perf_counter()

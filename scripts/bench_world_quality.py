@@ -2,7 +2,7 @@
 """The embedded teacher's quality bar: train world prompts with one config, evaluate each against its ground truth.
 
     python scripts/bench_world_quality.py --config configs/demo_cpu.yaml --out docs/quality_cpu.json
-    python scripts/bench_world_quality.py --out docs/quality_h200.json          # default (GPU) config
+    python scripts/bench_world_quality.py --out docs/quality_h200.json --parallel 6   # default (GPU) config
 
 Each prompt is trained with ``carv3d train`` semantics (the given config, seed, no turntable) into
 ``--workdir`` and scored by ``carv3d evaluate`` (16 held-out views at 64 px; Chamfer against the
@@ -21,11 +21,15 @@ import os
 import platform
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for entry in (REPO_ROOT, REPO_ROOT / "scripts"):  # the package, and bench_quality's worker pool
+    if str(entry) not in sys.path:
+        sys.path.insert(0, str(entry))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,6 +60,44 @@ def bar_verdict(rows: list[dict], iou_bar: float) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class PromptJob:
+    """One prompt of the bench: what a worker process needs to train and score it."""
+
+    index: int
+    prompt: str
+    config: Optional[str]
+    overrides: tuple
+    workdir: str
+    reuse_runs: bool
+
+
+def train_and_score(job: PromptJob) -> dict:
+    """Train one world prompt (or reuse its finished run) and evaluate it; failures come back as a row."""
+    try:
+        from carv3d.config import load_config
+        from carv3d.train import train
+        from carv3d.world.evaluate import evaluate_run
+
+        workdir = Path(job.workdir)
+        name = f"{job.index:02d}_" + job.prompt.replace(" ", "_")
+        overrides = ["train.turntable_frames=0", "train.progress=false", f"train.output_dir={workdir}",
+                     f"train.run_name={name}", *job.overrides]
+        cfg = load_config(job.config, overrides, job.prompt)
+        existing = workdir / name
+        if job.reuse_runs and (existing / "mesh" / "mesh.ply").exists():
+            run_dir = existing  # trained earlier; only the evaluation is new
+        else:
+            run_dir = train(cfg)
+        result, _ = evaluate_run(run_dir, overwrite=True)
+        return {"prompt": job.prompt, "run_dir": str(run_dir), "steps": int(cfg.train.steps),
+                "seconds": training_seconds(run_dir), **{key: result.get(key) for key in HEADLINE},
+                "ranking": (result.get("ranking") or [])[:3], "front_back": result.get("front_back"),
+                "truth_lighting": result["views"]["truth_lighting"]}
+    except Exception as err:  # reported by the parent; the other prompts go on
+        return {"prompt": job.prompt, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="config file (default: the built-in defaults, the GPU config)")
@@ -66,16 +108,18 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the prompts already in --out")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="evaluate finished runs already in --workdir instead of training them again")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="prompts trained side by side (worker processes; steps and scores are unchanged, "
+                             "only the wall clock per run is shared)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    if args.parallel < 1:
+        raise SystemExit("--parallel must be at least 1")
 
     import torch
 
-    from carv3d.config import load_config
     from carv3d.io import atomic_write_text
     from carv3d.log import setup_logging
-    from carv3d.train import train
-    from carv3d.world.evaluate import evaluate_run
 
     setup_logging()
     prompts = args.prompts or list(DEFAULT_PROMPTS)
@@ -85,33 +129,29 @@ def main() -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "config": args.config, "overrides": args.overrides, "rows": []}
+        "config": args.config, "overrides": args.overrides, "parallel": args.parallel, "rows": []}
     done = {row["prompt"] for row in report["rows"]}
-    workdir = Path(args.workdir)
-    for index, prompt in enumerate(prompts):
-        if prompt in done:
-            continue
-        name = f"{index:02d}_" + prompt.replace(" ", "_")
-        overrides = ["train.turntable_frames=0", "train.progress=false", f"train.output_dir={workdir}",
-                     f"train.run_name={name}", *args.overrides]
-        cfg = load_config(args.config, overrides, prompt)
-        existing = workdir / name
-        if args.reuse_runs and (existing / "mesh" / "mesh.ply").exists():
-            run_dir = existing  # trained earlier; only the evaluation is new
-        else:
-            run_dir = train(cfg)
-        seconds = training_seconds(run_dir)
-        result, _ = evaluate_run(run_dir, overwrite=True)
-        row = {"prompt": prompt, "run_dir": str(run_dir), "steps": int(cfg.train.steps), "seconds": seconds,
-               **{key: result.get(key) for key in HEADLINE},
-               "ranking": (result.get("ranking") or [])[:3], "front_back": result.get("front_back"),
-               "truth_lighting": result["views"]["truth_lighting"]}
+    jobs = [PromptJob(index, prompt, args.config, tuple(args.overrides), args.workdir, args.reuse_runs)
+            for index, prompt in enumerate(prompts) if prompt not in done]
+
+    def on_result(row: dict) -> None:
+        if "error" in row:
+            print(f"[world_quality] {row['prompt']} failed: {row['error']}\n{row['traceback']}", flush=True)
+            return
         report["rows"].append(row)
+        report["rows"].sort(key=lambda r: prompts.index(r["prompt"]) if r["prompt"] in prompts else len(prompts))
         report["bar"] = bar_verdict(report["rows"], iou_bar)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(report, indent=2))
-        print(f"[world_quality] {prompt}: IoU {row['silhouette_iou']:.3f}, best match {row['best_match']}, "
-              f"front right {row['front_matches_front']}, trained in {seconds:.0f} s", flush=True)
+        print(f"[world_quality] {row['prompt']}: IoU {row['silhouette_iou']:.3f}, best match {row['best_match']}, "
+              f"front right {row['front_matches_front']}, trained in {row['seconds']:.0f} s", flush=True)
+
+    from bench_quality import execute, warm_up_cuda_extensions
+
+    if args.parallel > 1:
+        warm_up_cuda_extensions()  # build nerfacc once here, not in every worker at the same time
+    threads = max(1, (os.cpu_count() or 1) // args.parallel)
+    execute(jobs, args.parallel, threads, on_result, worker=train_and_score)
     print(json.dumps(report.get("bar"), indent=2))
     return 0
 

@@ -4,13 +4,19 @@
     python scripts/tables.py speed docs/bench_speed_h200.json
     python scripts/tables.py quality docs/bench_quality_h200.json
     python scripts/tables.py world docs/quality_cpu.json
+    python scripts/tables.py variance docs/variance_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Any, Optional
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # carv3d from a checkout
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -98,14 +104,102 @@ def world_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _variance_split(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """carv3d.variance's fit of σ_b², σ_w² (recomputed, so older JSON gets the current fit)."""
+    try:
+        from carv3d.variance import variance_split
+    except ImportError:  # tables.py also runs without the package installed
+        return {}
+    return variance_split(rows)
+
+
+def proposal_comparison(report: dict[str, Any], candidate: str = "adaptive", reference: str = "is+stratified") -> str:
+    """How often ``candidate`` has the lower variance than ``reference`` at the same phase and (R, K),
+    and the median and range of their variance ratio (cost is left out: it is noise when flat in K)."""
+    ratios = []
+    for phase in report["phases"].values():
+        by_key = {(r["method"], r["upstream_samples"], r["noise_draws"]): r["variance"] for r in phase["rows"]}
+        for (method, r, k), variance in by_key.items():
+            if method == candidate and (reference, r, k) in by_key:
+                ratios.append(variance / by_key[(reference, r, k)])
+    if not ratios:
+        return f"No paired {candidate} / {reference} rows."
+    ratios.sort()
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
+    return (f"{candidate} vs {reference}, same phase and (R, K): lower variance in {sum(x < 1 for x in ratios)} of "
+            f"{len(ratios)} pairs; variance ratio median {median:.2f} (range {ratios[0]:.2f}–{ratios[-1]:.2f}).")
+
+
+def camera_comparison(report: dict[str, Any], min_renders: int = 2) -> str:
+    """Camera-stratified rows against the plain-camera rows of the same checkpoint, method and (R, K),
+    for R ≥ ``min_renders`` (single renders are marginally uniform either way): how often the
+    variance is lower and the range of the ratio."""
+    ratios = []
+    for name, phase in report["phases"].items():
+        plain = report["phases"].get(name.replace("_camera_stratified", "")) if name.endswith("_camera_stratified") else None
+        if plain is None:
+            continue
+        base = {(r["method"], r["upstream_samples"], r["noise_draws"]): r["variance"] for r in plain["rows"]}
+        for r in phase["rows"]:
+            key = (r["method"], r["upstream_samples"], r["noise_draws"])
+            if r["upstream_samples"] >= min_renders and key in base:
+                ratios.append(r["variance"] / base[key])
+    if not ratios:
+        return ""
+    return (f"Stratified against plain cameras, R ≥ {min_renders}, same checkpoint, method and (R, K): lower variance "
+            f"in {sum(x < 1 for x in ratios)} of {len(ratios)} pairs; ratio {min(ratios):.2f}–{max(ratios):.2f}.")
+
+
+def variance_table(report: dict[str, Any]) -> str:
+    """scripts/bench_variance.py: per phase and (R, K), each method's ECM against uniform t with
+    (R, K) = (2, 1) and, in brackets, its variance as a fraction of that baseline's. A
+    ``_camera_stratified`` phase is also compared with the plain-camera baseline of the same
+    checkpoint when the file holds it (its own baseline uses stratified cameras too)."""
+    phases = report["phases"]
+    methods = list(dict.fromkeys(row["method"] for phase in phases.values() for row in phase["rows"]))
+    lines = ["| phase (step) | R × K | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    notes = []
+    for name, phase in phases.items():
+        plain = phases.get(name.replace("_camera_stratified", "")) if name.endswith("_camera_stratified") else None
+        reference = phase
+        if plain is not None:
+            reference = plain
+            notes.append(f"`{name}` is measured against the plain-camera baseline of step {plain['step']}.")
+        base = next(r for r in reference["rows"] if (r["method"], r["upstream_samples"], r["noise_draws"]) == ("uniform", 2, 1))
+        cells: dict[tuple[int, int], dict[str, str]] = {}
+        for row in phase["rows"]:
+            ratio = row["variance"] / base["variance"]
+            ecm = base["variance"] * base["cost_seconds"] / (row["variance"] * row["cost_seconds"])
+            cells.setdefault((row["upstream_samples"], row["noise_draws"]), {})[row["method"]] = f"{ecm:.2f} ({ratio:.2f})"
+        for (r, k), by_method in sorted(cells.items(), key=lambda item: (item[0][1], item[0][0])):
+            lines.append(f"| {name} ({phase['step']}) | {r} × {k} | " +
+                         " | ".join(by_method.get(m, "—") for m in methods) + " |")
+        split = _variance_split(phase["rows"])
+        if split and plain is None:
+            notes.append(f"`{name}`: σ_b² ≈ {split['sigma_b2']:.3g}, σ_w² ≈ {split['sigma_w2']:.3g} "
+                         f"(σ_w²/σ_b² ≈ {split['sigma_w2'] / split['sigma_b2']:.1f}; uniform rows, "
+                         f"Var(R, K) = σ_b²/R + σ_w²/(R·K)).")
+    lines.append("")
+    lines.append(proposal_comparison(report))
+    cameras = camera_comparison(report)
+    if cameras:
+        lines.append(cameras)
+    lines.append("")
+    lines.append(f"Cells: ECM (variance / baseline variance); M = {report['draws']} gradients per estimator; "
+                 f"{report.get('device')}.")
+    lines.extend(notes)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("speed", "quality", "world"))
+    parser.add_argument("kind", choices=("speed", "quality", "world", "variance"))
     parser.add_argument("json")
     args = parser.parse_args()
     with open(args.json) as handle:
         report = json.load(handle)
-    print({"speed": speed_table, "quality": quality_table, "world": world_table}[args.kind](report))
+    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table}
+    print(tables[args.kind](report))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ def test_layers_later_wins(tmp_path):
 
 def test_preset_is_a_layer_under_user_keys(tmp_path):
     cfg = load_config(overrides=["estimator.preset=sds"])
-    for key, value in ESTIMATOR_PRESETS["sds"].items():
-        assert cfg.estimator[key] == value
+    for section, values in ESTIMATOR_PRESETS["sds"].items():
+        for key, value in values.items():
+            assert cfg[section][key] == value
+    assert cfg.camera.stratified is False and cfg.estimator.upstream_samples == 1
+    cfg = load_config(overrides=["camera.stratified=false"])  # the user's camera key beats the carv preset
+    assert cfg.camera.stratified is False and cfg.estimator.upstream_samples == 2
     cfg = load_config(overrides=["estimator.preset=sds", "estimator.noise_draws=4"])
     assert cfg.estimator.noise_draws == 4  # the user's key beats the preset, whatever the order
     config_file = tmp_path / "c.yaml"
@@ -34,8 +38,9 @@ def test_preset_is_a_layer_under_user_keys(tmp_path):
 
 def test_default_estimator_is_carv():
     cfg = load_config()
-    for key, value in ESTIMATOR_PRESETS["carv"].items():
-        assert cfg.estimator[key] == value
+    for section, values in ESTIMATOR_PRESETS["carv"].items():
+        for key, value in values.items():
+            assert cfg[section][key] == value
 
 
 def test_unknown_key_names_nearest():

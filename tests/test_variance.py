@@ -34,6 +34,17 @@ def test_variance_split_recovers_two_level_model():
     assert split["ecm_bound_from_reuse"] == pytest.approx(1 + sigma_w2 / sigma_b2)
 
 
+def test_variance_split_uses_every_upstream_count():
+    """Var(R, K) = σ_b²/R + σ_w²/(R·K): (2, 1) and (1, 16) alone determine both (other methods'
+    rows are ignored); rows with K = 1 only cannot separate them (1/R = 1/(R·K))."""
+    sigma_b2, sigma_w2 = 3.0, 20.0
+    model = lambda r, k: {"method": "uniform", "upstream_samples": r, "noise_draws": k,  # noqa: E731
+                          "variance": sigma_b2 / r + sigma_w2 / (r * k)}
+    split = variance_split([model(2, 1), model(1, 16), {**model(1, 16), "method": "adaptive", "variance": 1.0}])
+    assert split["sigma_b2"] == pytest.approx(sigma_b2) and split["sigma_w2"] == pytest.approx(sigma_w2)
+    assert variance_split([model(1, 1), model(2, 1)]) == {}  # both rows have 1/R = 1/(R·K): not separable
+
+
 def test_variance_command_writes_report_and_plot(capsys, tmp_path, tiny_sd_path):
     out = tmp_path / "variance.json"
     code = main(["variance", "--prompt", "a red cube", "--draws", "4", "--pilot", "2", "--rk", "2x1,1x2",

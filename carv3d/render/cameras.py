@@ -136,12 +136,16 @@ def orbit_cameras(n_views: int, elevation_deg: float = 15.0, distance: float = 1
 class CameraSampler:
     """Random training cameras, uniform in each range.
 
-    With ``stratified=True`` the azimuth range is cut into strata that are visited in a shuffled
-    cycle: the B cameras of a step take B consecutive strata of the cycle, and consecutive steps
-    continue it, each with uniform jitter inside its stratum. Every stratum is visited equally often,
-    so the marginal of the azimuth is still uniform (the estimator stays unbiased over a cycle) while
-    the renders of a step and of nearby steps are spread around the object, which lowers the
-    between-render variance of the gradient.
+    With ``stratified=True`` the azimuth range is cut into S strata (``n_azimuth_strata``).
+    Each step draws its first stratum s₀ from a shuffled cycle of all S strata that consecutive
+    steps continue, and its B cameras sit evenly around the object in strata
+
+        s_j = (s₀ + round(j·S/B)) mod S,   j = 0 … B − 1,
+
+    each with its own uniform jitter inside its stratum (B = 2 gives antithetic front/back pairs).
+    s₀ is uniform over the strata and the offsets are fixed, so every camera's azimuth is still
+    uniform on the range (the estimator stays unbiased), while the renders of a step and of nearby
+    steps are spread around the object, which lowers the between-render variance of the gradient.
     """
 
     def __init__(self, elevation_range: Sequence[float], azimuth_range: Sequence[float],
@@ -166,12 +170,11 @@ class CameraSampler:
         return lo + (hi - lo) * torch.rand(n, generator=generator)
 
     def _azimuth_strata(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        strata = []
-        for _ in range(n):
-            if not self._cycle:
-                self._cycle = torch.randperm(self.n_azimuth_strata, generator=generator).tolist()
-            strata.append(self._cycle.pop())
-        return torch.tensor(strata, dtype=torch.float32)
+        """Strata of one step's n cameras: s₀ from the shuffled cycle, the others evenly spaced after it."""
+        if not self._cycle:
+            self._cycle = torch.randperm(self.n_azimuth_strata, generator=generator).tolist()
+        first, total = self._cycle.pop(), self.n_azimuth_strata
+        return torch.tensor([(first + round(j * total / n)) % total for j in range(n)], dtype=torch.float32)
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Cameras:
         """Draw n cameras on CPU from ``generator`` (so a run reproduces on any device), then move them."""
