@@ -88,22 +88,23 @@ def checkpoint_times(budget: float, checkpoints: int) -> list[float]:
 
 
 def time_to_reach(times: Sequence[float], values: Sequence[Optional[float]], target: float) -> Optional[float]:
-    """First time the curve ``values(times)`` reaches ``target``, linear between grid points; None if never.
+    """Time from which the curve ``values(times)`` stays at or above ``target``, linear between grid
+    points; None if its last point is below.
 
-    At the first index i with ``values[i] ≥ target``: ``times[0]`` when i = 0, else
-    ``t_{i−1} + (target − v_{i−1}) / (v_i − v_{i−1}) · (t_i − t_{i−1})``. Missing values (None) are skipped.
+    "Stays" matters: the untrained blob at t = 0 can already overlap a simple object as well as a
+    method's final result, and training first makes it worse (an IoU dip) before it gets better; the
+    first crossing would then read as "reached at 0 s". With j the last index where
+    ``values[j] < target``: ``t_j + (target − v_j) / (v_{j+1} − v_j) · (t_{j+1} − t_j)``, or ``times[0]``
+    when no point is below. Missing values (None) are skipped.
     """
-    previous: Optional[tuple[float, float]] = None
-    for t, v in zip(times, values):
-        if v is None:
-            continue
-        if v >= target:
-            if previous is None:
-                return float(t)
-            t0, v0 = previous
-            return float(t0 + (target - v0) / (v - v0) * (t - t0))
-        previous = (t, v)
-    return None
+    points = [(float(t), float(v)) for t, v in zip(times, values) if v is not None]
+    if not points or points[-1][1] < target:
+        return None
+    below = [i for i, (_, v) in enumerate(points) if v < target]
+    if not below:
+        return points[0][0]
+    (t0, v0), (t1, v1) = points[below[-1]], points[below[-1] + 1]
+    return t0 + (target - v0) / (v1 - v0) * (t1 - t0)
 
 
 def mean_std(values: Iterable[Optional[float]]) -> dict[str, Any]:
@@ -463,6 +464,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_quality.json")
     parser.add_argument("--plot", default=None, help="PNG (default: the JSON's name with .png)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs of an existing --out (same settings)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="recompute the summary and plot of an existing --out without running anything")
     return parser.parse_args(argv)
 
 
@@ -572,6 +575,14 @@ class Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI: never download weights (workers inherit it)
     args = parse_args(argv)
+    if args.summarize_only:  # recompute the summary (and plot) of a finished JSON with the current rules
+        out = Path(args.out)
+        report = json.loads(out.read_text())
+        report["summary"] = summarize(report)
+        write_json(out, report)
+        try_plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
+        print(format_summary(report), flush=True)
+        return 0
     settings = resolve_settings(args)
     check_prompts(settings["prompts"])
     out = Path(args.out)

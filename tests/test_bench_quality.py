@@ -37,9 +37,14 @@ def test_time_to_reach_interpolates_between_the_checkpoints_around_the_crossing(
     assert bench.time_to_reach(times, values, 0.95) is None  # never
 
 
-def test_time_to_reach_uses_the_first_crossing_and_skips_missing_points():
-    # a curve that rises above, falls back and rises again: the first crossing counts, 0 + 0.1/0.4·10 = 2.5
+def test_time_to_reach_counts_from_where_the_curve_stays_above_and_skips_missing_points():
+    # rises above, falls back below and rises again: the last crossing counts, 20 + 0.05/0.4·10 = 21.25
+    assert bench.time_to_reach([0, 10, 20, 30], [0.5, 0.9, 0.55, 0.95], 0.6) == pytest.approx(21.25)
+    # touching the target exactly is not falling below: the crossing is between 0 and 10, 0.1/0.4·10 = 2.5
     assert bench.time_to_reach([0, 10, 20, 30], [0.5, 0.9, 0.6, 0.95], 0.6) == pytest.approx(2.5)
+    # the untrained scene already scores the target, training dips below it first: 10 + 0.1/0.3·10 = 13.33
+    assert bench.time_to_reach([0, 10, 20], [0.8, 0.6, 0.9], 0.7) == pytest.approx(13.333, abs=1e-3)
+    assert bench.time_to_reach([0, 10, 20], [0.8, 0.9, 0.6], 0.7) is None  # ends below: not reached
     # None at t = 10: interpolate between (0, 0.5) and (20, 0.8): 0.15/0.3·20 = 10
     assert bench.time_to_reach([0, 10, 20], [0.5, None, 0.8], 0.65) == pytest.approx(10.0)
 
