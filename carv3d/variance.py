@@ -43,7 +43,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "is+stratified": {"proposal": "teacher-weight", "stratified": True},
     "adaptive": {"proposal": "adaptive", "stratified": True},
 }
-DEFAULT_RK = ((2, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 16))
+# The paper's baseline (2, 1), render reuse at R = 1, and the carv preset's own R = 2 with K = 16.
+DEFAULT_RK = ((2, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 16))
 BASELINE = ("uniform", 2, 1)
 
 
