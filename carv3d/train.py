@@ -99,6 +99,8 @@ class Trainer:
         # Sync-free: the same counters as device tensors, folded into the ints above when read.
         self._pending_in_a_row: Optional[torch.Tensor] = None
         self._pending_total: Optional[torch.Tensor] = None
+        self._pending_longest: Optional[torch.Tensor] = None  # longest run of skips in the window
+        self._nonfinite_longest_unchecked = 0
         self.elapsed_seconds = 0.0
         # Render / encode / backward / optimizer times: CUDA events on GPU, read on log steps only.
         self.timer = StepTimer(self.device)
@@ -118,6 +120,7 @@ class Trainer:
             "host_generator": generator_state(self.host_generator),
             "device_generator": generator_state(self.device_generator),
             "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,  # a final save can fall inside a run of skips
             "elapsed_seconds": self.elapsed_seconds,
         }
 
@@ -126,6 +129,7 @@ class Trainer:
             self.field.load_state_dict(state["field"])
             self.renderer.load_state_dict(state["renderer"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self._match_optimizer_to_step_mode()
             self.estimator.load_state_dict(state["estimator"])
             self.camera_sampler.load_state_dict(state["camera_sampler"])
             restore_generator(self.host_generator, state["host_generator"])
@@ -133,22 +137,43 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not match this run's config ({str(err).splitlines()[0][:200]}).") from None
         self.step = int(state["step"])
-        self._pending_in_a_row = self._pending_total = None
+        self._pending_in_a_row = self._pending_total = self._pending_longest = None
         self._nonfinite_total = int(state.get("nonfinite_total", 0))
+        self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self._nonfinite_longest_unchecked = 0
         self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
+
+    def _match_optimizer_to_step_mode(self) -> None:
+        """Make a loaded optimizer state fit this run's step mode.
+
+        ``Optimizer.load_state_dict`` restores the saved groups' ``fused``/``foreach`` flags, so a
+        checkpoint written without sync-free steps would resume with non-fused Adam, which refuses
+        ``found_inf``. The flags follow this run, and Adam's step counts move to where that
+        implementation keeps them (fused: float32 on the parameter's device; otherwise the CPU).
+        """
+        for group in self.optimizer.param_groups:
+            group["fused"] = True if self.sync_free else None
+            group["foreach"] = None
+            for param in group["params"]:
+                state = self.optimizer.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    device = param.device if self.sync_free else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ non-finite steps
     def _fold_pending(self) -> None:
         """Read the device-side skip counters (one host sync) into the host ones."""
         if self._pending_total is not None:
-            assert self._pending_in_a_row is not None
-            in_a_row, total = torch.stack([self._pending_in_a_row, self._pending_total]).tolist()
+            assert self._pending_in_a_row is not None and self._pending_longest is not None
+            in_a_row, total, longest = torch.stack(
+                [self._pending_in_a_row, self._pending_total, self._pending_longest]).tolist()
             self._nonfinite_in_a_row = int(in_a_row)  # started from the host count, so it is the whole run
+            self._nonfinite_longest_unchecked = max(self._nonfinite_longest_unchecked, int(longest))
             if int(total) > 0:
                 logger.warning("steps up to %d: %d non-finite step(s) skipped since the last check (%d in a row now)",
                                self.step, int(total), int(in_a_row))
             self._nonfinite_total += int(total)
-            self._pending_in_a_row = self._pending_total = None
+            self._pending_in_a_row = self._pending_total = self._pending_longest = None
 
     @property
     def nonfinite_in_a_row(self) -> int:
@@ -163,8 +188,14 @@ class Trainer:
         return self._nonfinite_total
 
     def check_divergence(self) -> None:
-        """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row."""
-        in_a_row = self.nonfinite_in_a_row
+        """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row.
+
+        In sync-free mode the counters are read only here, so a run of skips that ended before this
+        check counts too (the device keeps the longest run of the window), as the synchronous path,
+        which checks every step, would have stopped inside it.
+        """
+        in_a_row = max(self.nonfinite_in_a_row, self._nonfinite_longest_unchecked)
+        self._nonfinite_longest_unchecked = 0
         if in_a_row >= self.cfg.train.max_nonfinite_steps:
             where = self.run_dir / "checkpoints" if self.run_dir is not None else "the run directory"
             raise TrainingDivergedError(
@@ -299,9 +330,11 @@ class Trainer:
         if self._pending_total is None:  # a new window: the in-a-row count continues the host's
             self._pending_in_a_row = torch.full((), float(self._nonfinite_in_a_row), device=self.device)
             self._pending_total = torch.zeros((), device=self.device)
-        assert self._pending_in_a_row is not None
+            self._pending_longest = torch.zeros((), device=self.device)
+        assert self._pending_in_a_row is not None and self._pending_longest is not None
         self._pending_in_a_row = (self._pending_in_a_row + 1.0) * skipped
         self._pending_total = self._pending_total + skipped
+        self._pending_longest = torch.maximum(self._pending_longest, self._pending_in_a_row)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
@@ -318,10 +351,14 @@ class Trainer:
             while self.step < cfg.train.steps:
                 started = time.perf_counter()
                 metrics = self.train_step()
+                log_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                check_step = log_step or (cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0)
+                if self.sync_free and check_step and self.device.type == "cuda":
+                    # Sync-free steps only queue work; the clock takes the device's backlog in here.
+                    torch.cuda.synchronize(self.device)
                 self.elapsed_seconds += time.perf_counter() - started
                 bar.update(1)
-                log_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
-                if self.sync_free and (log_step or self.step % max(cfg.train.checkpoint_every, 1) == 0):
+                if self.sync_free and check_step:
                     self.check_divergence()  # sync-free steps read their skip counters only here
                 if metrics is not None and log_step:
                     metrics.update(self.timing_metrics())

@@ -63,6 +63,35 @@ def test_fast_teacher_matches_eager_and_replays_fresh_inputs(teachers):
     assert _relative_error(a, b) > 0.1
 
 
+def test_captured_unet_outputs_survive_replays_and_eviction():
+    """A returned prediction is a copy (the next replay must not overwrite it), evicting every graph
+    at ``max_graphs`` starts a fresh pool that captures again, and a call that needs gradients runs
+    eagerly with its autograd history. An fp32 linear map, so replay and eager agree to rounding."""
+    from carv3d.teacher.fast import CapturedUNet
+
+    weight = torch.randn(8, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    forward = lambda x, t, h: x @ weight + t.view(-1, 1) + h.sum()  # noqa: E731
+    unet = CapturedUNet(forward, max_graphs=2)
+    t, h = torch.ones(4, device="cuda"), torch.zeros(1, 3, device="cuda")
+    first_input = torch.randn(4, 8, device="cuda")
+    first = unet(first_input, t, h)
+    kept = first.clone()
+    unet(torch.randn(4, 8, device="cuda"), t, h)  # same shape: a replay of the same graph
+    assert torch.equal(first, kept)
+    assert torch.allclose(first, forward(first_input, t, h), rtol=1e-5, atol=1e-5)
+    for rows in (5, 6):  # shape 6 is the third: it evicts both graphs, drops the pool and captures anew
+        x = torch.randn(rows, 8, device="cuda")
+        assert torch.allclose(unet(x, torch.ones(rows, device="cuda"), h),
+                              forward(x, torch.ones(rows, device="cuda"), h), rtol=1e-5, atol=1e-5)
+    assert len(unet.graphs) == 1 and not unet.failed
+    x = torch.randn(7, 8, device="cuda", requires_grad=True)
+    out = unet(x, torch.ones(7, device="cuda"), h)
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.allclose(x.grad, weight.sum(1).expand(7, 8), rtol=1e-5, atol=1e-5)
+    assert len(unet.graphs) == 1  # the gradient call was not captured
+
+
 def test_fast_encode_matches_eager_with_its_gradient(teachers):
     eager, fast = teachers
     image = torch.rand(2, 3, 32, 32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))

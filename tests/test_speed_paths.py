@@ -209,3 +209,75 @@ def test_bench_grid_bytes_model():
     got = bench.grid_bytes_per_step(field, 1000)
     assert got["table_bytes"] == table
     assert got["bytes"] == 1000 * 4 * 8 * 2 * 4 * 3 + 8 * table
+
+
+def test_sync_free_catches_a_run_of_skips_that_ended_before_the_check(tiny_sd_path, tmp_path):
+    """Steps 2–4 non-finite (3 in a row, the limit), steps 5–6 finite again: the synchronous path
+    would have stopped at step 4, so the next sync-free check must stop too."""
+    from carv3d.errors import TrainingDivergedError
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=6, **{"train.sync_free": "on",
+                                                                                   "train.max_nonfinite_steps": 3}),
+                      prompt="a red cube")
+    trainer = Trainer(cfg)
+    _nan_from_call(trainer, 2, 4)
+    for _ in range(6):
+        trainer.train_step()
+    assert trainer.nonfinite_in_a_row == 0  # recovered: the current run of skips is over
+    with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
+        trainer.check_divergence()
+
+
+def test_sync_free_reads_counters_only_on_log_steps_when_checkpoints_are_off(tiny_sd_path, tmp_path, monkeypatch):
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=6, **{
+        "train.sync_free": "on", "train.checkpoint_every": 0, "train.log_every": 3, "train.val_every": 0,
+        "train.turntable_frames": 0, "export.at_end": False}), prompt="a red cube")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    checks = []
+    monkeypatch.setattr(trainer, "check_divergence", lambda: checks.append(trainer.step))
+    trainer.run()
+    assert checks == [3, 6]  # checkpoint_every = 0 means no checkpoints, not a check every step
+
+
+@pytest.mark.parametrize("first, second", [("off", "on"), ("on", "off")])
+def test_resume_across_step_modes(tiny_sd_path, tmp_path, first, second):
+    """A checkpoint of one step mode resumes in the other: the optimizer follows the new run (fused
+    Adam with its step counts on the parameters' device for sync-free steps), and keeps counting."""
+    from carv3d.train import Trainer
+
+    def trainer(mode, out):
+        return Trainer(load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path / out, steps=4,
+                                                            **{"train.sync_free": mode}), prompt="a red cube"))
+
+    before = trainer(first, "a")
+    _nan_from_call(before, 2, 2)  # one skipped step, so the in-a-row/total counters have content
+    for _ in range(2):
+        before.train_step()
+    state = {**before.state_dict(), "step": before.step}
+    after = trainer(second, "b")
+    after.load_state_dict(state)
+    assert all(group["fused"] == (True if second == "on" else None) for group in after.optimizer.param_groups)
+    after.train_step()  # would raise with non-fused Adam and found_inf
+    counts = {float(s["step"]) for s in after.optimizer.state.values()}
+    assert counts == {2.0}  # 1 before (one of two steps skipped) + 1 now
+    assert (after.nonfinite_total, after.nonfinite_in_a_row) == (1, 0)
+    assert all(torch.isfinite(p).all() for p in after.field.parameters())
+
+
+def test_nonfinite_in_a_row_survives_a_checkpoint(tiny_sd_path, tmp_path):
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=4, **{"train.sync_free": "on"}),
+                      prompt="a red cube")
+    before = Trainer(cfg)
+    _nan_from_call(before, 2, 3)
+    for _ in range(3):
+        before.train_step()
+    state = {**before.state_dict(), "step": before.step}
+    after = Trainer(cfg)
+    after.load_state_dict(state)
+    assert (after.nonfinite_in_a_row, after.nonfinite_total) == (2, 2)

@@ -146,15 +146,24 @@ class CapturedUNet:
         return entry
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        if not sample.is_cuda:
+        # A replayed graph returns a tensor with no autograd history, so a call that needs gradients runs eagerly.
+        if not sample.is_cuda or (torch.is_grad_enabled() and sample.requires_grad):
             return self.forward(sample, timestep, hidden)
+        # Capture and replay on the input's own GPU: torch.cuda.graph and its streams use the current device.
+        with torch.cuda.device(sample.device):
+            return self._graphed(sample, timestep, hidden)
+
+    def _graphed(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         key = self._key(sample, timestep, hidden)
         if key in self.failed:
             return self.forward(sample, timestep, hidden)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
-                self.graphs.clear()  # rare (K moved far); the pool's memory is reused by the new graphs
+                # Rare (K moved far). Drop the pool handle with its graphs: a new capture starts a new pool
+                # instead of reusing the id of one whose last graph is gone.
+                self.graphs.clear()
+                self.pool = None
             try:
                 entry = self._capture(key, sample, timestep, hidden)
             except Exception as err:  # noqa: BLE001 — any capture failure falls back to eager, logged
