@@ -9,6 +9,15 @@ For every estimator of a grid — (R, K) pairs × timestep methods — draw M pa
     RE   = Var_uniform(R, K) / Var                   same (R, K), uniform independent t
     bias z = (‖d‖² − Var/M) / (sqrt(2 Σ_i Var_i²) / M),   d = mean − ref
 
+With ``--window W`` each row also reports the variance of the mean of W consecutive draws, times W:
+
+    Var_W = W · tr Cov( (1/W) Σ_{j<W} ĝ_{nW+j} )
+
+which equals Var for independent draws and is smaller when consecutive draws are negatively
+correlated — what camera strata that continue across steps do (a cycle of S strata over S steps).
+Training averages consecutive gradients too (Adam's moments), so Var_W is the number that shows
+that gain; a single-draw Var cannot.
+
 where ref is the pooled mean of all draws of all estimators (all are unbiased for the same
 expectation, so pooling gives the most precise reference). For an unbiased estimator d has mean 0
 and covariance ≈ Cov/M, so ‖d‖² has mean Var/M and (with a diagonal covariance) standard deviation
@@ -81,6 +90,29 @@ class GradientStats:
     def cost(self) -> float:
         values = sorted(self.seconds[1:] or self.seconds)  # the first draw of an estimator warms caches
         return values[len(values) // 2]
+
+
+class WindowMeans:
+    """Variance of the means of consecutive windows of W draws, scaled by W (see the module docstring)."""
+
+    def __init__(self, window: int):
+        self.window = int(window)
+        self.stats = GradientStats()
+        self._sum: Optional[torch.Tensor] = None
+        self._filled = 0
+
+    def update(self, grad: torch.Tensor) -> None:
+        grad = grad.double()
+        self._sum = grad.clone() if self._sum is None else self._sum + grad
+        self._filled += 1
+        if self._filled == self.window:
+            self.stats.update(self._sum / self.window, 0.0)
+            self._sum, self._filled = None, 0
+
+    @property
+    def scaled_trace(self) -> Optional[float]:
+        """W · tr Cov(window mean), or None with fewer than two complete windows."""
+        return self.window * self.stats.trace if self.stats.count >= 2 else None
 
 
 def parse_rk(text: str) -> list[tuple[int, int]]:
@@ -157,9 +189,10 @@ def make_estimator(cfg: DictConfig, scene: FrozenScene, method: str, R: int, K: 
 
 
 def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Sequence[tuple[int, int]], draws: int,
-            pilot: int, camera_stratified: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run the grid and return the report (see the module docstring)."""
+            pilot: int, camera_stratified: bool = False, progress: bool = True, window: int = 0) -> dict[str, Any]:
+    """Run the grid and return the report (see the module docstring); ``window`` ≥ 2 adds Var_W."""
     runs: dict[tuple[str, int, int], GradientStats] = {}
+    windows: dict[tuple[str, int, int], WindowMeans] = {}
     jobs = [(m, r, k) for (r, k) in rk for m in methods]
     if BASELINE not in jobs:
         jobs.insert(0, BASELINE)
@@ -180,13 +213,17 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
                 step += 1
                 bar.update(1)
             estimator.adaptive_refresh_every = 10**9
-        stats = GradientStats()
+        stats, windowed = GradientStats(), WindowMeans(window) if window >= 2 else None
         for _ in range(draws):
             grad, seconds = scene.gradient(estimator, sampler, R, step)
             stats.update(grad, seconds)
+            if windowed is not None:
+                windowed.update(grad)
             step += 1
             bar.update(1)
         runs[(method, R, K)] = stats
+        if windowed is not None:
+            windows[(method, R, K)] = windowed
         bar.set_postfix(method=method, R=R, K=K, var=f"{stats.trace:.3g}")
     bar.close()
 
@@ -205,6 +242,8 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
             "ecm": (base.trace * base.cost) / (s.trace * s.cost) if s.trace > 0 else math.nan,
             "relative_efficiency": uniform.trace / s.trace if s.trace > 0 else math.nan,
             "bias_z": (distance2 - s.trace / s.count) / spread if spread > 0 else math.nan,
+            **({"window_variance": windows[(method, R, K)].scaled_trace,
+                "windows": windows[(method, R, K)].stats.count} if (method, R, K) in windows else {}),
         })
     rows.sort(key=lambda r: (r["upstream_samples"], r["noise_draws"], list(METHODS).index(r["method"])))
     return {
@@ -212,6 +251,7 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         "n_parameters": int(reference.numel()),
         "baseline": {"method": BASELINE[0], "upstream_samples": BASELINE[1], "noise_draws": BASELINE[2]},
         "camera_stratified": camera_stratified,
+        "window": window if window >= 2 else None,
         "rows": rows,
         "variance_split": variance_split(rows),
     }
@@ -281,6 +321,8 @@ def add_variance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
     p.add_argument("--rk", default=",".join(f"{r}x{k}" for r, k in DEFAULT_RK), help="R x K pairs, e.g. 2x1,1x8")
     p.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
+    p.add_argument("--window", type=int, default=0,
+                   help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="variance.json", help="JSON report path (a PNG plot is written beside it)")
@@ -325,8 +367,10 @@ def variance_command(args: argparse.Namespace) -> str:
     scene = FrozenScene(cfg, device, field_state, renderer_state, seed=args.seed)
     if field_state is not None:
         scene.field.to(device)
+    if args.window and args.draws < 2 * args.window:
+        raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
     report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
-                     camera_stratified=args.camera_stratified)
+                     camera_stratified=args.camera_stratified, window=args.window)
     report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
@@ -337,10 +381,17 @@ def variance_command(args: argparse.Namespace) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| method | R | K | Var | ms/grad | ECM | RE | bias z |", "|---|---|---|---|---|---|---|---|"]
+    window = report.get("window")
+    extra = f" W·Var, W = {window} |" if window else ""
+    lines = ["| method | R | K | Var | ms/grad | ECM | RE | bias z |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|" if window else "")]
     for r in report["rows"]:
+        cell = ""
+        if window:
+            cell = f" {r['window_variance']:.4g} |" if r.get("window_variance") is not None else " — |"
         lines.append(f"| {r['method']} | {r['upstream_samples']} | {r['noise_draws']} | {r['variance']:.4g} | "
-                     f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z']:.2f} |")
+                     f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z']:.2f} |"
+                     + cell)
     split = report.get("variance_split") or {}
     if split:
         lines.append(f"\nσ_b² ≈ {split['sigma_b2']:.4g}, σ_w² ≈ {split['sigma_w2']:.4g}, "
