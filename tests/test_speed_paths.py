@@ -124,17 +124,25 @@ def test_sync_free_step_skips_nonfinite_steps_like_the_synchronous_one(tiny_sd_p
     assert steps == {4.0}  # 6 steps, 2 skipped
 
 
+def _sync_free_trainer_stepped(tiny_sd_path, tmp_path, first_bad: int, last_bad: int, steps: int):
+    """A sync-free trainer (limit: 3 skips in a row) whose teacher calls first_bad..last_bad are NaN, after `steps` steps."""
+    from carv3d.train import Trainer
+
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=steps, **{
+        "train.sync_free": "on", "train.max_nonfinite_steps": 3}), prompt="a red cube")
+    trainer = Trainer(cfg)
+    _nan_from_call(trainer, first_bad, last_bad)
+    for _ in range(steps):
+        trainer.train_step()
+    return trainer
+
+
 def test_sync_free_divergence_is_caught_at_the_next_check(tiny_sd_path, tmp_path):
     from carv3d.errors import TrainingDivergedError
     from carv3d.train import Trainer
 
-    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=5, **{"train.sync_free": "on",
-                                                                                   "train.max_nonfinite_steps": 3}),
-                      prompt="a red cube")
-    trainer = Trainer(cfg)
-    _nan_from_call(trainer, 2, 99)
-    for _ in range(4):
-        trainer.train_step()  # never raises by itself: nothing is read on the host
+    trainer = _sync_free_trainer_stepped(tiny_sd_path, tmp_path, first_bad=2, last_bad=99, steps=4)
+    # train_step never raises by itself: nothing is read on the host
     with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
         trainer.check_divergence()
 
@@ -217,13 +225,7 @@ def test_sync_free_catches_a_run_of_skips_that_ended_before_the_check(tiny_sd_pa
     from carv3d.errors import TrainingDivergedError
     from carv3d.train import Trainer
 
-    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=6, **{"train.sync_free": "on",
-                                                                                   "train.max_nonfinite_steps": 3}),
-                      prompt="a red cube")
-    trainer = Trainer(cfg)
-    _nan_from_call(trainer, 2, 4)
-    for _ in range(6):
-        trainer.train_step()
+    trainer = _sync_free_trainer_stepped(tiny_sd_path, tmp_path, first_bad=2, last_bad=4, steps=6)
     assert trainer.nonfinite_in_a_row == 0  # recovered: the current run of skips is over
     with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
         trainer.check_divergence()
