@@ -65,14 +65,16 @@ def validation_sheet(field, renderer, resolution: int, n_views: int = 4, elevati
     """Rows: albedo, shaded (lambertian), opacity — from ``n_views`` orbit cameras (front first)."""
     device = next(field.parameters()).device
     cameras = orbit_cameras(n_views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=device)
-    rows = []
-    for shading in ("albedo", "lambertian"):
-        out = renderer(field, cameras, generator=None, shading=shading, height=resolution, width=resolution)
-        rows.append(_to_uint8(out.rgb))
-        if shading == "albedo":
-            opacity = _to_uint8(out.opacity)
-    rows.append(opacity)
+    # One render gives all three rows: the albedo composites from the lambertian render's samples.
+    out = renderer(field, cameras, generator=None, shading="lambertian", height=resolution, width=resolution,
+                   need_albedo=True)
+    rows = [_to_uint8(out.albedo), _to_uint8(out.rgb), _to_uint8(out.opacity)]
     return image_grid(np.concatenate(rows), ncols=n_views)
+
+
+def validation_path(trainer: "Trainer") -> Path:
+    """Where the validation sheet of the trainer's current step goes."""
+    return trainer.run_dir / "validation" / f"step_{trainer.step:07d}.png"
 
 
 def write_validation(trainer: "Trainer") -> Path:
@@ -81,7 +83,7 @@ def write_validation(trainer: "Trainer") -> Path:
     trainer.field.eval()
     trainer.renderer.eval()
     sheet = validation_sheet(trainer.field, trainer.renderer, cfg.train.val_resolution)
-    path = trainer.run_dir / "validation" / f"step_{trainer.step:07d}.png"
+    path = validation_path(trainer)
     write_image(path, sheet)
     try:
         figure = trainer.estimator.proposal_figure()
@@ -112,7 +114,8 @@ def finish(trainer: "Trainer", interrupted: bool = False) -> None:
     cfg = trainer.cfg
     trainer.field.eval()
     trainer.renderer.eval()
-    write_validation(trainer)
+    if not validation_path(trainer).exists():  # not already written by the loop at this step
+        write_validation(trainer)
     if cfg.train.turntable_frames > 0:
         write_turntable(trainer.field, trainer.renderer, trainer.run_dir / "turntable.mp4",
                         cfg.train.turntable_frames, cfg.train.val_resolution, cfg.train.turntable_fps)

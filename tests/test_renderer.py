@@ -272,6 +272,23 @@ def test_chunked_render_equals_unchunked():
     assert whole.rgb.shape == (2, 3, 10, 10) and whole.normal.shape == (2, 3, 10, 10)
 
 
+@pytest.mark.parametrize("shading", ["lambertian", "textureless", "albedo"])
+def test_albedo_beside_a_shaded_render_equals_a_separate_albedo_render(shading):
+    """``need_albedo`` gives the albedo image of the same samples: a second, albedo-shaded render
+    (deterministic, generator None) must agree, over the same background, and the shaded image must
+    be the one a render without the flag gives."""
+    renderer = _renderer(samples_per_ray=24)
+    cameras = orbit_cameras(3, distance=1.8, elevation_deg=20.0)
+    both = renderer(Sphere(), cameras, shading=shading, height=9, width=9, need_albedo=True, chunk_rays=50)
+    albedo = renderer(Sphere(), cameras, shading="albedo", height=9, width=9)
+    shaded = renderer(Sphere(), cameras, shading=shading, height=9, width=9)
+    torch.testing.assert_close(both.albedo, albedo.rgb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(both.rgb, shaded.rgb, atol=1e-6, rtol=0)
+    if shading != "albedo":  # the shaded image differs from the albedo where the surface is lit obliquely
+        assert float((both.rgb - both.albedo).abs().max()) > 0.05
+    assert shaded.albedo is None  # only on request
+
+
 def test_render_is_reproducible_with_a_seeded_generator():
     renderer = _renderer(samples_per_ray=16, background="random", shading="random")
     cameras = orbit_cameras(2, distance=1.8)

@@ -189,3 +189,26 @@ def test_train_until_trains_the_real_scene(tiny_sd_path, tmp_path):
     taken = trainer.train_until(1e-9)  # one real step reaches any positive target
     assert taken == 1 and trainer.step == 1 and trainer.elapsed_seconds > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.field.parameters()))
+
+
+@pytest.mark.parametrize("val_every, expected_steps", [(2, [2]), (0, [2]), (1, [1, 2])])
+def test_each_step_is_validated_once_and_the_last_step_always(tiny_sd_path, tmp_path, monkeypatch,
+                                                              val_every, expected_steps):
+    """The loop's validation at the final step is not rendered again by the end of the run, and a
+    run with validation off still ends with one sheet."""
+    from carv3d import outputs
+
+    rendered = []
+    sheet = outputs.validation_sheet
+
+    def counting_sheet(field, renderer, resolution, **kwargs):
+        rendered.append(resolution)
+        return sheet(field, renderer, resolution, **kwargs)
+
+    monkeypatch.setattr(outputs, "validation_sheet", counting_sheet)
+    cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=2, **{
+        "train.val_every": val_every, "train.turntable_frames": 0, "export.at_end": False}), prompt="a red cube")
+    run_dir = train(cfg)
+    written = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "validation").glob("step_*.png"))
+    assert written == expected_steps
+    assert len(rendered) == len(expected_steps)

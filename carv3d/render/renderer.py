@@ -99,6 +99,7 @@ class RayOutput:
     depth: torch.Tensor  # (N, 1)
     normal: Optional[torch.Tensor] = None  # (N, 3) Σ w_i n_i
     orientation: Optional[torch.Tensor] = None  # (N, 1) Σ sg(w_i) max(0, n_i·d)^2
+    albedo: Optional[torch.Tensor] = None  # (N, 3) Σ w_i a_i, when asked for beside a shaded rgb
 
 
 @dataclass
@@ -114,6 +115,8 @@ class RenderOutput:
         normal: (B, 3, H, W) ``Σ_i w_i n_i`` in world space, when normals were computed.
         orientation: (B, 1, H, W) per-pixel orientation penalty, when normals were computed.
         orientation_loss: scalar, the mean of ``orientation`` over all pixels.
+        albedo: (B, 3, H, W) the unshaded albedo composited over the same background, when asked
+            for with ``need_albedo`` (it comes free with a shaded render: same samples, same weights).
     """
 
     rgb: torch.Tensor
@@ -124,6 +127,7 @@ class RenderOutput:
     normal: Optional[torch.Tensor] = None
     orientation: Optional[torch.Tensor] = None
     orientation_loss: Optional[torch.Tensor] = None
+    albedo: Optional[torch.Tensor] = None
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +298,7 @@ class VolumeRenderer(nn.Module):
         shading: str = "albedo",
         need_normals: bool = False,
         generator: Optional[torch.Generator] = None,
+        need_albedo: bool = False,
     ) -> RayOutput:
         """Render N rays (no background).
 
@@ -305,6 +310,7 @@ class VolumeRenderer(nn.Module):
             shading: ``albedo`` | ``lambertian`` | ``textureless``.
             need_normals: also composite normals and the orientation penalty.
             generator: jitter of the samples.
+            need_albedo: also composite the unshaded albedo (``RayOutput.albedo``).
         """
         field_radius = getattr(field, "radius", self.scene_radius)
         if abs(float(field_radius) - self.scene_radius) > 1e-6:
@@ -336,6 +342,8 @@ class VolumeRenderer(nn.Module):
             facing_away = (normals * ray_d[segments.ray_indices]).sum(-1, keepdim=True).clamp_min(0.0) ** 2
             out.normal = _scatter_rows(accumulate(segments, weights, normals, n_active), rows, n)
             out.orientation = _scatter_rows(accumulate(segments, weights.detach(), facing_away, n_active), rows, n)
+        if need_albedo:
+            out.albedo = out.rgb if colours is albedo else _scatter_rows(accumulate(segments, weights, albedo, n_active), rows, n)
         return out
 
     def forward(
@@ -348,6 +356,7 @@ class VolumeRenderer(nn.Module):
         width: Optional[int] = None,
         need_normals: bool = False,
         chunk_rays: Optional[int] = None,
+        need_albedo: bool = False,
     ) -> RenderOutput:
         """Render B cameras.
 
@@ -363,6 +372,8 @@ class VolumeRenderer(nn.Module):
             chunk_rays: render at most this many rays at a time (big validation renders under
                 ``torch.no_grad``); None renders all at once. With a generator the draws depend on
                 the chunking, so keep it fixed for reproducible training renders.
+            need_albedo: also return the unshaded albedo image of the same render
+                (:attr:`RenderOutput.albedo`): a shaded and an albedo view for the price of one.
 
         Returns:
             :class:`RenderOutput`.
@@ -391,6 +402,7 @@ class VolumeRenderer(nn.Module):
                     shading=shading,
                     need_normals=need_normals,
                     generator=generator,
+                    need_albedo=need_albedo,
                 )
             )
 
@@ -404,6 +416,7 @@ class VolumeRenderer(nn.Module):
         bg = background.permute(0, 3, 1, 2).contiguous()
         rgb = image("rgb") + (1.0 - opacity) * bg
         orientation = image("orientation")
+        albedo = image("albedo")
         return RenderOutput(
             rgb=rgb,
             opacity=opacity,
@@ -413,4 +426,5 @@ class VolumeRenderer(nn.Module):
             normal=image("normal"),
             orientation=orientation,
             orientation_loss=None if orientation is None else orientation.mean(),
+            albedo=None if albedo is None else albedo + (1.0 - opacity) * bg,
         )
