@@ -21,7 +21,6 @@ LAZY_THIRD_PARTY = (
     "diffusers.schedulers",
     "transformers.models.clip.modeling_clip",
     "transformers.models.clip.tokenization_clip",
-    "transformers.models.clip.tokenization_clip_fast",
     "torch.utils.tensorboard",
     "matplotlib.pyplot",
     "mpl_toolkits.mplot3d",
