@@ -342,8 +342,9 @@ class VolumeRenderer(nn.Module):
             facing_away = (normals * ray_d[segments.ray_indices]).sum(-1, keepdim=True).clamp_min(0.0) ** 2
             out.normal = _scatter_rows(accumulate(segments, weights, normals, n_active), rows, n)
             out.orientation = _scatter_rows(accumulate(segments, weights.detach(), facing_away, n_active), rows, n)
-        if need_albedo:
-            out.albedo = out.rgb if colours is albedo else _scatter_rows(accumulate(segments, weights, albedo, n_active), rows, n)
+        if need_albedo:  # albedo shading already composited it
+            unshaded = rgb if colours is albedo else accumulate(segments, weights, albedo, n_active)
+            out.albedo = _scatter_rows(unshaded, rows, n)
         return out
 
     def forward(
