@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 from carv3d.errors import ConfigError, PromptError, TeacherWeightsError
 from carv3d.log import logger
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
-from carv3d.teacher.fast import FastPaths, attention_summary, build_unet_call
+from carv3d.teacher.fast import FastPaths, attention_summary, build_encode_call, build_unet_call
 from carv3d.teacher.folder import inspect_teacher_folder
 from carv3d.teacher.vocabulary import PromptVocabulary
 
@@ -129,6 +129,7 @@ class DiffusersTeacher:
         self._unet_call = build_unet_call(unet, self.fast)  # applies channels_last to the U-Net
         if self.fast.channels_last and vae is not None:
             vae.to(memory_format=torch.channels_last)
+        self._encode_call = build_encode_call(vae, self.fast) if vae is not None else None
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
         self.prediction_type = scheduler.config.prediction_type
@@ -220,6 +221,7 @@ class DiffusersTeacher:
         other._unet_call = build_unet_call(self.unet, fast)
         if fast.channels_last and self.vae is not None:
             self.vae.to(memory_format=torch.channels_last)
+        other._encode_call = build_encode_call(self.vae, fast) if self.vae is not None else None
         other._embeddings = dict(self._embeddings)
         logger.info("teacher: fast paths %s", fast.describe())
         return other
@@ -312,11 +314,9 @@ class DiffusersTeacher:
         pixels = images.to(self.device) * 2.0 - 1.0
         if self.vae is None:
             return pixels.to(self._output_dtype)
-        pixels = pixels.to(self.device, self.dtype)
-        if self.fast.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        posterior = self.vae.encode(pixels).latent_dist
-        return ((posterior.mean - self.shift_factor) * self.scaling_factor).to(self._output_dtype)
+        assert self._encode_call is not None
+        mean = self._encode_call(pixels.to(self.device, self.dtype))
+        return ((mean - self.shift_factor) * self.scaling_factor).to(self._output_dtype)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ its forward can be recorded once per shape and replayed:
   pool (they never run concurrently and their output is copied out before the next replay).
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's fp16/bf16 convolution kernels
   want (avoids NCHW↔NHWC transposes around every convolution). Applies to the U-Net and the VAE.
-- ``compile``: ``torch.compile`` of the U-Net (fixed shapes). Composes with the CUDA graph: the
-  compiled kernels are what gets recorded. Compiling SD's U-Net takes minutes per shape, so it is
-  off by default.
+- ``compile``: ``torch.compile`` of the U-Net and of the VAE encoder (fixed shapes; the encoder's
+  backward too, since training differentiates through it). Composes with the CUDA graph: the
+  compiled U-Net kernels are what gets recorded. Compiling takes 40–110 s per U-Net shape at SD
+  scale, so it is off by default.
 - fused attention: diffusers runs attention through ``F.scaled_dot_product_attention``
   (``AttnProcessor2_0``) on torch ≥ 2; :func:`attention_summary` reports which processors a model
   uses so the startup log shows it.
@@ -203,3 +204,28 @@ def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.T
     if fast.cuda_graph:
         call = CapturedUNet(call)
     return call
+
+
+def build_encode_call(vae: torch.nn.Module, fast: FastPaths) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function the teacher calls to encode pixels: ``pixels (N, 3, S, S) -> posterior mean``.
+
+    For diffusers' ``AutoencoderKL`` the posterior's moments are ``quant_conv(encoder(pixels))``
+    (``_encode``) and its mean is their first half of channels, which is what
+    ``vae.encode(pixels).latent_dist.mean`` returns; computed directly, without the distribution
+    object (whose std and variance a training step never reads) and without tiling or slicing (a
+    render is a few small images), so the call is plain tensor code that ``torch.compile`` traces
+    whole, forward and backward. ``channels_last`` (applied to the VAE's weights by the teacher)
+    also converts each input.
+    """
+
+    def eager(pixels: torch.Tensor) -> torch.Tensor:
+        if fast.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        moments = vae.encoder(pixels)
+        if getattr(vae, "quant_conv", None) is not None:
+            moments = vae.quant_conv(moments)
+        return moments.chunk(2, dim=1)[0]
+
+    if fast.compile:
+        return torch.compile(eager, dynamic=False)
+    return eager
