@@ -95,7 +95,7 @@ class TeacherConfig:
     # NHWC for the U-Net and VAE: off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm
     # has no fast NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
     channels_last: str = "off"  # auto (on for CUDA) | on | off
-    compile: bool = False  # torch.compile the U-Net (minutes of compiling at SD scale; measure before turning it on)
+    compile: bool = False  # torch.compile the U-Net and VAE encoder (2-2.5 min of compiling at SD scale, then per K)
 
 
 @dataclass

@@ -109,28 +109,37 @@ def test_fast_encode_matches_eager_with_its_gradient(teachers):
 
 def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, tiny_sd_path):
     """``teacher.compile``: the compiled U-Net (inside the CUDA graph) and the compiled VAE encoder,
-    forward and backward, against eager; Inductor may fuse and reorder fp16 arithmetic, hence the
-    same tolerances as the other fast paths."""
+    forward and backward. Inductor fuses and reorders fp16 arithmetic, and guidance 7.5 amplifies
+    the difference of two fp16 predictions, so the reference is the fp32 teacher: the compiled fp16
+    teacher must be as close to it as the eager fp16 teacher is (within 1.5× of eager's error, plus
+    1e-3 for rounding)."""
     from carv3d.teacher import load_teacher
 
     eager, _ = teachers
+    exact = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
     compiled = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=True), "cuda")
     assert compiled.fast.compile and compiled.fast.cuda_graph
+
+    def close_as_eager(got, eager_value, exact_value):
+        return _relative_error(got, exact_value) <= 1.5 * _relative_error(eager_value, exact_value) + 1e-3
+
     for n, seed in ((2, 0), (2, 1)):
         x_t, t, cond = _inputs(eager, n, seed)
-        want = eager.predict_noise(x_t, t, cond, guidance_scale=7.5)
-        assert _relative_error(compiled.predict_noise(x_t, t, cond, guidance_scale=7.5), want) < 1e-2, seed
+        predictions = [teacher.predict_noise(x_t, t, cond if teacher is not exact else
+                                             exact.conditioning(exact.embed("a red cube"), ["front"] * n),
+                                             guidance_scale=7.5) for teacher in (eager, compiled, exact)]
+        assert close_as_eager(predictions[1], predictions[0], predictions[2]), seed
     image = torch.rand(2, 3, 32, 32, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
     outs, grads = [], []
-    for teacher in (eager, compiled):
+    for teacher in (eager, compiled, exact):
         for _ in range(2):  # the second call runs the already-compiled graph
             x = image.clone().requires_grad_(True)
             latents = teacher.encode(x)
             (latents * torch.linspace(-1, 1, latents.numel(), device="cuda").view_as(latents)).sum().backward()
         outs.append(latents.detach())
         grads.append(x.grad)
-    assert _relative_error(outs[1], outs[0]) < 1e-2
-    assert _relative_error(grads[1], grads[0]) < 2e-2
+    assert close_as_eager(outs[1], outs[0], outs[2])
+    assert close_as_eager(grads[1], grads[0], grads[2])
 
 
 def _trainer(tiny_sd_path, tmp_path, fast: bool, teacher=None):
