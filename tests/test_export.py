@@ -110,7 +110,8 @@ def test_glb_ply_obj_load_back_with_same_counts_and_colours(tmp_path):
     reference = make_mesh(*extract_isosurface(density_grid(field, 32), field.surface_level, field.radius))
     expected_colors = vertex_colors(field, np.asarray(reference.vertices))
     for fmt, path in files.items():
-        loaded = trimesh.load(path, process=False, force="mesh")
+        # The GLB has a material besides COLOR_0; trimesh then drops the colours unless told to skip it.
+        loaded = trimesh.load(path, process=False, force="mesh", **({"skip_materials": True} if fmt == "glb" else {}))
         assert (len(loaded.vertices), len(loaded.faces)) == (len(reference.vertices), len(reference.faces)), fmt
         np.testing.assert_allclose(loaded.vertices, reference.vertices, atol=1e-5, err_msg=fmt)
         np.testing.assert_array_equal(loaded.faces, reference.faces, err_msg=fmt)
@@ -182,3 +183,100 @@ def test_export_with_coarse_to_fine_matches_sphere_volume(tmp_path):
     mesh = trimesh.load(export_mesh(field, tmp_path, cfg)["ply"], process=False)
     assert mesh.is_watertight
     assert mesh.volume == pytest.approx(4 / 3 * math.pi * 0.5**3, rel=0.005)
+
+
+class MustNotBeSampled:
+    """A field that fails the test if the exporter starts the slow work before its checks."""
+
+    radius = 1.0
+
+    def density(self, x):
+        raise AssertionError("the field was sampled before the options/targets were checked")
+
+    __call__ = density
+
+
+@pytest.mark.parametrize("faces", [1, 2, 3, -5])
+def test_face_budget_below_a_closed_mesh_is_a_config_error(tmp_path, faces):
+    # Old: 1 crashed in xatlas/the PLY writer (after writing mesh.glb), 2 and 3 wrote a flat sliver.
+    cfg = ExportConfig(resolution=16, threshold=1.0, texture_size=0, faces=faces)
+    with pytest.raises(ConfigError, match="at least 4 faces"):
+        export_mesh(MustNotBeSampled(), tmp_path, cfg)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("resolution", [100000, 1025, 4])
+def test_resolution_out_of_range_is_a_config_error_naming_the_limit(tmp_path, resolution):
+    # Old: 100000 tried to allocate 4·10¹⁵ bytes after sampling the coarse grid.
+    cfg = ExportConfig(resolution=resolution, threshold=1.0, texture_size=0)
+    with pytest.raises(ConfigError, match="use 8 to 1024") as info:
+        export_mesh(MustNotBeSampled(), tmp_path, cfg)
+    assert str(resolution) in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unusable_output_folder_is_an_output_path_error_before_any_work(tmp_path):
+    blocker = tmp_path / "config.yaml"
+    blocker.write_text("a file")
+    cfg = ExportConfig(resolution=16, threshold=1.0, texture_size=0)
+    with pytest.raises(OutputPathError, match="cannot create the export folder") as info:
+        export_mesh(MustNotBeSampled(), blocker / "sub", cfg)  # old: NotADirectoryError after the work
+    assert "--out" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_cleanup_leaving_too_few_faces_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    import carv3d.export.pipeline as pipeline
+
+    empty = make_mesh(np.zeros((0, 3), dtype=np.float32), np.zeros((0, 3), dtype=np.int64))
+    monkeypatch.setattr(pipeline, "decimate", lambda mesh, target: empty)
+    field = sphere_field(0.5)
+    with pytest.raises(EmptyMeshError, match="0 faces after cleanup") as info:
+        export_mesh(field, tmp_path, ExportConfig(resolution=16, threshold=field.surface_level, texture_size=0))
+    assert "at least 4" in str(info.value) and "--faces" in str(info.value)
+    assert not list(tmp_path.iterdir())  # old: mesh.glb written, then a ValueError in the PLY writer
+
+
+def test_a_failing_writer_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    import carv3d.export.pipeline as pipeline
+
+    field = sphere_field(0.5)
+    cfg = ExportConfig(resolution=16, threshold=field.surface_level, texture_size=0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_obj", disk_full)  # obj is written last, after glb and ply
+    with pytest.raises(OSError, match="No space"):
+        export_mesh(field, tmp_path / "new", cfg)
+    assert not list((tmp_path / "new").iterdir()), "no partial set, no temporaries"
+    monkeypatch.undo()
+    files = export_mesh(field, tmp_path / "old", cfg)
+    before = {p.name: p.read_bytes() for p in files.values()}
+    monkeypatch.setattr(pipeline, "write_obj", disk_full)
+    with pytest.raises(OSError):  # an --overwrite export that fails keeps the previous set intact
+        export_mesh(field, tmp_path / "old", ExportConfig(resolution=24, threshold=field.surface_level,
+                                                          texture_size=0), overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+
+
+def test_export_command_checks_sizes_and_output_folder_before_loading_the_scene(tmp_path, monkeypatch, capsys):
+    """`carv3d export`: clear errors (exit 2, no traceback) for every bad flag, before the scene loads."""
+    import carv3d.parts
+    from carv3d.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("prompt: a cube\n")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the scene was loaded before the export options were checked")
+
+    monkeypatch.setattr(carv3d.parts, "load_scene", no_load)
+    cases = [(["--faces", "1"], "at least 4 faces"), (["--resolution", "100000"], "use 8 to 1024"),
+             (["--out", str(run / "config.yaml" / "sub")], "cannot create the export folder")]
+    for flags, fragment in cases:
+        code = main(["export", str(run), *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and fragment in err, (flags, err)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

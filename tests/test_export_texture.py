@@ -84,15 +84,19 @@ def test_baked_texture_matches_field_at_every_vertex(baked):
     np.testing.assert_array_equal(texture[row, col][away], expected[away])
 
 
-def read_glb(path):
-    """A minimal glTF 2.0 binary reader: positions, TEXCOORD_0 and the base-colour image."""
+def parse_glb(path):
+    """The JSON and the binary chunk of a GLB (glTF 2.0 binary container)."""
     data = path.read_bytes()
     magic, version, _ = struct.unpack_from("<4sII", data, 0)
     assert magic == b"glTF" and version == 2
     json_len, _ = struct.unpack_from("<II", data, 12)
     gltf = json.loads(data[20:20 + json_len])
-    bin_start = 20 + json_len + 8
-    binary = data[bin_start:]
+    return gltf, data[20 + json_len + 8:]
+
+
+def read_glb(path):
+    """A minimal glTF 2.0 binary reader: positions, TEXCOORD_0 and the base-colour image."""
+    gltf, binary = parse_glb(path)
 
     def view_bytes(index):
         view = gltf["bufferViews"][index]
@@ -145,3 +149,40 @@ def test_textured_obj_loads_back_with_material_and_colours(tmp_path):
     np.testing.assert_array_equal(colors[away], vertex_colors(field, loaded.vertices)[away, :3])
     ply = trimesh.load(files["ply"], process=False)
     assert ply.visual.kind == "vertex" and len(ply.faces) == len(loaded.faces)
+
+
+def srgb_to_linear_reference(byte):
+    """IEC 61966-2-1, written out independently of carv3d.export.colors."""
+    c = byte / 255.0
+    return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+
+def test_vertex_colour_glb_is_dielectric_with_linear_colour_0(tmp_path):
+    """glTF: no material means metallic 1 (renders dark), and COLOR_0 is linear, not sRGB bytes."""
+    field = sphere_field(0.5, colour=split_colour((0.9, 0.5, 0.1), (0.2, 0.04, 0.7)))
+    cfg = ExportConfig(resolution=24, threshold=field.surface_level, texture_size=0)
+    files = export_mesh(field, tmp_path, cfg, formats=["glb", "ply"])
+    gltf, binary = parse_glb(files["glb"])
+    primitive = gltf["meshes"][0]["primitives"][0]
+    pbr = gltf["materials"][primitive["material"]]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 0.0 and pbr["roughnessFactor"] == 1.0  # as the textured GLB's
+    assert pbr.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1]
+
+    def accessor(index):
+        acc = gltf["accessors"][index]
+        view = gltf["bufferViews"][acc["bufferView"]]
+        width = {"VEC3": 3, "VEC4": 4}[acc["type"]]
+        dtype = {5126: "<f4", 5123: "<u2"}[acc["componentType"]]  # float or normalised uint16: no banding
+        raw = binary[view.get("byteOffset", 0) + acc.get("byteOffset", 0):]
+        values = np.frombuffer(raw, dtype=dtype, count=acc["count"] * width).reshape(-1, width)
+        return values.astype(np.float64) / (65535.0 if dtype == "<u2" else 1.0)
+
+    positions = accessor(primitive["attributes"]["POSITION"])
+    colour = accessor(primitive["attributes"]["COLOR_0"])[:, :3]
+    srgb = vertex_colors(field, positions.astype(np.float32))[:, :3]
+    expected = np.vectorize(srgb_to_linear_reference)(srgb.astype(np.float64))
+    np.testing.assert_allclose(colour, expected, atol=1e-3)
+    assert colour.max() - 1 < 1e-6 and (np.abs(colour - srgb / 255.0) > 0.05).any()  # really converted
+    ply = trimesh.load(files["ply"], process=False)  # PLY keeps sRGB bytes, as its viewers expect
+    np.testing.assert_array_equal(np.asarray(ply.visual.vertex_colors)[:, :3],
+                                  vertex_colors(field, np.asarray(ply.vertices, dtype=np.float32))[:, :3])

@@ -6,12 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import trimesh
 
-from carv3d.export import EmptyMeshError, auto_threshold, density_grid, extract_isosurface, mesh_iou
+from carv3d.config import ExportConfig
+from carv3d.export import (EmptyMeshError, auto_threshold, density_grid, export_mesh, extract_isosurface,
+                           mesh_iou)
 from carv3d.export.analytic import AnalyticField, Shape, box_sdf, sphere_field, sphere_sdf
 from carv3d.export.silhouette import (camera_rays, fibonacci_cameras, grid_projections, march_opacity,
                                       mesh_silhouettes, silhouette_iou)
-from carv3d.export.threshold import iou_curve, pick_level
+from carv3d.export.threshold import candidate_levels, iou_curve, pick_level
 
 
 def analytic_sphere_silhouette(cameras, size, centre, rho):
@@ -98,3 +101,27 @@ def test_nerf_opacity_of_the_wrong_shape_is_rejected(box_and_ball):
     with pytest.raises(ValueError, match="B=3"):
         auto_threshold(field, lambda cameras: torch.zeros(2, 8, 8), grid=grid, n_views=3)
 
+
+
+class UniformField:
+    """σ = 50 everywhere in the box: the NeRF is an opaque cube, so the mesh is the scene box."""
+
+    radius = 1.0
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), 50.0)
+
+    def __call__(self, x: torch.Tensor):
+        return self.density(x), torch.full((x.shape[0], 3), 0.5)
+
+
+def test_auto_threshold_on_a_uniform_field_keeps_everything(tmp_path):
+    # Old: the only levels were ≥ 50, so τ = 50 and the mesh was empty ("use threshold=auto").
+    assert candidate_levels(np.array([[0.0, 50.0], [50.0, 50.0]])).tolist() == [25.0]
+    field = UniformField()
+    search = auto_threshold(field, resolution=16, n_views=2, image_size=16)
+    assert search.threshold < 50.0 and search.iou > 0.99
+    files = export_mesh(field, tmp_path, ExportConfig(resolution=16, texture_size=0, silhouette_views=2,
+                                                      silhouette_size=16), formats=["ply"])
+    mesh = trimesh.load(files["ply"], process=False)
+    assert mesh.is_watertight and mesh.volume == pytest.approx(8.0, rel=1e-6)  # the [−1, 1]³ box

@@ -36,6 +36,18 @@ def to_rgba8(albedo: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, np.full((len(rgb), 1), 255, dtype=np.uint8)], axis=1)
 
 
+def srgb_to_linear(srgb8: np.ndarray) -> np.ndarray:
+    """sRGB-encoded 8-bit values -> linear floats in [0, 1] (IEC 61966-2-1 transfer function).
+
+    The albedo is stored as display (sRGB) values, as in the baked PNG, which glTF reads as sRGB.
+    glTF's ``COLOR_0`` is linear, so vertex colours written there must be converted, or they look
+    darker than the same colour in a texture: ``c/12.92`` for ``c ≤ 0.04045``, else
+    ``((c + 0.055)/1.055)^2.4``.
+    """
+    c = np.asarray(srgb8, dtype=np.float64) / 255.0
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
 def vertex_colors(field: Any, vertices: np.ndarray, chunk: int = 2**18) -> np.ndarray:
     """Per-vertex colours sampled from the field at the vertex positions.
 

@@ -64,10 +64,11 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
     if faces is not None:
         updates["faces"] = faces
     export_cfg = OmegaConf.merge(export_cfg, updates) if updates else export_cfg
-    # Check formats, sizes and existing targets before loading anything heavy.
+    # Check formats, sizes, the face budget and the output folder before loading anything heavy.
     from carv3d.export.pipeline import TEXTURED_FORMATS, check_options, check_targets, planned_files
 
-    fmts = check_options(list(export_cfg.formats), int(export_cfg.texture_size))
+    fmts = check_options(list(export_cfg.formats), int(export_cfg.texture_size),
+                         resolution=int(export_cfg.resolution), faces=int(export_cfg.faces))
     out_dir = Path(out) if out else run / "mesh"
     textured = int(export_cfg.texture_size) > 0 and any(f in TEXTURED_FORMATS for f in fmts)
     check_targets(planned_files(out_dir, fmts, textured), overwrite)

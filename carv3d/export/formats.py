@@ -6,8 +6,10 @@ the default scene radius 1 the object fits in a 2 m cube. Faces wind counter-clo
 outside (glTF's front face).
 
 - GLB: with a texture, a PBR metallic-roughness material whose baseColorTexture is the embedded PNG
-  (metallic 0, roughness 1: the baked albedo, unlit-looking); otherwise per-vertex ``COLOR_0``.
-- PLY: binary, per-vertex RGBA (uchar).
+  (metallic 0, roughness 1: the baked albedo, unlit-looking); otherwise per-vertex ``COLOR_0``
+  (float, linear: converted from the sRGB albedo) with the same material minus the texture. Without
+  a material glTF's default one applies (metallic 1), which renders nearly black.
+- PLY: binary, per-vertex RGBA (uchar, sRGB as viewers expect).
 - OBJ: with a texture, ``mtllib`` → ``<stem>.mtl`` whose ``map_Kd`` is ``<stem>_albedo.png`` and
   ``f v/vt`` faces; otherwise ``v x y z r g b`` vertex colours (floats in [0, 1]).
 """
@@ -15,6 +17,8 @@ outside (glTF's front face).
 from __future__ import annotations
 
 import io
+import json
+import struct
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +27,7 @@ import trimesh
 from PIL import Image
 
 from carv3d.export.cleanup import make_mesh
+from carv3d.export.colors import srgb_to_linear
 from carv3d.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 HEADER = "carv3d mesh: +Y up, front faces +Z, centred at the origin, 1 unit = 1 scene unit"
@@ -46,14 +51,51 @@ def _label_asset(tree: dict) -> None:
     tree["asset"]["extras"] = {"carv3d": HEADER}
 
 
+MATERIAL = {"name": "albedo", "pbrMetallicRoughness": {"baseColorFactor": [1.0, 1.0, 1.0, 1.0],
+                                                      "metallicFactor": 0.0, "roughnessFactor": 1.0},
+            "doubleSided": False}  # the textured GLB's material (see textured_mesh), without the texture
+
+
+def vertex_color_glb(vertices: np.ndarray, faces: np.ndarray, colors: Optional[np.ndarray] = None) -> bytes:
+    """A GLB of one primitive with float32 linear ``COLOR_0`` and :data:`MATERIAL`.
+
+    Written by hand because trimesh stores ``COLOR_0`` as the sRGB bytes and adds no material;
+    linear colours in 8 bits would band in the darks, so they are float32 (VEC3: the mesh is opaque).
+    """
+    arrays = [(np.asarray(faces, dtype="<u4").reshape(-1), "SCALAR", 5125, 34963),  # uint32 indices
+              (np.asarray(vertices, dtype="<f4").reshape(-1, 3), "VEC3", 5126, 34962)]
+    if colors is not None:
+        arrays.append((srgb_to_linear(np.asarray(colors)[:, :3]).astype("<f4"), "VEC3", 5126, 34962))
+    accessors, views, chunks, offset = [], [], [], 0
+    for data, kind, component, target in arrays:
+        raw = data.tobytes() + b"\0" * (-data.nbytes % 4)
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": data.nbytes, "target": target})
+        flat = data.reshape(len(data), -1)
+        accessors.append({"bufferView": len(views) - 1, "componentType": component, "count": len(data),
+                          "type": kind, "min": flat.min(axis=0).tolist(), "max": flat.max(axis=0).tolist()})
+        chunks.append(raw)
+        offset += len(raw)
+    attributes = {"POSITION": 1, **({"COLOR_0": 2} if colors is not None else {})}
+    tree = {"asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"name": "mesh", "mesh": 0}],
+            "meshes": [{"name": "mesh", "primitives": [{"attributes": attributes, "indices": 0, "mode": 4,
+                                                         "material": 0}]}],
+            "materials": [MATERIAL], "accessors": accessors, "bufferViews": views, "buffers": [{"byteLength": offset}]}
+    _label_asset(tree)
+    text = json.dumps(tree, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)  # the JSON chunk is padded with spaces, the BIN chunk with zeros
+    binary = b"".join(chunks)
+    return b"".join([struct.pack("<4sII", b"glTF", 2, 28 + len(text) + len(binary)),
+                     struct.pack("<I4s", len(text), b"JSON"), text, struct.pack("<I4s", len(binary), b"BIN\0"), binary])
+
+
 def write_glb(path: Path, vertices: np.ndarray, faces: np.ndarray, *, colors: Optional[np.ndarray] = None,
               uv: Optional[np.ndarray] = None, texture: Optional[np.ndarray] = None) -> Path:
-    """Write a binary glTF with either a texture (``uv`` + ``texture``) or vertex ``colors`` (V, 4) uint8."""
+    """Write a binary glTF with either a texture (``uv`` + ``texture``) or vertex ``colors`` (V, 4) uint8 sRGB."""
     if texture is not None and uv is not None:
         mesh = textured_mesh(vertices, faces, uv, texture)
+        data = trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), tree_postprocessor=_label_asset)
     else:
-        mesh = make_mesh(vertices, faces, colors)
-    data = trimesh.exchange.gltf.export_glb(trimesh.Scene(mesh), tree_postprocessor=_label_asset)
+        data = vertex_color_glb(vertices, faces, colors)
     atomic_write_bytes(path, data)
     return Path(path)
 

@@ -7,11 +7,15 @@
       ─► mesh.glb, mesh.ply, mesh.obj (+ mesh.mtl, mesh_albedo.png)
 
 Everything that can be checked before the (slow) work is checked first: the formats, the texture
-size, the threshold and whether an output already exists.
+size, the grid resolution, the face budget, the threshold and whether the output folder can be
+written without replacing anything. The files are written as a set: a failure leaves none of them.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
@@ -24,7 +28,7 @@ from carv3d.export.cleanup import (decimate, fill_small_holes, make_mesh, orient
                                    remove_small_components)
 from carv3d.export.colors import vertex_colors
 from carv3d.export.formats import obj_sidecars, write_glb, write_obj, write_ply
-from carv3d.export.isosurface import density_grid, extract_isosurface
+from carv3d.export.isosurface import EmptyMeshError, density_grid, extract_isosurface
 from carv3d.export.sparse_grid import refine_grid
 from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
 from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
@@ -34,6 +38,14 @@ from carv3d.render.cameras import Cameras
 FORMATS = ("glb", "ply", "obj")
 TEXTURED_FORMATS = ("glb", "obj")
 MAX_TEXTURE_SIZE = 8192
+MIN_RESOLUTION = 8
+# The fine grid takes 4 bytes per node (4 GiB at 1024³); coarse-to-fine refinement (a bool mask per
+# node and cell) and marching cubes (a padded float32 copy) add as much again. Beyond 1024 that is
+# tens of GiB: a larger value is a typo or a crash after minutes of work, so it is refused up front.
+MAX_RESOLUTION = 1024
+# A closed surface needs at least 4 triangles (a tetrahedron); below that quadric decimation
+# collapses the mesh to a flat sliver or to nothing, which cannot be unwrapped or written.
+MIN_FACES = 4
 
 _DEFAULTS = dict(formats=list(FORMATS), resolution=128, threshold="auto", min_component_fraction=0.05,
                  max_hole_edges=32, faces=50000, texture_size=1024, silhouette_views=8, silhouette_size=96,
@@ -89,8 +101,13 @@ def parse_threshold(value: Union[str, float, int]) -> Union[str, float]:
     return value
 
 
-def check_options(formats: Sequence[str], texture_size: int) -> list[str]:
-    """Validate the formats and the texture size; returns the formats in canonical order."""
+def check_options(formats: Sequence[str], texture_size: int, resolution: Optional[int] = None,
+                  faces: Optional[int] = None) -> list[str]:
+    """Validate the formats, the texture size and (when given) the resolution and face budget.
+
+    Returns the formats in canonical order. Called before any slow work (loading the scene,
+    sampling the grid), so a typo costs nothing.
+    """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"unknown export format(s) {unknown or '(none given)'}; expected some of: "
@@ -98,6 +115,13 @@ def check_options(formats: Sequence[str], texture_size: int) -> list[str]:
     if texture_size != 0 and not (is_power_of_two(texture_size) and 16 <= texture_size <= MAX_TEXTURE_SIZE):
         raise ConfigError(f"texture size {texture_size} is not a power of two between 16 and {MAX_TEXTURE_SIZE}; "
                           f"use e.g. 512, 1024 or 2048 (0 for vertex colours only).")
+    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"export resolution {resolution} is out of range; use {MIN_RESOLUTION} to "
+                          f"{MAX_RESOLUTION} (128 or 256 for a detailed mesh; a {MAX_RESOLUTION}³ grid "
+                          f"already needs over 8 GiB of memory).")
+    if faces is not None and faces != 0 and faces < MIN_FACES:
+        raise ConfigError(f"face budget {faces} is too small: a closed mesh needs at least {MIN_FACES} faces; "
+                          f"use e.g. 5000 or 50000 (0 keeps every face).")
     return [f for f in FORMATS if f in formats]
 
 
@@ -111,10 +135,22 @@ def planned_files(out_dir: Path, formats: Sequence[str], textured: bool) -> dict
 
 
 def check_targets(files: dict[str, Path], overwrite: bool) -> None:
-    """Raise :class:`OutputPathError` when a target exists (and ``overwrite`` is False) or is not writable."""
+    """Raise :class:`OutputPathError` when a target exists (and ``overwrite`` is False) or is not writable.
+
+    The folder is created here (if missing), before the slow work: creating it is the only reliable
+    test that it can be (a parent that is a file, ``/proc``, a read-only mount, no permission).
+    """
     out_dir = next(iter(files.values())).parent
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"the export folder '{out_dir}' is a file; choose another output folder (--out DIR).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot create the export folder '{out_dir}' ({err.strerror or err}); "
+                              f"choose another output folder with --out DIR.") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputPathError(f"the export folder '{out_dir}' is not writable; choose another output folder "
+                              f"with --out DIR.")
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not overwrite:
         raise OutputPathError(f"export would overwrite {', '.join(existing)}; pass --overwrite "
@@ -176,6 +212,10 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
     mesh, _ = fill_small_holes(mesh, int(_option(export_cfg, "max_hole_edges")))
     mesh = orient_outward(decimate(mesh, int(_option(export_cfg, "faces"))))
     vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+    if len(faces) < MIN_FACES:  # nothing a UV unwrap or a file writer can use
+        raise EmptyMeshError(f"the mesh has {len(faces)} faces after cleanup (at threshold {float(threshold):.4g}); "
+                             f"a closed mesh needs at least {MIN_FACES}. Raise the face budget (--faces), or "
+                             f"lower the threshold or raise the resolution to catch more of the surface.")
     lap("cleanup")
     colors = vertex_colors(field, vertices)
     lap("vertex_colors")
@@ -196,10 +236,16 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
 
 def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[str] = FORMATS,
                overwrite: bool = False) -> dict[str, Path]:
-    """Write an :class:`ExportedMesh` as ``mesh.<format>`` files (atomically) in ``out_dir``.
+    """Write an :class:`ExportedMesh` as ``mesh.<format>`` files (atomically, as a set) in ``out_dir``.
 
     GLB and OBJ carry the texture when the mesh has one, vertex colours otherwise; PLY always has
     vertex colours.
+
+    Every file is first written into a hidden staging folder inside ``out_dir`` under its final
+    name (the OBJ names its MTL and PNG by name, so they cannot be written under temporary names),
+    then all are renamed into place. If any writer fails, the staging folder is removed and
+    ``out_dir`` is as it was: never a partial or mixed set, which a rerun would then refuse to
+    overwrite.
     """
     formats = check_options(formats, 0)
     textured = mesh.texture is not None and mesh.uv_mesh is not None
@@ -207,15 +253,22 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     check_targets(files, overwrite)
     clock = time.perf_counter()
     uvm = mesh.uv_mesh
-    for fmt in formats:
-        if fmt == "ply":
-            write_ply(files["ply"], mesh.vertices, mesh.faces, mesh.colors)
-        elif textured:
-            writer = write_glb if fmt == "glb" else write_obj
-            writer(files[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
-        else:
-            writer = write_glb if fmt == "glb" else write_obj
-            writer(files[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
+    staging = Path(tempfile.mkdtemp(prefix=".mesh.tmp-", dir=Path(out_dir)))
+    try:
+        staged = planned_files(staging, formats, textured)
+        for fmt in formats:
+            if fmt == "ply":
+                write_ply(staged["ply"], mesh.vertices, mesh.faces, mesh.colors)
+            elif textured:
+                writer = write_glb if fmt == "glb" else write_obj
+                writer(staged[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
+            else:
+                writer = write_glb if fmt == "glb" else write_obj
+                writer(staged[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
+        for key, path in files.items():
+            os.replace(staged[key], path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     mesh.timings["write"] = round(time.perf_counter() - clock, 4)
     logger.info("export: wrote %s", ", ".join(str(p) for p in files.values()))
     return files
@@ -243,14 +296,14 @@ def export_mesh(field: Any, out_dir: Union[str, Path], export_cfg: Any = None, f
         for a textured OBJ.
 
     Raises:
-        ConfigError: unknown format, texture size not a power of two, invalid threshold.
-        OutputPathError: a target exists and ``overwrite`` is False.
-        EmptyMeshError: no surface at the threshold (the message gives the largest density).
+        ConfigError: unknown format, texture size not a power of two, resolution outside
+            [8, 1024], face budget below 4, invalid threshold.
+        OutputPathError: a target exists and ``overwrite`` is False, or the folder cannot be written.
+        EmptyMeshError: no surface at the threshold (the message gives the largest density), or
+            fewer than 4 faces left after cleanup.
     """
-    formats = check_options(list(formats or _option(export_cfg, "formats")), int(_option(export_cfg, "texture_size")))
-    if int(_option(export_cfg, "resolution")) < 8:
-        raise ConfigError(f"export resolution {_option(export_cfg, 'resolution')} is too small; use at least 8 "
-                          f"(128 or 256 for a detailed mesh).")
+    formats = check_options(list(formats or _option(export_cfg, "formats")), int(_option(export_cfg, "texture_size")),
+                            resolution=int(_option(export_cfg, "resolution")), faces=int(_option(export_cfg, "faces")))
     parse_threshold(_option(export_cfg, "threshold"))
     textured = int(_option(export_cfg, "texture_size")) > 0 and any(f in TEXTURED_FORMATS for f in formats)
     check_targets(planned_files(Path(out_dir), formats, textured), overwrite)

@@ -10,9 +10,10 @@ The threshold maximises the mean IoU
 The IoU only changes where τ crosses a value of m, so the 1-D search is exhaustive and exact: for
 each view the pixel values inside and outside T_v are sorted once, and
 ``|T ∩ M(τ)| = #{p ∈ T : m(p) > τ}``, ``|T ∪ M(τ)| = |T| + #{p ∉ T : m(p) > τ}`` are counted by
-binary search at every candidate level (midpoints between consecutive distinct values of m). Among
-levels tied at the best IoU, the middle of the tied run is taken. The chosen mesh is then checked
-by rasterising its triangles (:func:`mesh_iou`).
+binary search at every candidate level (midpoints between consecutive distinct values of m, and
+half the smallest one, so that keeping everything is possible). Among levels tied at the best IoU,
+the middle of the tied run is taken. The chosen mesh is then checked by rasterising its triangles
+(:func:`mesh_iou`).
 """
 
 from __future__ import annotations
@@ -83,15 +84,20 @@ def iou_curve(max_projection: np.ndarray, target: np.ndarray, levels: np.ndarray
 
 
 def candidate_levels(max_projection: np.ndarray, max_levels: int = 20000) -> np.ndarray:
-    """Midpoints between consecutive distinct finite positive values of m (subsampled to ``max_levels``)."""
+    """Half the smallest finite positive value of m, then the midpoints between consecutive distinct ones.
+
+    The first level keeps every pixel whose density is positive: without it a uniform field (one
+    value, or a few that differ by rounding) offers only levels at or above its density, whose mesh
+    is empty. The midpoints are subsampled to ``max_levels``.
+    """
     values = np.unique(max_projection[np.isfinite(max_projection)])
     values = values[values > 0]
-    if len(values) < 2:
+    if len(values) == 0:
         return values
     mids = 0.5 * (values[:-1] + values[1:])
     if len(mids) > max_levels:
         mids = mids[np.linspace(0, len(mids) - 1, max_levels).round().astype(int)]
-    return mids
+    return np.concatenate([[0.5 * values[0]], mids])
 
 
 def pick_level(levels: np.ndarray, ious: np.ndarray, tolerance: float = 1e-9) -> int:

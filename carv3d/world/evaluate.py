@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -290,7 +291,7 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
             on the device of the field's parameters or buffers.
         prompt: a world prompt (``"a red cube"``, a view suffix is ignored).
         mesh: the exported mesh for the Chamfer distance: a path, ``(vertices, faces)``, a trimesh, or
-            None (then ``chamfer`` is None and ``surface.mesh`` says why).
+            None (then, or when it is unusable, ``chamfer`` is None and ``surface.mesh`` says why).
         views: held-out cameras (a multiple of 4, ≥ 12); resolution: their size in pixels.
         compare_all_objects: rank the result against every world object (else only the prompted one).
         chamfer_points: surface samples per mesh; seed: their generator's seed.
@@ -363,14 +364,16 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
     """Evaluate a run directory and write the JSON (atomically) to ``out`` (default RUN_DIR/evaluation.json).
 
     The prompt, options and output path are checked before the scene is loaded. The mesh is
-    RUN_DIR/mesh/mesh.ply; without it ``chamfer`` is null.
+    RUN_DIR/mesh/mesh.ply; without it, or when it cannot be read or measured (no faces, no area,
+    non-finite vertices), ``chamfer`` is null and ``surface.mesh`` says why and what to do.
 
     Raises:
         RunDirError / CheckpointError: not a run, or no usable checkpoint.
         NotAWorldPromptError: the run's prompt is not a world prompt (the message lists the unknown words).
         EvaluationOptionError: bad views or resolution.
         ConfigError: a bad --device.
-        OutputPathError: ``out`` exists and ``overwrite`` is False.
+        OutputPathError: ``out`` is a folder, exists and ``overwrite`` is False, or cannot be written
+            (checked before the scene is loaded, and again when writing).
     """
     from carv3d.io import atomic_write_text
     from carv3d.devices import resolve_device
@@ -382,17 +385,39 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
     world_prompt(prompt)
     check_options(views, resolution)
     target = Path(out) if out else run / EVALUATION_FILE
-    if target.exists() and not overwrite:
-        raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
-    if target.is_dir():
-        raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
+    check_output_file(target, overwrite)
     scene = load_scene(run, resolve_device(device, option="--device"))
     lighting = truth_lighting_for(str(load_run_config(run).render.shading))
     result = evaluate_scene(scene.field, scene.renderer, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
                             resolution=resolution, truth_lighting=lighting)
     result = {"run_dir": str(run), "step": scene.step, **result}
-    atomic_write_text(target, to_json(result))
+    try:
+        atomic_write_text(target, to_json(result))
+    except OSError as err:
+        raise OutputPathError(f"could not write '{target}': {err.strerror or err}; pass --out with a file in a "
+                              f"writable folder.") from None
     return result, target
+
+
+def check_output_file(target: Path, overwrite: bool) -> None:
+    """Fail early, before the slow part, when the JSON could not be written to ``target``: a folder, an
+    existing file without ``overwrite``, or a parent folder that cannot be created or written (a file
+    is created there and removed to find out). A missing parent folder is created."""
+    if target.is_dir():
+        raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
+    folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"cannot write '{target}': '{folder}' is a file, not a folder; pass --out with a "
+                              f"file in a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.stem}.probe-"):
+            pass
+    except OSError as err:
+        raise OutputPathError(f"cannot write '{target}': {err.strerror or err} in '{folder}'; pass --out with a "
+                              f"file in a writable folder.") from None
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -401,7 +426,9 @@ def format_summary(result: dict[str, Any]) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     align = result["alignment"]
-    aligned = f" (truth turned {align['azimuth_offset_deg']:+.0f}° about +Y)" if align["rule"] == "search" else ""
+    # The result is compared with the truth turned by −δ (δ = azimuth_offset_deg; module docstring).
+    turned = -align["azimuth_offset_deg"] + 0.0  # + 0.0: no "-0"
+    aligned = f" (truth turned {turned:+.0f}° about +Y)" if align["rule"] == "search" else ""
     views = result["views"]
     rows = [f"{result['prompt']!r} against the world's {result['colour']} {result['object']}, "
             f"{views['count']} held-out views at {views['resolution']} px",

@@ -8,13 +8,16 @@ Images (all ``(B, C, H, W)`` tensors, masks boolean):
 - PSNR of view b over the whole image (peak 1): ``PSNR_b = −10 log10(mean_{c,p} (x_bcp − y_bcp)²)``;
 - the front/back check (:func:`front_back_check`), which compares views with the truth's opposite views.
 
-Surfaces: points are drawn uniformly by area on both triangle meshes (:func:`sample_surface`) and the
-symmetric Chamfer distance is the mean of the two mean nearest-neighbour distances,
+Surfaces: the symmetric Chamfer distance of two triangle meshes A and B is the mean of the two mean
+point-to-surface distances,
 
-    CD(A, B) = ½ (mean_{a ∈ A} min_{b ∈ B} |a − b| + mean_{b ∈ B} min_{a ∈ A} |a − b|),
+    CD(A, B) = ½ (mean_{a ∈ P_A} d(a, B) + mean_{b ∈ P_B} d(b, A)),
 
-in scene units. The ground-truth surface is the zero level set of the object's SDF, extracted by
-marching cubes (:func:`world_surface`).
+in scene units, where P_A are points drawn uniformly by area on A (:func:`sample_surface`) and
+d(p, B) is the distance from p to the surface of B, its nearest triangle (:func:`surface_distance`),
+not to B's samples: a mesh scores 0 against itself, whatever its area or the number of samples. The
+ground-truth surface is the zero level set of the object's SDF, extracted by marching cubes
+(:func:`world_surface`).
 """
 
 from __future__ import annotations
@@ -163,19 +166,53 @@ def world_surface(object_name: str, resolution: int = 128) -> tuple[np.ndarray, 
     return vertices.astype(np.float64) - bound, faces.astype(np.int64)
 
 
-def chamfer_distance(points: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Symmetric Chamfer distance (module docstring) with k-d trees.
+def surface_distance(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, candidates: int = 16,
+                     max_edge: float = 0.02) -> np.ndarray:
+    """Distance from each point to the surface of a triangle mesh.
+
+    Edges longer than h are split first (the surface is unchanged), so every triangle lies within h of
+    its centroid; then each point's distance is the least exact point-to-triangle distance over the
+    ``candidates`` triangles with the nearest centroids. That is exact when the closest triangle is
+    among them (measured on exported meshes: all but ≤ 0.1 % of the points, off by ≤ 1e-3) and never
+    more than h above the exact distance. h is ``max_edge`` for meshes of the scene's size, larger
+    for huge ones (≥ 2 √(area / 10⁵) and ≥ longest edge / 64, which bounds the number of triangles).
 
     Args:
-        points: (N, 3) samples of the result's surface.
-        reference: (M, 3) samples of the ground-truth surface.
+        points: (N, 3); vertices: (V, 3) finite; faces: (F, 3) int, F ≥ 1.
+
+    Returns:
+        (N,) float64 distances.
+    """
+    import trimesh
+
+    tri = np.asarray(vertices, dtype=np.float64)[np.asarray(faces, dtype=np.int64)]  # (F, 3, 3)
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum()
+    longest = np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2).max()
+    h = max(max_edge, 2.0 * math.sqrt(area / 1e5), longest / 64.0)
+    vertices, faces = trimesh.remesh.subdivide_to_size(vertices, faces, h, max_iter=8)
+    tri = vertices[faces]
+    k = min(candidates, len(tri))
+    nearest = cKDTree(tri.mean(axis=1)).query(points, k)[1].reshape(len(points), k)
+    repeated = np.repeat(np.asarray(points, dtype=np.float64), k, axis=0)
+    closest = trimesh.triangles.closest_point(tri[nearest.ravel()], repeated)
+    return np.linalg.norm(closest - repeated, axis=1).reshape(len(points), k).min(axis=1)
+
+
+def chamfer_distance(mesh: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray], n_points: int,
+                     rng: np.random.Generator) -> dict[str, float]:
+    """Symmetric Chamfer distance of two triangle meshes (module docstring).
+
+    Args:
+        mesh: (vertices, faces) of the result's surface.
+        reference: (vertices, faces) of the ground-truth surface.
+        n_points: surface samples per mesh; rng: their generator.
 
     Returns:
         ``chamfer`` (the symmetric mean), ``result_to_truth`` (accuracy: how far the result's surface
         is from the truth) and ``truth_to_result`` (completeness: how much of the truth it misses).
     """
-    to_truth = cKDTree(reference).query(points)[0]
-    to_result = cKDTree(points).query(reference)[0]
+    to_truth = surface_distance(sample_surface(*mesh, n_points, rng), *reference)
+    to_result = surface_distance(sample_surface(*reference, n_points, rng), *mesh)
     return {
         "chamfer": 0.5 * (float(to_truth.mean()) + float(to_result.mean())),
         "result_to_truth": float(to_truth.mean()),
@@ -183,20 +220,46 @@ def chamfer_distance(points: np.ndarray, reference: np.ndarray) -> dict[str, flo
     }
 
 
+def _mesh_problem(vertices: np.ndarray, faces: np.ndarray) -> Optional[str]:
+    """Why a mesh cannot be measured, or None."""
+    if faces.ndim != 2 or faces.shape[1] != 3 or vertices.ndim != 2 or vertices.shape[1] != 3:
+        return f"is not a triangle mesh (vertices {vertices.shape}, faces {faces.shape})"
+    if len(faces) == 0:
+        return "has no faces"
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        return "has faces that refer to missing vertices"
+    tri = vertices[faces]
+    if not np.isfinite(tri).all():
+        return "has non-finite (NaN or infinite) vertex coordinates"
+    if not np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum() > 0:
+        return "has no area (every face is degenerate)"
+    return None
+
+
 def _load_mesh(mesh: MeshLike) -> tuple[Optional[tuple[np.ndarray, np.ndarray]], str]:
+    """(vertices float64, faces int64) and where they came from, or None and why there is no usable mesh."""
     if mesh is None:
         return None, "no mesh given"
+    advice = ""
     if isinstance(mesh, (str, Path)):
         path = Path(mesh)
         if not path.is_file():
             return None, f"{path} not found; run `carv3d export RUN_DIR` first"
         import trimesh
 
-        loaded = trimesh.load(path, force="mesh", process=False)
-        return (np.asarray(loaded.vertices), np.asarray(loaded.faces)), str(path)
-    if isinstance(mesh, tuple):
-        return (np.asarray(mesh[0]), np.asarray(mesh[1])), "(vertices, faces)"
-    return (np.asarray(mesh.vertices), np.asarray(mesh.faces)), type(mesh).__name__
+        source, advice = str(path), "; re-run `carv3d export RUN_DIR` to write it again"
+        try:
+            loaded = trimesh.load(path, force="mesh", process=False)
+            vertices, faces = loaded.vertices, loaded.faces
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways inside trimesh
+            return None, f"{path} could not be read as a mesh ({type(err).__name__}: {err}){advice}"
+    elif isinstance(mesh, tuple):
+        (vertices, faces), source = mesh, "(vertices, faces)"
+    else:
+        vertices, faces, source = mesh.vertices, mesh.faces, type(mesh).__name__
+    vertices, faces = np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64)
+    problem = _mesh_problem(vertices, faces)
+    return (None, f"{source} {problem}{advice}") if problem else ((vertices, faces), source)
 
 
 def chamfer_to_world(mesh: MeshLike, object_name: str, azimuth_offset_deg: float = 0.0, n_points: int = 20000,
@@ -204,14 +267,14 @@ def chamfer_to_world(mesh: MeshLike, object_name: str, azimuth_offset_deg: float
     """Chamfer distance between a mesh and the object's surface turned by ``−δ`` (the image alignment).
 
     Returns:
-        ``chamfer``, ``result_to_truth``, ``truth_to_result`` (None when there is no mesh), ``mesh``
-        (where it came from or why it is missing) and ``points`` per surface.
+        ``chamfer``, ``result_to_truth``, ``truth_to_result`` (None when there is no usable mesh: missing,
+        unreadable, without faces or area, or with non-finite vertices), ``mesh`` (where it came from or
+        why it is missing or unusable) and ``points`` per surface.
     """
     loaded, source = _load_mesh(mesh)
-    if loaded is None or len(loaded[1]) == 0:
-        note = source if loaded is None else f"{source} has no faces"
-        return {"chamfer": None, "result_to_truth": None, "truth_to_result": None, "mesh": note, "points": n_points}
-    rng = np.random.default_rng(seed)
+    if loaded is None:
+        return {"chamfer": None, "result_to_truth": None, "truth_to_result": None, "mesh": source, "points": n_points}
     truth_vertices, truth_faces = world_surface(object_name)
-    truth = rotate_about_y(sample_surface(truth_vertices, truth_faces, n_points, rng), -azimuth_offset_deg)
-    return {**chamfer_distance(sample_surface(*loaded, n_points, rng), truth), "mesh": source, "points": n_points}
+    truth = (rotate_about_y(truth_vertices, -azimuth_offset_deg), truth_faces)
+    rng = np.random.default_rng(seed)
+    return {**chamfer_distance(loaded, truth, n_points, rng), "mesh": source, "points": n_points}
