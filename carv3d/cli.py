@@ -51,10 +51,18 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from carv3d.outputs import write_turntable
     from carv3d.parts import load_scene
 
-    scene = load_scene(args.run_dir)
-    out = Path(args.out) if args.out else scene.run_dir / "turntable.mp4"
+    from carv3d.io import make_writable_folder
+    from carv3d.run_dir import require_run_dir
+
+    out = Path(args.out) if args.out else require_run_dir(args.run_dir) / "turntable.mp4"
     if out.exists() and not args.overwrite:
         raise OutputPathError(f"'{out}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
+    try:  # before the scene is loaded and rendered
+        make_writable_folder(out.parent)
+    except OSError as err:
+        raise OutputPathError(f"cannot write '{out}' ({err.strerror or err}); pass --out with a file in a "
+                              f"writable folder.") from None
+    scene = load_scene(args.run_dir)
     write_turntable(scene.field, scene.renderer, out, args.frames, args.resolution, args.fps)
     print(out)
     return 0

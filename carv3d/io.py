@@ -38,6 +38,20 @@ def _umask() -> int:
     return mask
 
 
+def make_writable_folder(folder: PathLike) -> Path:
+    """Create ``folder`` (and its parents) if missing and prove a file can be written in it.
+
+    Called before slow work whose result goes there, so a bad output path fails first. Creating and
+    removing a file is the only reliable test: permission bits say nothing about a read-only mount,
+    ``/proc``, or a parent that is a file. Raises the ``OSError`` (callers turn it into a user error).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        pass
+    return folder
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

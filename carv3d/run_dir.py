@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from carv3d.config import load_config, to_yaml
 from carv3d.errors import OutputPathError, RunDirError
-from carv3d.io import atomic_write_text
+from carv3d.io import atomic_write_text, make_writable_folder
 
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "run.json"
@@ -49,10 +49,8 @@ def create_run_dir(cfg: DictConfig) -> Path:
             f"Continue it with `carv3d train --resume {run_dir}`, or choose another train.run_name."
         )
     try:
-        run_dir.mkdir(parents=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        run_dir.mkdir(parents=True)  # not exist_ok: a run directory is never reused
+        make_writable_folder(run_dir)
     except OSError as err:
         raise OutputPathError(
             f"cannot create the run directory '{run_dir}' ({err.strerror}). "

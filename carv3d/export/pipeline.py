@@ -32,6 +32,7 @@ from carv3d.export.isosurface import EmptyMeshError, density_grid, extract_isosu
 from carv3d.export.sparse_grid import refine_grid
 from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
 from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
+from carv3d.io import make_writable_folder
 from carv3d.log import logger
 from carv3d.render.cameras import Cameras
 
@@ -137,20 +138,17 @@ def planned_files(out_dir: Path, formats: Sequence[str], textured: bool) -> dict
 def check_targets(files: dict[str, Path], overwrite: bool) -> None:
     """Raise :class:`OutputPathError` when a target exists (and ``overwrite`` is False) or is not writable.
 
-    The folder is created here (if missing), before the slow work: creating it is the only reliable
-    test that it can be (a parent that is a file, ``/proc``, a read-only mount, no permission).
+    The folder is created here (if missing) and a file written in it, before the slow work
+    (:func:`carv3d.io.make_writable_folder`).
     """
     out_dir = next(iter(files.values())).parent
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"the export folder '{out_dir}' is a file; choose another output folder (--out DIR).")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_writable_folder(out_dir)
     except OSError as err:
-        raise OutputPathError(f"cannot create the export folder '{out_dir}' ({err.strerror or err}); "
+        raise OutputPathError(f"cannot create the export folder '{out_dir}' or write in it ({err.strerror or err}); "
                               f"choose another output folder with --out DIR.") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputPathError(f"the export folder '{out_dir}' is not writable; choose another output folder "
-                              f"with --out DIR.")
     existing = [str(p) for p in files.values() if p.exists()]
     if existing and not overwrite:
         raise OutputPathError(f"export would overwrite {', '.join(existing)}; pass --overwrite "

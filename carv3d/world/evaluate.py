@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from carv3d.errors import OutputPathError, PromptError, UserError
+from carv3d.io import atomic_write_text, make_writable_folder
 from carv3d.render.cameras import Cameras, make_cameras
 from carv3d.world.metrics import MeshLike, chamfer_to_world, front_back_check, masked_colour_error, psnr, silhouette_iou
 from carv3d.world.objects import COLOURS, OBJECT_NAMES, OBJECTS, material_albedo
@@ -375,7 +375,6 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
         OutputPathError: ``out`` is a folder, exists and ``overwrite`` is False, or cannot be written
             (checked before the scene is loaded, and again when writing).
     """
-    from carv3d.io import atomic_write_text
     from carv3d.devices import resolve_device
     from carv3d.parts import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
@@ -401,8 +400,8 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
 
 def check_output_file(target: Path, overwrite: bool) -> None:
     """Fail early, before the slow part, when the JSON could not be written to ``target``: a folder, an
-    existing file without ``overwrite``, or a parent folder that cannot be created or written (a file
-    is created there and removed to find out). A missing parent folder is created."""
+    existing file without ``overwrite``, or a parent folder that cannot be created or written
+    (:func:`carv3d.io.make_writable_folder`). A missing parent folder is created."""
     if target.is_dir():
         raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
     if target.exists() and not overwrite:
@@ -412,9 +411,7 @@ def check_output_file(target: Path, overwrite: bool) -> None:
         raise OutputPathError(f"cannot write '{target}': '{folder}' is a file, not a folder; pass --out with a "
                               f"file in a folder.")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.stem}.probe-"):
-            pass
+        make_writable_folder(folder)
     except OSError as err:
         raise OutputPathError(f"cannot write '{target}': {err.strerror or err} in '{folder}'; pass --out with a "
                               f"file in a writable folder.") from None
