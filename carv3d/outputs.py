@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from carv3d.log import logger
-from carv3d.render.cameras import orbit_cameras
+from carv3d.cameras import orbit_cameras
 from carv3d.render.turntable import image_grid, render_turntable, write_image, write_video
 
 if TYPE_CHECKING:  # pragma: no cover

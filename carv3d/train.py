@@ -31,7 +31,7 @@ from carv3d.estimator.timing import StepTimer
 from carv3d.log import logger
 from carv3d.devices import resolve_device
 from carv3d.parts import build_field, build_renderer
-from carv3d.render.cameras import CameraSampler, view_labels
+from carv3d.cameras import CameraSampler, view_labels
 from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
 from carv3d.teacher import DiffusersTeacher, load_teacher
 from carv3d import outputs

@@ -150,7 +150,7 @@ class FrozenScene:
         self.seed = seed
 
     def camera_sampler(self, stratified_cameras: bool):
-        from carv3d.render.cameras import CameraSampler
+        from carv3d.cameras import CameraSampler
 
         sampler = CameraSampler.from_config(self.cfg.camera)
         sampler.stratified = stratified_cameras
@@ -158,7 +158,7 @@ class FrozenScene:
 
     def gradient(self, estimator, cameras_sampler, n_renders: int, step: int) -> tuple[torch.Tensor, float]:
         """One parameter-space gradient draw and its synchronised wall-clock cost."""
-        from carv3d.render.cameras import view_labels
+        from carv3d.cameras import view_labels
 
         cfg = self.cfg
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)

@@ -9,7 +9,7 @@ What one step is: configs/sd21.yaml's training step — a 64² render of the has
 upsampled to 512², VAE encode, one K-draw classifier-free-guided U-Net call of 2K rows, backward
 through encode and render, Adam — run by ``carv3d.train.Trainer.train_step`` itself, with the CARV
 estimator preset at a fixed K. The teacher is a random-weight model with SD 2.1-base's published
-shapes (``carv3d.teacher.random_sd``; ``--scale sd15`` for SD 1.5), saved with ``save_pretrained``
+shapes (``carv3d.testing.random_sd``; ``--scale sd15`` for SD 1.5), saved with ``save_pretrained``
 into a temporary folder and loaded through ``teacher.pretrained=<folder>``: the measured code is
 carv3d's own. Configurations: K ∈ {1, 4, 8, 16} × hash grid {torch, tcnn} × sampler {stratified,
 occupancy_grid} × teacher {eager, fast}; an unavailable backend is recorded as such.
@@ -305,8 +305,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, Path]:
-    from carv3d.teacher.random_sd import build_random_stable_diffusion
-    from carv3d.teacher.tiny import build_tiny_stable_diffusion
+    from carv3d.testing.random_sd import build_random_stable_diffusion
+    from carv3d.testing.tiny_teachers import build_tiny_stable_diffusion
 
     holder = None
     if args.model_dir:

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
     from carv3d.config import load_config
     from carv3d.log import setup_logging
-    from carv3d.render.cameras import view_labels
+    from carv3d.cameras import view_labels
     from carv3d.train import Trainer
 
     setup_logging()

@@ -3,7 +3,7 @@
 
 The world (:mod:`carv3d.world`) is rendered from random cameras; each image gets the prompt
 ``"a {colour} {object}, {view} view"`` with the view word from carv3d's one rule
-(:func:`carv3d.render.cameras.view_label`). The model is a diffusers ``UNet2DConditionModel`` on
+(:func:`carv3d.cameras.view_label`). The model is a diffusers ``UNet2DConditionModel`` on
 32 × 32 RGB in [−1, 1] with a small ``CLIPTextModel`` trained jointly from scratch, v-prediction on
 DDPM's linear schedule (β from 1e-4 to 0.02 over T = 1000 steps):
 
@@ -151,7 +151,7 @@ class WorldImages:
 
 def render_images(world: types.ModuleType, per_object: int, seed: int, preset: Preset, device: torch.device) -> WorldImages:
     """Trace ``per_object`` view-balanced cameras (seeded, drawn on CPU) of every object."""
-    from carv3d.render.cameras import VIEW_LABELS
+    from carv3d.cameras import VIEW_LABELS
 
     generator = torch.Generator().manual_seed(seed)
     weights, coverage, objects, views = [], [], [], []
@@ -175,7 +175,7 @@ class PromptTable:
     """
 
     def __init__(self, world: types.ModuleType, tokenizer: Any, device: torch.device):
-        from carv3d.render.cameras import VIEW_LABELS
+        from carv3d.cameras import VIEW_LABELS
 
         self.n_objects, self.n_views = len(world.OBJECT_NAMES), len(VIEW_LABELS)
         self.texts = [world.format_prompt(c, o, v) for c in world.COLOUR_NAMES for o in world.OBJECT_NAMES
@@ -317,7 +317,7 @@ def denoising_report(world: types.ModuleType, unet: Any, text_encoder: Any, imag
     with a wrong object, and (front/back images of objects whose front differs from their back) with
     the opposite view; against the best constant predictors: ε̂ = 0 (error E ε² ≈ 1) and the best
     constant image c = mean x₀, ε̂ = (x_t − √ᾱ c) / √(1 − ᾱ)."""
-    from carv3d.render.cameras import VIEW_LABELS
+    from carv3d.cameras import VIEW_LABELS
 
     device = images.objects.device
     generator = torch.Generator(device).manual_seed(seed + 2)
@@ -470,7 +470,7 @@ Renders: sphere tracing (`carv3d/world/raytrace.py`, marching inside a ball of r
 ## Data
 Cameras look at the origin: distance U{cams.distance}, fovy U{cams.fovy}°, elevation in
 {cams.elevation}°. The view word is drawn first, with probabilities {VIEW_PROBABILITIES}, then the camera
-uniformly in its region; words follow carv3d's rule (`carv3d.render.cameras.view_label`): overhead
+uniformly in its region; words follow carv3d's rule (`carv3d.cameras.view_label`): overhead
 above {cams.overhead_elevation}° elevation, else front for |azimuth| < {cams.front_half_angle}°,
 back for |azimuth| > {180 - cams.front_half_angle}°, side otherwise. {pre['renders_per_object']} cameras per
 object ({info['data']['n_train_images']} traced images), recoloured in a random colour every time one is drawn.

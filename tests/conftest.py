@@ -29,7 +29,7 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     64×64 images ↔ (4, 8, 8) latents; text embeddings (77, 32). Treat the folder as read-only.
     """
-    from carv3d.teacher.tiny import build_tiny_stable_diffusion
+    from carv3d.testing.tiny_teachers import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "pipeline", seed=0)
 
@@ -46,7 +46,7 @@ def tiny_teacher(tiny_sd_path: Path):
 @pytest.fixture(scope="session")
 def tiny_pixel_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random pixel-space teacher (unet/ on 3 channels at 16 px, no vae/), seed 0."""
-    from carv3d.teacher.tiny import build_tiny_pixel_teacher
+    from carv3d.testing.tiny_teachers import build_tiny_pixel_teacher
 
     return build_tiny_pixel_teacher(tmp_path_factory.mktemp("tiny_pixel") / "teacher", seed=0, image_size=16)
 

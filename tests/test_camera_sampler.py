@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from carv3d.render.cameras import CameraSampler
+from carv3d.cameras import CameraSampler
 
 STRATA = 8
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carv3d.render.cameras import make_cameras
+from carv3d.cameras import make_cameras
 from carv3d.world import (
     COLOUR_NAMES,
     OBJECT_NAMES,

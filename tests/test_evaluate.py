@@ -24,7 +24,7 @@ import torch
 
 from carv3d.cli import main
 from carv3d.errors import OutputPathError, UserError
-from carv3d.render.cameras import orbit_cameras
+from carv3d.cameras import orbit_cameras
 from carv3d.render.renderer import VolumeRenderer
 from carv3d.world.evaluate import (DISTANCE, EvaluationOptionError, NotAWorldPromptError, WorldField, _truth_masks,
                                    evaluate_scene, format_summary, held_out_cameras, match_object, render_result,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from carv3d.render.cameras import make_cameras, orbit_cameras
+from carv3d.cameras import make_cameras, orbit_cameras
 from carv3d.render.rays import camera_rays, ray_box_intersect
 from carv3d.render.sampling import RaySegments, stratified_samples
 

@@ -19,7 +19,7 @@ from carv3d.config import Config
 from carv3d.errors import BackendUnavailableError, UserError
 from carv3d.log import logger
 from carv3d.render.background import Background
-from carv3d.render.cameras import orbit_cameras
+from carv3d.cameras import orbit_cameras
 from carv3d.render.compositing import compute_weights
 from carv3d.render.occupancy import OccupancyGridSampler
 from carv3d.render.renderer import VolumeRenderer, select_sampler

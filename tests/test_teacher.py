@@ -33,7 +33,7 @@ from carv3d.teacher import (
     write_word_level_clip_tokenizer,
 )
 from carv3d.teacher import loading
-from carv3d.teacher.tiny import make_tiny_stable_diffusion_pipeline
+from carv3d.testing.tiny_teachers import make_tiny_stable_diffusion_pipeline
 
 PROMPT, NEGATIVE = "a red cube", "blue"
 F32 = dict(rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from carv3d.errors import PromptError, UserError
-from carv3d.render.cameras import VIEW_LABELS, make_cameras, view_label
+from carv3d.cameras import VIEW_LABELS, make_cameras, view_label
 from carv3d.render.rays import camera_rays
 from carv3d.world import (
     AMBIENT,

@@ -34,7 +34,7 @@ from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
 from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
 from carv3d.io import make_writable_folder
 from carv3d.log import logger
-from carv3d.render.cameras import Cameras
+from carv3d.cameras import Cameras
 
 FORMATS = ("glb", "ply", "obj")
 TEXTURED_FORMATS = ("glb", "obj")

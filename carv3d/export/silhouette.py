@@ -22,7 +22,7 @@ import torch
 
 from carv3d.export.isosurface import field_device
 from carv3d.export.raster import coverage
-from carv3d.render.cameras import Cameras, make_cameras
+from carv3d.cameras import Cameras, make_cameras
 from carv3d.render.rays import camera_rays as render_rays
 
 

@@ -27,7 +27,7 @@ import torch
 from carv3d.export.isosurface import EmptyMeshError, density_grid, resample_grid
 from carv3d.export.silhouette import fibonacci_cameras, grid_projections, mesh_silhouettes, silhouette_iou
 from carv3d.log import logger
-from carv3d.render.cameras import Cameras
+from carv3d.cameras import Cameras
 
 OpacityFn = Callable[[Cameras], torch.Tensor]  # cameras -> (B, H, W) opacity in [0, 1]
 

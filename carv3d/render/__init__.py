@@ -1,4 +1,4 @@
-"""Rendering: cameras, rays, samplers, compositing, shading, backgrounds and turntables.
+"""Rendering (cameras live in :mod:`carv3d.cameras`): rays, samplers, compositing, shading, backgrounds and turntables.
 
 The batched torch path (stratified samples, nerfacc's batched compositing) runs on any device;
 nerfacc's occupancy-grid path runs on CUDA tensors only. :func:`select_sampler` is the one place
@@ -6,7 +6,6 @@ that chooses between them.
 """
 
 from carv3d.render.background import Background
-from carv3d.render.cameras import CameraSampler, Cameras, orbit_cameras, view_label, view_labels
 from carv3d.render.compositing import accumulate, compute_weights, expected_depth
 from carv3d.render.occupancy import OccupancyGridSampler
 from carv3d.render.rays import camera_rays, ray_box_intersect
@@ -17,8 +16,6 @@ from carv3d.render.turntable import image_grid, render_turntable, to_uint8, writ
 
 __all__ = [
     "Background",
-    "CameraSampler",
-    "Cameras",
     "OccupancyGridSampler",
     "RayOutput",
     "RaySegments",
@@ -29,7 +26,6 @@ __all__ = [
     "compute_weights",
     "expected_depth",
     "image_grid",
-    "orbit_cameras",
     "ray_box_intersect",
     "render_turntable",
     "sample_light_directions",
@@ -37,8 +33,6 @@ __all__ = [
     "shade",
     "stratified_samples",
     "to_uint8",
-    "view_label",
-    "view_labels",
     "write_image",
     "write_video",
 ]

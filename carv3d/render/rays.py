@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from carv3d.render.cameras import Cameras
+from carv3d.cameras import Cameras
 
 
 def camera_rays(cameras: Cameras, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ from torch import nn
 from carv3d.errors import BackendUnavailableError
 from carv3d.log import logger
 from carv3d.render.background import Background
-from carv3d.render.cameras import Cameras
+from carv3d.cameras import Cameras
 from carv3d.render.compositing import accumulate, compute_weights, expected_depth
 from carv3d.render.occupancy import OccupancyGridSampler
 from carv3d.render.rays import camera_rays, ray_box_intersect

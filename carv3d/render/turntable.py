@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from carv3d.io import atomic_path
-from carv3d.render.cameras import orbit_cameras
+from carv3d.cameras import orbit_cameras
 from carv3d.render.renderer import VolumeRenderer
 
 ImageArray = Union[np.ndarray, torch.Tensor]

@@ -20,7 +20,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
-# View label (carv3d.render.cameras.VIEW_LABELS) → prompt suffix.
+# View label (carv3d.cameras.VIEW_LABELS) → prompt suffix.
 VIEW_SUFFIXES: dict[str, str] = {
     "front": ", front view",
     "side": ", side view",

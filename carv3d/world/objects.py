@@ -1,6 +1,6 @@
 """The objects of the embedded world: analytic signed distance functions with materials and colours.
 
-Every object is an SDF ``f: R³ → R`` in carv3d's canonical pose (see :mod:`carv3d.render.cameras`):
+Every object is an SDF ``f: R³ → R`` in carv3d's canonical pose (see :mod:`carv3d.cameras`):
 +Y is up and the object's *front* faces +Z, so a camera at azimuth 0 sees the front. ``f(p) < 0``
 inside, ``f(p) > 0`` outside, and ``|f(p)|`` is the distance to the surface or a lower bound of it
 (ellipsoids and intersections of half-spaces are bounds), which is all sphere tracing needs. Every

@@ -2,7 +2,7 @@
 
 The grammar is ``[a|an] <colour> <object>[, <view> view]`` with the words of
 :data:`carv3d.world.objects.COLOURS`, :data:`carv3d.world.objects.OBJECTS` and the view words of
-:data:`carv3d.render.cameras.VIEW_LABELS`; the view suffix is exactly the one carv3d's teachers append
+:data:`carv3d.cameras.VIEW_LABELS`; the view suffix is exactly the one carv3d's teachers append
 (:data:`carv3d.teacher.base.VIEW_SUFFIXES`: ``", front view"``). Words are case-insensitive and
 punctuation is ignored when parsing.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from carv3d.errors import PromptError
-from carv3d.render.cameras import VIEW_LABELS
+from carv3d.cameras import VIEW_LABELS
 from carv3d.world.objects import COLOUR_NAMES, OBJECT_NAMES
 
 ARTICLES = ("a", "an")

@@ -1,7 +1,7 @@
 """Ground-truth renders of the embedded world: batched sphere tracing with carv3d's cameras.
 
 Rays come from :func:`carv3d.render.rays.camera_rays` (pixel centres, OpenGL camera axes), so a world
-render and a NeRF render of the same :class:`~carv3d.render.cameras.Cameras` line up pixel for pixel.
+render and a NeRF render of the same :class:`~carv3d.cameras.Cameras` line up pixel for pixel.
 Each ray ``o + t·d`` (``|d| = 1``) is clipped to the bounding ball ``|p| ≤ R`` and marched with
 
     t_{k+1} = min(t_k + f(o + t_k d), t_exit),
@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from carv3d.render.cameras import Cameras, make_cameras, view_labels
+from carv3d.cameras import Cameras, make_cameras, view_labels
 from carv3d.render.rays import camera_rays
 from carv3d.render.shading import shade
 from carv3d.world.objects import MATERIAL_ALBEDO, MATERIAL_NAMES, OBJECTS, colour_rgb
@@ -229,7 +229,7 @@ def render_world(objects: Union[str, Sequence[str]], colours: Union[str, Sequenc
 class WorldCameraRanges:
     """The camera distribution of the teacher's training images (degrees and scene units).
 
-    The view words follow :func:`carv3d.render.cameras.view_label` with these thresholds.
+    The view words follow :func:`carv3d.cameras.view_label` with these thresholds.
     """
 
     elevation: tuple[float, float] = (-10.0, 90.0)
@@ -258,7 +258,7 @@ def sample_world_cameras(n: int, generator: torch.Generator, ranges: WorldCamera
 
     Returns:
         cameras: n cameras (CPU).
-        labels: their view words, from :func:`carv3d.render.cameras.view_labels` (the one rule).
+        labels: their view words, from :func:`carv3d.cameras.view_labels` (the one rule).
     """
     probs = view_probabilities or VIEW_PROBABILITIES
     words = list(probs)

@@ -34,7 +34,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from carv3d.teacher.tiny import TINY_WORDS
+from carv3d.testing.tiny_teachers import TINY_WORDS
 from carv3d.teacher.tokenizer import write_word_level_clip_tokenizer
 
 SCALES = ("sd21", "sd15")
