@@ -35,11 +35,20 @@ from carv3d.estimator.accounting import (
 from carv3d.estimator.adaptive import AdaptiveSecondMoment, defensive_mixture
 from carv3d.estimator.estimator import (
     EstimateResult,
-    PredictNoise,
     ScoreDistillationEstimator,
     add_noise,
     build_estimator,
     piecewise_linear,
+)
+from carv3d.estimator.guidance import (
+    GUIDANCES,
+    ClassifierScoreDistillation,
+    Draws,
+    Guidance,
+    NoisePredictor,
+    PredictNoise,
+    ScoreDistillation,
+    build_guidance,
 )
 from carv3d.estimator.timesteps import (
     PROPOSALS,
@@ -54,6 +63,13 @@ from carv3d.estimator.timing import StepTimer
 
 __all__ = [
     "AdaptiveSecondMoment",
+    "ClassifierScoreDistillation",
+    "Draws",
+    "GUIDANCES",
+    "Guidance",
+    "NoisePredictor",
+    "ScoreDistillation",
+    "build_guidance",
     "AnovaSplit",
     "AutoNoiseDraws",
     "EstimateResult",

@@ -41,24 +41,20 @@ With R = K = 1, the uniform proposal and no stratification, these are threestudi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
 from carv3d.estimator.accounting import AnovaSplit, AutoNoiseDraws
 from carv3d.estimator.adaptive import AdaptiveSecondMoment
+from carv3d.estimator.guidance import (Draws, Guidance, NoisePredictor, PredictNoise, ScoreDistillation, as_predictor,
+                                       build_guidance)
 from carv3d.estimator.timesteps import TimestepDistribution
 from carv3d.estimator.timing import StepTimer
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
-
-PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``predict_noise(x_t: (N, ...), t: (N,) long, upstream_index: (N,) long) -> eps_hat: (N, ...)``.
-``upstream_index[n]`` is the row r of the upstream sample row n was noised from (for per-render
-conditioning such as view-dependent prompts). Called under ``torch.no_grad()``."""
 
 Stat = Union[float, torch.Tensor]
 
@@ -130,6 +126,7 @@ class ScoreDistillationEstimator:
         t_max_schedule: [[step, t_max], ...] for :func:`piecewise_linear`; empty keeps t_max fixed.
         accounting_every: window (steps) of the ANOVA and timers when ``auto`` is not given.
         timer: the :class:`StepTimer`; the loop times its upstream with ``estimator.timer("upstream")``.
+        guidance: the residual per draw (:mod:`carv3d.estimator.guidance`); default SDS.
     """
 
     def __init__(
@@ -144,8 +141,10 @@ class ScoreDistillationEstimator:
         t_max_schedule: Sequence[Sequence[float]] = (),
         accounting_every: int = 50,
         timer: Optional[StepTimer] = None,
+        guidance: Optional[Guidance] = None,
     ) -> None:
         self.distribution = distribution
+        self.guidance = guidance if guidance is not None else ScoreDistillation()
         if noise_draws == "auto":
             self.auto = auto if auto is not None else AutoNoiseDraws(4, every=accounting_every)
         elif isinstance(noise_draws, int) and noise_draws >= 1:
@@ -217,7 +216,7 @@ class ScoreDistillationEstimator:
     def estimate(
         self,
         upstream: torch.Tensor,
-        predict_noise: PredictNoise,
+        predict_noise: Union[NoisePredictor, PredictNoise],
         generator: torch.Generator,
         step: int = 0,
         max_batch: Optional[int] = None,
@@ -226,7 +225,8 @@ class ScoreDistillationEstimator:
 
         Args:
             upstream: x: (R, ...), carries the graph to the parameters.
-            predict_noise: see :data:`PredictNoise`; called once with N = R·K rows (or in chunks of
+            predict_noise: the teacher, a :class:`NoisePredictor` or a plain :data:`PredictNoise`
+                function (enough for SDS); called with N = R·K rows at once (or in chunks of
                 ``max_batch`` rows when given).
             generator: every draw of the step (see the module docstring for their order).
             step: the training step (schedules, adaptive refreshes, the K controller's windows).
@@ -249,13 +249,11 @@ class ScoreDistillationEstimator:
             x_rep = x if K == 1 else x.repeat_interleave(K, dim=0)
             x_t = add_noise(dist.alphas_cumprod, x_rep, noise, t_flat)
             upstream_index = torch.arange(R, device=x.device).repeat_interleave(K)
+            draws = Draws(x_rep, x_t, t_flat, noise, upstream_index)
             with self.timer("teacher"):
-                eps_hat = self._call_teacher(predict_noise, x_t, t_flat, upstream_index, max_batch)
-            if eps_hat.shape != x_t.shape:
-                raise ValueError(f"predict_noise returned shape {tuple(eps_hat.shape)} for input {tuple(x_t.shape)}")
+                residual = self.guidance.residual(draws, as_predictor(predict_noise), max_batch)  # (N, ...)
             self.timer.add_count("renders", R)
             self.timer.add_count("draws", N)
-            residual = eps_hat - noise  # (N, ...)
             coef = dist.coefficient(t_flat).to(x.device)  # (p/q)·w: (N,)
             weighted = coef.reshape((N,) + (1,) * (x.dim() - 1)) * residual  # f: (N, ...)
             g = weighted.reshape(R, K, *x.shape[1:]).mean(1)
@@ -272,17 +270,6 @@ class ScoreDistillationEstimator:
         if self.auto.due(step):
             self._close_window(step)
         return EstimateResult(latent_gradient=g, surrogate=surrogate, stats=stats, timesteps=t)
-
-    @staticmethod
-    def _call_teacher(
-        predict_noise: PredictNoise, x_t: torch.Tensor, t: torch.Tensor, index: torch.Tensor, max_batch: Optional[int]
-    ) -> torch.Tensor:
-        N = x_t.shape[0]
-        if max_batch is None or N <= max_batch:
-            return predict_noise(x_t, t, index)
-        chunks = [predict_noise(x_t[i : i + max_batch], t[i : i + max_batch], index[i : i + max_batch])
-                  for i in range(0, N, max_batch)]
-        return torch.cat(chunks)
 
     def _stats(self, R: int, K: int, t: torch.Tensor, ratio: torch.Tensor, mean_square: torch.Tensor) -> dict[str, Stat]:
         """Per-step scalars; tensors are not read here (no host sync)."""
@@ -312,6 +299,7 @@ class ScoreDistillationEstimator:
             "auto": self.auto.state_dict(),
             "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
             "last_refresh": self._last_refresh,
+            "guidance": self.guidance.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,6 +311,7 @@ class ScoreDistillationEstimator:
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state["adaptive"])
         self._last_refresh = state["last_refresh"]
+        self.guidance.load_state_dict(state.get("guidance", {}))
         self.anova.reset()
         self.timer.reset()
 
@@ -333,56 +322,41 @@ class ScoreDistillationEstimator:
         return proposal_figure(self.distribution, self.adaptive)
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def build_estimator(estimator_cfg: Any, alphas_cumprod: torch.Tensor, device: Any = None,
+                    guidance_cfg: Any = None) -> ScoreDistillationEstimator:
+    """The estimator an ``estimator`` config section describes (``carv3d.config.EstimatorConfig``).
 
-
-def build_estimator(estimator_cfg: Any, alphas_cumprod: torch.Tensor, device: Any = None) -> ScoreDistillationEstimator:
-    """The estimator described by an ``estimator`` config section.
-
-    Reads (``carv3d.config.EstimatorConfig``; an OmegaConf node, the dataclass or a plain mapping):
-    ``noise_draws`` (int or "auto"), ``proposal``, ``stratified``, ``weighting``, ``t_min``, ``t_max``,
-    ``t_max_schedule``, ``gradient_clip``, ``min_noise_draws``, ``max_noise_draws``, ``auto_every``,
-    ``auto_smoothing``, ``adaptive_bins``, ``adaptive_refresh_every``, ``adaptive_defensive_mixture``.
-    Presets (``estimator.preset``) are resolved by ``carv3d.config.load_config`` before this is called.
-    With ``auto``, K starts at 4 (clamped to the bounds). ``upstream_samples`` (R) is the caller's:
-    the estimator takes R from the upstream tensor.
+    Every field is read from the typed section (its defaults live there, once); presets
+    (``estimator.preset``) are resolved by ``carv3d.config.load_config`` before this is called.
+    With ``noise_draws="auto"``, K starts at 4 (clamped to the bounds). ``upstream_samples`` (R) is
+    the caller's: the estimator takes R from the upstream tensor. ``guidance_cfg`` is the
+    ``guidance`` section (its ``type``); None = SDS.
     """
+    cfg = estimator_cfg
     device = torch.device(device) if device is not None else alphas_cumprod.device
-    proposal = str(_get(estimator_cfg, "proposal", "uniform"))
     distribution = TimestepDistribution(
-        alphas_cumprod.to(device),
-        t_min=float(_get(estimator_cfg, "t_min", 0.02)),
-        t_max=float(_get(estimator_cfg, "t_max", 0.98)),
-        weighting=str(_get(estimator_cfg, "weighting", "sds")),
-        proposal=proposal,
-        defensive=float(_get(estimator_cfg, "adaptive_defensive_mixture", 0.3)),
-        device=device,
+        alphas_cumprod.to(device), t_min=float(cfg.t_min), t_max=float(cfg.t_max), weighting=str(cfg.weighting),
+        proposal=str(cfg.proposal), defensive=float(cfg.adaptive_defensive_mixture), device=device,
     )
-    every = int(_get(estimator_cfg, "auto_every", 50))
-    noise_draws: Union[int, str] = _get(estimator_cfg, "noise_draws", 1)
-    if isinstance(noise_draws, str) and noise_draws.strip().isdigit():
-        noise_draws = int(noise_draws)
+    every = int(cfg.auto_every)
+    noise_draws: Union[int, str] = cfg.noise_draws
     auto = None
     if noise_draws == "auto":
-        lo, hi = int(_get(estimator_cfg, "min_noise_draws", 2)), int(_get(estimator_cfg, "max_noise_draws", 16))
-        auto = AutoNoiseDraws(4, min_draws=lo, max_draws=hi, every=every,
-                              smoothing=float(_get(estimator_cfg, "auto_smoothing", 0.9)))
+        auto = AutoNoiseDraws(4, min_draws=int(cfg.min_noise_draws), max_draws=int(cfg.max_noise_draws), every=every,
+                              smoothing=float(cfg.auto_smoothing))
     adaptive = None
-    if proposal == "adaptive":
-        adaptive = AdaptiveSecondMoment(distribution.num_timesteps, int(_get(estimator_cfg, "adaptive_bins", 20)), device=device)
-    schedule = _get(estimator_cfg, "t_max_schedule", None) or []
+    if distribution.proposal == "adaptive":
+        adaptive = AdaptiveSecondMoment(distribution.num_timesteps, int(cfg.adaptive_bins), device=device)
     return ScoreDistillationEstimator(
         distribution,
         noise_draws=noise_draws,
-        stratified=bool(_get(estimator_cfg, "stratified", False)),
-        gradient_clip=float(_get(estimator_cfg, "gradient_clip", 0.0)),
+        stratified=bool(cfg.stratified),
+        gradient_clip=float(cfg.gradient_clip),
         auto=auto,
         adaptive=adaptive,
-        adaptive_refresh_every=int(_get(estimator_cfg, "adaptive_refresh_every", 50)),
-        t_max_schedule=[list(point) for point in schedule],
+        adaptive_refresh_every=int(cfg.adaptive_refresh_every),
+        t_max_schedule=[list(point) for point in cfg.t_max_schedule],
         accounting_every=every,
         timer=StepTimer(device),
+        guidance=build_guidance(guidance_cfg),
     )
