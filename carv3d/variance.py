@@ -27,8 +27,6 @@ draws are part of the reference); a bias b adds ‖b‖² to the numerator and g
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from dataclasses import dataclass, field as dc_field
@@ -39,10 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from carv3d.errors import ConfigError, OutputPathError
 from carv3d.estimator import build_estimator
-from carv3d.io import atomic_path, atomic_write_text
-from carv3d.log import logger
+from carv3d.io import atomic_path
 
 # Timestep methods: (proposal, stratified t). "carv" adds camera stratification across renders.
 METHODS: dict[str, dict[str, Any]] = {
@@ -113,17 +109,6 @@ class WindowMeans:
     def scaled_trace(self) -> Optional[float]:
         """W · tr Cov(window mean), or None with fewer than two complete windows."""
         return self.window * self.stats.trace if self.stats.count >= 2 else None
-
-
-def parse_rk(text: str) -> list[tuple[int, int]]:
-    pairs = []
-    for item in text.split(","):
-        try:
-            r, k = item.lower().split("x")
-            pairs.append((int(r), int(k)))
-        except ValueError:
-            raise ConfigError(f"--rk expects pairs like 2x1,1x8 (R x K); got '{item}'.") from None
-    return pairs
 
 
 class FrozenScene:
@@ -309,75 +294,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-
-
-def add_variance_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = "Variance and cost of each estimator at a frozen scene (a run's checkpoint or a config's initial scene)."
-    p.add_argument("run_dir", nargs="?", help="a run directory (its latest checkpoint); omit to use --config/--prompt's initial scene")
-    p.add_argument("--config", help="config file for the initial scene")
-    p.add_argument("--prompt", help="prompt for the initial scene")
-    p.add_argument("--draws", type=int, default=32, help="gradients per estimator (M)")
-    p.add_argument("--pilot", type=int, default=16, help="gradients to learn the adaptive proposal before measuring")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
-    p.add_argument("--rk", default=",".join(f"{r}x{k}" for r, k in DEFAULT_RK), help="R x K pairs, e.g. 2x1,1x8")
-    p.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
-    p.add_argument("--window", type=int, default=0,
-                   help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="variance.json", help="JSON report path (a PNG plot is written beside it)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-
-def variance_command(args: argparse.Namespace) -> str:
-    from carv3d.config import load_config
-    from carv3d.devices import resolve_device
-
-    if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
-        args.overrides = [args.run_dir, *args.overrides]  # argparse gave the first key=value to RUN_DIR
-        args.run_dir = None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
-    if args.draws < 2:
-        raise ConfigError("--draws must be at least 2 to estimate a variance.")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
-    field_state = renderer_state = None
-    source: dict[str, Any]
-    if args.run_dir:
-        from carv3d.checkpoint import latest_checkpoint, load_checkpoint
-        from carv3d.run_dir import load_run_config, require_run_dir
-
-        run_dir = require_run_dir(args.run_dir)
-        cfg = load_run_config(run_dir, args.overrides)
-        ckpt = latest_checkpoint(run_dir)
-        state = load_checkpoint(ckpt)
-        field_state, renderer_state = state["field"], state["renderer"]
-        source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
-    else:
-        cfg = load_config(args.config, args.overrides, args.prompt)
-        if not cfg.prompt.strip():
-            raise ConfigError("carv3d variance needs a run directory or a prompt (--prompt or prompt=...).")
-        source = {"initial_scene": True, "config": args.config}
-    device = resolve_device(args.device if args.device != "auto" else cfg.train.device)
-    scene = FrozenScene(cfg, device, field_state, renderer_state, seed=args.seed)
-    if field_state is not None:
-        scene.field.to(device)
-    if args.window and args.draws < 2 * args.window:
-        raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
-    report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
-                     camera_stratified=args.camera_stratified, window=args.window)
-    report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
-    atomic_write_text(out, json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    logger.info("variance report: %s (plot %s)", out, out.with_suffix(".png"))
-    return format_table(report)
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     from carv3d.config import load_config
     from carv3d.log import setup_logging
     from carv3d.train import resume, train
-    from carv3d.variance import FrozenScene, format_table, measure, parse_rk, plot
+    from carv3d.commands.variance import parse_rk
+    from carv3d.variance import FrozenScene, format_table, measure, plot
 
     setup_logging()
     name = f"variance-{int(time.time())}"

@@ -449,10 +449,3 @@ def format_summary(result: dict[str, Any]) -> str:
     else:
         rows.append(f"  front/back           n/a ({fb['reason']})")
     return "\n".join(rows)
-
-
-def evaluate_command(run_dir: str, views: int = 16, resolution: int = 64, out: Optional[str] = None,
-                     overwrite: bool = False, device: str = "auto") -> str:
-    """`carv3d evaluate`: :func:`evaluate_run`, then the summary table and where the JSON went."""
-    result, target = evaluate_run(run_dir, views, resolution, out, overwrite, device)
-    return f"{format_summary(result)}\nwrote {target}"

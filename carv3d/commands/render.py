@@ -1,0 +1,48 @@
+"""`carv3d render RUN_DIR`: a turntable video of a run's saved scene."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+NAME = "render"
+HELP = "render a turntable video of a run"
+DESCRIPTION = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir")
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--fps", type=int, default=24)
+    parser.add_argument("--out", default=None, help="output .mp4 (default RUN_DIR/turntable.mp4)")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: int = 24, out: Optional[str] = None,
+                   overwrite: bool = False) -> Path:
+    """Check the output path (before the scene is loaded and rendered), then write the turntable."""
+    from carv3d.errors import OutputPathError
+    from carv3d.io import make_writable_folder
+    from carv3d.outputs import write_turntable
+    from carv3d.parts import load_scene
+    from carv3d.run_dir import require_run_dir
+
+    target = Path(out) if out else require_run_dir(run_dir) / "turntable.mp4"
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
+    try:  # before the scene is loaded and rendered
+        make_writable_folder(target.parent)
+    except OSError as err:
+        raise OutputPathError(f"cannot write '{target}' ({err.strerror or err}); pass --out with a file in a "
+                              f"writable folder.") from None
+    scene = load_scene(run_dir)
+    write_turntable(scene.field, scene.renderer, target, frames, resolution, fps)
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    print(render_command(args.run_dir, frames=args.frames, resolution=args.resolution, fps=args.fps, out=args.out,
+                         overwrite=args.overwrite))
+    return 0

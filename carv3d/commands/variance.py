@@ -1,0 +1,113 @@
+"""`carv3d variance [RUN_DIR]`: variance and cost of each estimator at a frozen scene.
+
+The measurement is :mod:`carv3d.variance`; this module parses the grid, picks the scene (a run's
+latest checkpoint, or a config's initial scene), and writes the JSON report and its plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from carv3d.errors import ConfigError
+
+NAME = "variance"
+HELP = "measure estimator variance and cost at a frozen scene"
+DESCRIPTION = "Variance and cost of each estimator at a frozen scene (a run's checkpoint or a config's initial scene)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from carv3d.variance import DEFAULT_RK, METHODS
+
+    parser.add_argument("run_dir", nargs="?", help="a run directory (its latest checkpoint); omit to use --config/--prompt's initial scene")
+    parser.add_argument("--config", help="config file for the initial scene")
+    parser.add_argument("--prompt", help="prompt for the initial scene")
+    parser.add_argument("--draws", type=int, default=32, help="gradients per estimator (M)")
+    parser.add_argument("--pilot", type=int, default=16, help="gradients to learn the adaptive proposal before measuring")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
+    parser.add_argument("--rk", default=",".join(f"{r}x{k}" for r, k in DEFAULT_RK), help="R x K pairs, e.g. 2x1,1x8")
+    parser.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
+    parser.add_argument("--window", type=int, default=0,
+                        help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="variance.json", help="JSON report path (a PNG plot is written beside it)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def parse_rk(text: str) -> list[tuple[int, int]]:
+    """``"2x1,1x8"`` → ``[(2, 1), (1, 8)]`` (R renders × K noise draws)."""
+    pairs = []
+    for item in text.split(","):
+        try:
+            r, k = item.lower().split("x")
+            pairs.append((int(r), int(k)))
+        except ValueError:
+            raise ConfigError(f"--rk expects pairs like 2x1,1x8 (R x K); got '{item}'.") from None
+    return pairs
+
+
+def variance_command(args: argparse.Namespace) -> str:
+    """Check the arguments and the output path, build the frozen scene, measure, write the JSON report
+    and its plot; returns the table."""
+    import torch
+
+    from carv3d.config import load_config
+    from carv3d.devices import resolve_device
+    from carv3d.errors import OutputPathError
+    from carv3d.io import atomic_write_text
+    from carv3d.log import logger
+    from carv3d.variance import METHODS, FrozenScene, format_table, measure, plot
+
+    if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
+        args.overrides = [args.run_dir, *args.overrides]  # argparse gave the first key=value to RUN_DIR
+        args.run_dir = None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
+    if args.draws < 2:
+        raise ConfigError("--draws must be at least 2 to estimate a variance.")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
+    field_state = renderer_state = None
+    source: dict[str, Any]
+    if args.run_dir:
+        from carv3d.checkpoint import latest_checkpoint, load_checkpoint
+        from carv3d.run_dir import load_run_config, require_run_dir
+
+        run_dir = require_run_dir(args.run_dir)
+        cfg = load_run_config(run_dir, args.overrides)
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt)
+        field_state, renderer_state = state["field"], state["renderer"]
+        source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
+    else:
+        cfg = load_config(args.config, args.overrides, args.prompt)
+        if not cfg.prompt.strip():
+            raise ConfigError("carv3d variance needs a run directory or a prompt (--prompt or prompt=...).")
+        source = {"initial_scene": True, "config": args.config}
+    device = resolve_device(args.device if args.device != "auto" else cfg.train.device)
+    scene = FrozenScene(cfg, device, field_state, renderer_state, seed=args.seed)
+    if field_state is not None:
+        scene.field.to(device)
+    if args.window and args.draws < 2 * args.window:
+        raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
+    report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
+                     camera_stratified=args.camera_stratified, window=args.window)
+    report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
+    atomic_write_text(out, json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    logger.info("variance report: %s (plot %s)", out, out.with_suffix(".png"))
+    return format_table(report)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(variance_command(args))
+    return 0
