@@ -39,8 +39,17 @@ class HashGridConfig:
 
 @dataclass
 class SceneConfig:
-    grid: HashGridConfig = field(default_factory=HashGridConfig)
+    """Keys every scene type has; ``type`` picks the implementation (``SCENE_TYPES``)."""
+
+    type: str = "nerf"
     radius: float = 1.0  # the scene is the box [-radius, radius]^3
+
+
+@dataclass
+class NeRFSceneConfig(SceneConfig):
+    """``scene.type: nerf`` — hash-grid NeRF (carv3d.scene.nerf); rendered with the ``render`` section."""
+
+    grid: HashGridConfig = field(default_factory=HashGridConfig)
     mlp_width: int = 64
     mlp_hidden_layers: int = 1
     density_activation: str = "softplus"  # softplus | exp
@@ -83,10 +92,19 @@ class RenderConfig:
 
 @dataclass
 class TeacherConfig:
-    pretrained: str = "embedded"  # embedded | a diffusers folder | a Hugging Face repo id in the local cache
-    guidance_scale: float = 7.5
+    """Keys every teacher type has; ``type`` picks the implementation (``TEACHER_TYPES``)."""
+
+    type: str = "diffusers"
+    guidance_scale: float = 7.5  # classifier-free guidance s: ε_u + s·(ε_c − ε_u)
     negative_prompt: str = ""
     view_dependent_prompting: bool = True
+
+
+@dataclass
+class DiffusersTeacherConfig(TeacherConfig):
+    """``teacher.type: diffusers`` — a diffusers folder: latent (with vae/, Stable Diffusion) or pixel space."""
+
+    pretrained: str = "embedded"  # embedded | a diffusers folder | a Hugging Face repo id in the local cache
     resolution: int = 0  # image size fed to encode(); 0 = the teacher's native size
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     max_batch: int = 32  # largest U-Net batch per call (CFG doubles it)
@@ -96,6 +114,27 @@ class TeacherConfig:
     # has no fast NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
     channels_last: str = "off"  # auto (on for CUDA) | on | off
     compile: bool = False  # torch.compile the U-Net and VAE encoder (2-2.5 min of compiling at SD scale, then per K)
+
+
+@dataclass
+class GuidanceConfig:
+    """The residual each draw contributes; ``type`` picks it (``GUIDANCE_TYPES``, carv3d.estimator.guidance)."""
+
+    type: str = "sds"
+
+
+@dataclass
+class SDSGuidanceConfig(GuidanceConfig):
+    """``guidance.type: sds`` — ε̂_guided − ε (DreamFusion)."""
+
+    type: str = "sds"
+
+
+@dataclass
+class CSDGuidanceConfig(GuidanceConfig):
+    """``guidance.type: csd`` — ε̂_cond − ε̂_uncond (Classifier Score Distillation, Yu et al. 2023)."""
+
+    type: str = "csd"
 
 
 @dataclass
@@ -153,7 +192,6 @@ class TrainConfig:
     steps: int = 1000
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    mixed_precision: bool = True  # autocast on CUDA
     # auto (on for CUDA) | on | off. On: a step never waits for the GPU — a non-finite step is skipped
     # on the device (fused Adam's found_inf) and the skip counters are read on log/checkpoint steps.
     sync_free: str = "auto"
@@ -173,14 +211,25 @@ class TrainConfig:
 @dataclass
 class Config:
     prompt: str = ""
-    scene: SceneConfig = field(default_factory=SceneConfig)
+    scene: SceneConfig = field(default_factory=NeRFSceneConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: TeacherConfig = field(default_factory=DiffusersTeacherConfig)
+    guidance: GuidanceConfig = field(default_factory=SDSGuidanceConfig)
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# The three seams: `<section>.type` → that implementation's config dataclass. A new scene, teacher or
+# guidance adds its dataclass here and its class to the seam's factory (carv3d.scene.SCENES,
+# carv3d.teacher.TEACHERS, carv3d.estimator.guidance.GUIDANCES).
+SCENE_TYPES: dict[str, type] = {"nerf": NeRFSceneConfig}
+TEACHER_TYPES: dict[str, type] = {"diffusers": DiffusersTeacherConfig}
+GUIDANCE_TYPES: dict[str, type] = {"sds": SDSGuidanceConfig, "csd": CSDGuidanceConfig}
+SEAMS: dict[str, dict[str, type]] = {"scene": SCENE_TYPES, "teacher": TEACHER_TYPES, "guidance": GUIDANCE_TYPES}
+DEFAULT_TYPES: dict[str, str] = {"scene": "nerf", "teacher": "diffusers", "guidance": "sds"}
 
 
 # Presets are partial configs of the estimator and of the camera stratification that feeds it (the
@@ -228,15 +277,41 @@ def _normalise_switches(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, key, _SWITCH_SPELLINGS.get(value, value))
 
 
-@functools.lru_cache(maxsize=1)
-def _schema() -> DictConfig:
-    """The defaults tree, built once (building a structured config is the slow part of loading)."""
-    return OmegaConf.structured(Config)
+Types = tuple[tuple[str, str], ...]  # ((seam, type), ...) in SEAMS order
 
 
-def defaults() -> DictConfig:
-    """A fresh, mutable copy of the default config."""
-    return _schema().copy()
+def _types(**chosen: str) -> Types:
+    return tuple((seam, chosen.get(seam) or DEFAULT_TYPES[seam]) for seam in SEAMS)
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(types: Optional[Types] = None) -> DictConfig:
+    """The defaults tree with each seam's chosen implementation, built once per choice (building a
+    structured config is the slow part of loading)."""
+    chosen = dict(types or _types())
+    return OmegaConf.structured(Config(**{seam: SEAMS[seam][name]() for seam, name in chosen.items()}))
+
+
+def defaults(**types: str) -> DictConfig:
+    """A fresh, mutable copy of the default config (``defaults(guidance="csd")`` for another seam type)."""
+    return _schema(_types(**types)).copy()
+
+
+def _seam_types(layers: Sequence[tuple[Any, str]]) -> Types:
+    """Each seam's ``type`` as the layers set it (later wins), checked against the known types."""
+    chosen: dict[str, str] = {}
+    for layer, source in layers:
+        for seam, known in SEAMS.items():
+            try:
+                value = OmegaConf.select(layer, f"{seam}.type", default=None)
+            except OmegaConfBaseException:
+                value = None
+            if value is None:
+                continue
+            if str(value) not in known:
+                raise ConfigError(f"{seam}.type is '{value}' (in {source}); expected one of: {', '.join(known)}.")
+            chosen[seam] = str(value)
+    return _types(**chosen)
 
 
 def all_keys(node: Any = None, prefix: str = "") -> list[str]:
@@ -327,13 +402,20 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"could not parse overrides {list(overrides)}: {err}") from None
 
 
+_ABSENT = object()
+
+
 def _validate(cfg: DictConfig) -> None:
     _normalise_switches(cfg)
     for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:  # a key of another seam type (scene.grid.* when scene.type is not nerf)
+            continue
         if value not in choices:
             raise ConfigError(f"config key '{key}' is '{value}'; expected one of: {', '.join(choices)}.")
     k = cfg.estimator.noise_draws
+    if isinstance(k, str) and k.strip().isdigit():  # "8" from a sweep file or the command line
+        cfg.estimator.noise_draws = k = int(k)
     if isinstance(k, str) and k != "auto" or isinstance(k, int) and k < 1:
         raise ConfigError(f"estimator.noise_draws is '{k}'; expected a positive integer or 'auto'.")
     if cfg.estimator.upstream_samples < 1:
@@ -372,6 +454,8 @@ def load_config(
         A structured DictConfig; unknown keys and wrong types raise ConfigError.
     """
     layers: list[tuple[Any, str]] = []
+    if base is not None:  # as plain data: its sections' dataclasses need not be this schema's
+        layers.append((OmegaConf.create(OmegaConf.to_container(base, resolve=True)), "the run's config"))
     if config_file is not None:
         layers.append((_read_yaml(Path(config_file)), str(config_file)))
     if overrides:
@@ -379,18 +463,28 @@ def load_config(
     if prompt is not None:
         layers.append((OmegaConf.create({"prompt": prompt}), "--prompt"))
 
-    cfg = base.copy() if base is not None else defaults()
+    types = _seam_types(layers)
+    cfg = _schema(types).copy()
     for layer, source in layers:  # first pass: find the preset the user asked for, check keys/types
         cfg = _merge(cfg, layer, source)
     if base is None:
         preset = cfg.estimator.preset
         if preset not in ESTIMATOR_PRESETS:
             raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
-        cfg = _merge(defaults(), ESTIMATOR_PRESETS[preset], f"preset {preset}")
+        cfg = _merge(_schema(types).copy(), ESTIMATOR_PRESETS[preset], f"preset {preset}")
         for layer, source in layers:
             cfg = _merge(cfg, layer, source)
     _validate(cfg)
     return cfg
+
+
+def check_prompt(prompt: Any) -> str:
+    """The one check of a prompt: a non-empty string, returned stripped."""
+    from carv3d.errors import PromptError
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt: ... in a config.')
+    return prompt.strip()
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -63,10 +63,10 @@ def make_scene(name: str):
                   split_colour((0.9, 0.2, 0.1), (0.1, 0.3, 0.9))),
             Shape(lambda x: sphere_sdf(x, (0.15, 0.25, 0.0), 0.2), constant_colour((0.2, 0.8, 0.3))),
         ], softness=0.02)
-    from carv3d.config import SceneConfig
+    from carv3d.config import NeRFSceneConfig
     from carv3d.scene.field import NeRFField
 
-    return NeRFField(SceneConfig(), device="cpu", generator=torch.Generator().manual_seed(0)).eval()
+    return NeRFField(NeRFSceneConfig(), device="cpu", generator=torch.Generator().manual_seed(0)).eval()
 
 
 def bench_scene(name: str, args: argparse.Namespace) -> dict:

@@ -37,10 +37,10 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_sd_path: Path):
     """The tiny Stable Diffusion teacher loaded with ``load_teacher`` on CPU (fp32, native 64 px)."""
-    from carv3d.config import TeacherConfig
+    from carv3d.config import DiffusersTeacherConfig
     from carv3d.teacher import load_teacher
 
-    return load_teacher(TeacherConfig(pretrained=str(tiny_sd_path)), device="cpu")
+    return load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path)), device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def tiny_pixel_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pixel_teacher(tiny_pixel_path: Path):
     """The tiny pixel-space teacher loaded with ``load_teacher`` on CPU."""
-    from carv3d.config import TeacherConfig
+    from carv3d.config import DiffusersTeacherConfig
     from carv3d.teacher import load_teacher
 
-    return load_teacher(TeacherConfig(pretrained=str(tiny_pixel_path)), device="cpu")
+    return load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_pixel_path)), device="cpu")

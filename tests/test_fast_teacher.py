@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from carv3d.config import TeacherConfig, load_config
+from carv3d.config import DiffusersTeacherConfig, load_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,8 +30,8 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def teachers(tiny_sd_path):
     from carv3d.teacher import load_teacher
 
-    eager = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", channels_last="off"), "cuda")
-    fast = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", channels_last="on"), "cuda")
+    eager = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", channels_last="off"), "cuda")
+    fast = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", channels_last="on"), "cuda")
     return eager, fast
 
 
@@ -116,8 +116,8 @@ def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, 
     from carv3d.teacher import load_teacher
 
     eager, _ = teachers
-    exact = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
-    compiled = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=True), "cuda")
+    exact = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
+    compiled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=True), "cuda")
     assert compiled.fast.compile and compiled.fast.cuda_graph
 
     def close_as_eager(got, eager_value, exact_value):

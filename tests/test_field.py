@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from carv3d.config import HashGridConfig, SceneConfig
+from carv3d.config import HashGridConfig, NeRFSceneConfig
 from carv3d.errors import ConfigError
 from carv3d.scene.field import NeRFField, trunc_exp
 
 
-def small_cfg(**overrides) -> SceneConfig:
+def small_cfg(**overrides) -> NeRFSceneConfig:
     grid = HashGridConfig(backend="torch", n_levels=4, n_features_per_level=2, log2_hashmap_size=12,
                           base_resolution=8, per_level_scale=1.5)  # fmt: skip
-    return SceneConfig(grid=grid, **overrides)
+    return NeRFSceneConfig(grid=grid, **overrides)
 
 
 def make_field(seed: int = 0, **overrides) -> NeRFField:

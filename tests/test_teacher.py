@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from carv3d.config import TeacherConfig
+from carv3d.config import DiffusersTeacherConfig
 from carv3d.errors import PromptError, TeacherWeightsError
 from carv3d.teacher import (
     VIEW_SUFFIXES,
@@ -232,7 +232,7 @@ def test_closed_vocabulary_lists_known_words(tiny_pixel_path: Path, tmp_path: Pa
     shutil.copytree(tiny_pixel_path, folder)
     vocabulary = {"objects": ["cube", "sphere"], "colours": ["red", "blue"], "views": ["front", "side", "view"]}
     (folder / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
-    teacher = load_teacher(TeacherConfig(pretrained=str(folder)), device="cpu")
+    teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(folder)), device="cpu")
 
     assert teacher.embed("A red cube, front view").prompt == "A red cube, front view"
     with pytest.raises(PromptError) as err:
@@ -337,18 +337,18 @@ def test_missing_folders_say_what_is_missing(tmp_path: Path, tiny_sd_path: Path)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(TeacherWeightsError, match="neither model_index.json nor unet/") as err:
-        load_teacher(TeacherConfig(pretrained=str(empty)), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained=str(empty)), device="cpu")
     assert str(empty) in str(err.value)
 
     no_unet = tmp_path / "no_unet"
     shutil.copytree(tiny_sd_path, no_unet)
     shutil.rmtree(no_unet / "unet")
     with pytest.raises(TeacherWeightsError, match=r"is missing unet/"):
-        load_teacher(TeacherConfig(pretrained=str(no_unet)), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained=str(no_unet)), device="cpu")
     shutil.copytree(tiny_sd_path / "unet", no_unet / "unet")
     shutil.rmtree(no_unet / "vae")  # model_index.json lists a VAE: not a pixel-space teacher
     with pytest.raises(TeacherWeightsError, match=r"is missing vae/ \(model_index.json lists a vae\)"):
-        load_teacher(TeacherConfig(pretrained=str(no_unet)), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained=str(no_unet)), device="cpu")
 
 
 def test_corrupted_and_pickle_only_folders_are_clear_errors(tmp_path: Path, tiny_sd_path: Path) -> None:
@@ -357,12 +357,12 @@ def test_corrupted_and_pickle_only_folders_are_clear_errors(tmp_path: Path, tiny
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(TeacherWeightsError, match="could not load the teacher's U-Net") as err:
-        load_teacher(TeacherConfig(pretrained=str(broken)), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained=str(broken)), device="cpu")
     assert str(broken / "unet") in str(err.value)
 
     weights.rename(weights.with_suffix(".bin"))  # a name only: nothing is ever unpickled
     with pytest.raises(TeacherWeightsError, match="only pickled weights.*safetensors"):
-        load_teacher(TeacherConfig(pretrained=str(broken)), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained=str(broken)), device="cpu")
 
 
 def test_hf_repo_ids_are_looked_up_only_in_the_local_cache(tmp_path: Path, tiny_pixel_path: Path,
@@ -372,7 +372,7 @@ def test_hf_repo_ids_are_looked_up_only_in_the_local_cache(tmp_path: Path, tiny_
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     cache = tmp_path / "hf_home" / "hub"
     with pytest.raises(TeacherWeightsError) as err:
-        load_teacher(TeacherConfig(pretrained="carv3d-test/not-cached"), device="cpu")
+        load_teacher(DiffusersTeacherConfig(pretrained="carv3d-test/not-cached"), device="cpu")
     message = str(err.value)
     for needle in (str(cache), "HF_HOME", "huggingface-cli download carv3d-test/not-cached",
                    "teacher.pretrained=/path/to/folder"):
@@ -385,7 +385,7 @@ def test_hf_repo_ids_are_looked_up_only_in_the_local_cache(tmp_path: Path, tiny_
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(tiny_pixel_path, repo / "snapshots" / commit)
     assert resolve_teacher_path("carv3d-test/tiny") == repo / "snapshots" / commit
-    teacher = load_teacher(TeacherConfig(pretrained="carv3d-test/tiny"), device="cpu")
+    teacher = load_teacher(DiffusersTeacherConfig(pretrained="carv3d-test/tiny"), device="cpu")
     assert teacher.latent_shape == (3, 16, 16)
 
 
@@ -404,7 +404,7 @@ def test_cuda_teacher_runs_in_fp16_and_agrees_with_fp32(tiny_sd_path: Path, tiny
     """dtype=auto on CUDA is fp16; outputs are float32 and agree with the fp32 CPU teacher to fp16
     precision: relative error of the whole tensor below 1e-2 (fp16's step is 1e-3, accumulated over
     ~20 layers), and below (1 + 2s)·5e-3 with guidance s, which scales each branch's error by s."""
-    teacher = load_teacher(TeacherConfig(pretrained=str(tiny_sd_path)), device="cuda")
+    teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path)), device="cuda")
     assert teacher.dtype == torch.float16 and teacher.unet.dtype == torch.float16
     assert teacher.alphas_cumprod.dtype == torch.float32 and teacher.alphas_cumprod.is_cuda
 

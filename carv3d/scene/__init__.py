@@ -1,22 +1,30 @@
-"""What is optimised: the hash-grid encoding (torch or tinycudann backend) and the NeRF field.
+"""What is optimised and how it is rendered: the scene seam (:mod:`carv3d.scene.base`).
 
-- :class:`HashGridEncoding` — pure-torch multiresolution hash encoding, tinycudann's semantics.
-- :class:`TcnnHashGridEncoding` — the same through tinycudann's CUDA kernels, when installed.
-- :func:`make_hash_encoding` — the one place the backend is chosen (and logged).
-- :class:`NeRFField` — density (with the blob initialisation) and albedo, normals for shading.
+- :class:`Scene` — the protocol the step, export and evaluation use.
+- :func:`build_scene` — the one factory: ``scene.type`` → implementation (imported on demand, so
+  importing this package does not load a renderer backend).
+- ``nerf``: :class:`carv3d.scene.nerf.NeRFScene` — hash grid (:mod:`carv3d.scene.hashgrid`, torch
+  or tinycudann) + :class:`carv3d.scene.field.NeRFField` + the volume renderer.
 """
 
-from carv3d.scene.field import NeRFField, blob_bias, trunc_exp
-from carv3d.scene.hashgrid import HashGridEncoding, TcnnHashGridEncoding, make_hash_encoding
-from carv3d.scene.layout import GridLevel, grid_levels
+from __future__ import annotations
 
-__all__ = [
-    "GridLevel",
-    "HashGridEncoding",
-    "NeRFField",
-    "TcnnHashGridEncoding",
-    "blob_bias",
-    "grid_levels",
-    "make_hash_encoding",
-    "trunc_exp",
-]
+import importlib
+from typing import Any
+
+import torch
+
+from carv3d.scene.base import Scene
+
+# scene.type → "module:Class"; each class takes (scene_cfg, render_cfg, device, seed).
+SCENES: dict[str, str] = {"nerf": "carv3d.scene.nerf:NeRFScene"}
+
+
+def build_scene(scene_cfg: Any, render_cfg: Any, device: torch.device, seed: int = 0) -> Scene:
+    """The scene ``scene_cfg.type`` names, initialised from ``seed``."""
+    module, _, name = SCENES[str(scene_cfg.type)].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(scene_cfg, render_cfg, torch.device(device), seed)
+
+
+__all__ = ["SCENES", "Scene", "build_scene"]

@@ -93,7 +93,7 @@ class NeRFField(nn.Module):
     """Density and albedo of the scene, from a hash grid and one MLP (see the module doc).
 
     Args:
-        scene_cfg: a ``SceneConfig`` (dataclass or OmegaConf node).
+        scene_cfg: a ``NeRFSceneConfig`` (dataclass or OmegaConf node).
         device: where the field lives; also decides the hash-grid backend.
         generator: draws the initial table and MLP weights; None uses torch's global generator.
 

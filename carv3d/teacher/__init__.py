@@ -1,6 +1,7 @@
 """Frozen diffusion teachers behind one small interface (see :mod:`carv3d.teacher.base`).
 
-    teacher = load_teacher(cfg.teacher, device)              # Stable Diffusion or the embedded teacher
+    teacher = load_teacher(cfg.teacher, device)              # teacher.type's implementation (diffusers:
+                                                             # Stable Diffusion or the embedded teacher)
     emb = teacher.embed("a red cube", negative_prompt="")    # cached text embeddings (+ view variants)
     x = teacher.encode(rgb)                                  # (N, 3, H, W) in [0, 1] → (N, C, h, w)
     cond = teacher.conditioning(emb, ["front", "side"]).select(index)
@@ -8,15 +9,19 @@
 """
 
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, Teacher, build_conditioning
-from carv3d.teacher.diffusers_teacher import DiffusersTeacher, model_output_to_noise
+from carv3d.teacher.diffusers_teacher import (DiffusersTeacher, LatentDiffusionTeacher, PixelDiffusionTeacher,
+                                              model_output_to_noise)
 from carv3d.teacher.folder import TeacherFolder, inspect_teacher_folder
-from carv3d.teacher.loading import hf_cache_dir, load_teacher, resolve_dtype, resolve_teacher_path
+from carv3d.teacher.loading import TEACHERS, hf_cache_dir, load_teacher, resolve_dtype, resolve_teacher_path
 from carv3d.teacher.tokenizer import write_word_level_clip_tokenizer
 from carv3d.teacher.vocabulary import VOCABULARY_FILE, PromptVocabulary
 
 __all__ = [
     "Conditioning",
     "DiffusersTeacher",
+    "LatentDiffusionTeacher",
+    "PixelDiffusionTeacher",
+    "TEACHERS",
     "PromptEmbedding",
     "PromptVocabulary",
     "Teacher",

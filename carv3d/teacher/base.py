@@ -63,15 +63,21 @@ class PromptEmbedding:
 
 @dataclass(frozen=True, eq=False)
 class Conditioning:
-    """Per-sample text conditioning for a batch of noise predictions.
+    """Per-sample conditioning for a batch of noise predictions.
 
     Attributes:
         cond: (N, L, D) conditional embeddings, one row per sample.
         uncond: (N, L, D) unconditional (negative-prompt) embeddings.
+        cameras: (N, 4, 4) camera-to-world of each sample's render, for teachers conditioned on
+            the pose (multi-view teachers such as MVDream); None when the teacher does not use it.
+        groups: (N,) long, rows with the same value are views of one set that must be scored
+            together (a multi-view teacher's frames); None = every row on its own.
     """
 
     cond: torch.Tensor
     uncond: torch.Tensor
+    cameras: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.cond.shape != self.uncond.shape or self.cond.dim() != 3:
@@ -89,11 +95,18 @@ class Conditioning:
                 conditioning for its K noise draws.
         """
         index = index.to(self.cond.device)
-        return Conditioning(self.cond.index_select(0, index), self.uncond.index_select(0, index))
+
+        def rows(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if tensor is None else tensor.index_select(0, index.to(tensor.device))
+
+        return Conditioning(self.cond.index_select(0, index), self.uncond.index_select(0, index),
+                            rows(self.cameras), rows(self.groups))
 
 
-def build_conditioning(embedding: PromptEmbedding, view_labels: Sequence[Optional[str]]) -> Conditioning:
-    """Stack the embedding of each sample's view: ``cond[n] = embedding.for_view(view_labels[n])``.
+def build_conditioning(embedding: PromptEmbedding, view_labels: Sequence[Optional[str]],
+                       cameras: Optional[torch.Tensor] = None, groups: Optional[torch.Tensor] = None) -> Conditioning:
+    """Stack the embedding of each sample's view: ``cond[n] = embedding.for_view(view_labels[n])``;
+    ``cameras`` (N, 4, 4) and ``groups`` (N,) ride along for teachers that use them.
 
     Returns:
         Conditioning with cond, uncond: (len(view_labels), L, D).
@@ -103,7 +116,7 @@ def build_conditioning(embedding: PromptEmbedding, view_labels: Sequence[Optiona
         raise ValueError("view_labels is empty; pass one label (or None) per sample")
     cond = torch.stack([embedding.for_view(label) for label in view_labels])
     uncond = embedding.uncond.unsqueeze(0).expand(n, -1, -1).contiguous()
-    return Conditioning(cond, uncond)
+    return Conditioning(cond, uncond, cameras, groups)
 
 
 @runtime_checkable
@@ -118,6 +131,10 @@ class Teacher(Protocol):
         latent_shape: (C, h, w) of :meth:`encode`'s output.
         image_size: the square size :meth:`encode` resizes images to.
         max_batch: the most samples per U-Net call (the CFG batch is twice this).
+
+    Implementations: :class:`carv3d.teacher.diffusers_teacher.LatentDiffusionTeacher` (Stable
+    Diffusion: a VAE latent) and :class:`~carv3d.teacher.diffusers_teacher.PixelDiffusionTeacher`
+    (the embedded teacher: the image itself), both ``teacher.type: diffusers``.
     """
 
     num_train_timesteps: int
@@ -132,8 +149,10 @@ class Teacher(Protocol):
         """Text embeddings of the prompt, its view variants and the negative prompt (cached)."""
         ...
 
-    def conditioning(self, embedding: PromptEmbedding, view_labels: Sequence[Optional[str]]) -> Conditioning:
-        """Per-sample conditioning, (N, L, D), for N view labels."""
+    def conditioning(self, embedding: PromptEmbedding, view_labels: Sequence[Optional[str]],
+                     cameras: Optional[torch.Tensor] = None) -> Conditioning:
+        """Per-sample conditioning for N renders: (N, L, D) text rows from the view labels, and the
+        renders' (N, 4, 4) camera-to-world poses for a teacher conditioned on them."""
         ...
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,5 +166,14 @@ class Teacher(Protocol):
     def predict_noise(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float
     ) -> torch.Tensor:
-        """Guided ε̂(x_t, t): (M, *latent_shape) float32, ``ε_u + s·(ε_c − ε_u)``, no gradient."""
+        """Guided ε̂(x_t, t): (M, *latent_shape) float32, ``ε_u + s·(ε_c − ε_u)``, no gradient.
+
+        The result has x_t's channels whatever the network outputs: a model that also predicts
+        its variance (DeepFloyd IF: 2·C channels) returns the ε half."""
+        ...
+
+    def predict_noise_branches(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ε_u, ε_c)``, the unguided and conditional predictions, each like :meth:`predict_noise`'s."""
         ...

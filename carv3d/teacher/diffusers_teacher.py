@@ -24,7 +24,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import AutoTokenizer, CLIPTextModel
 
-from carv3d.errors import ConfigError, PromptError, TeacherWeightsError
+from carv3d.config import check_prompt
+from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.log import logger
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
 from carv3d.teacher.fast import FastPaths, attention_summary, build_encode_call, build_unet_call
@@ -80,6 +81,11 @@ def _load_failure(kind: str, where: Path, err: BaseException) -> str:
 
 class DiffusersTeacher:
     """A frozen text-conditioned diffusers model behind the :class:`carv3d.teacher.base.Teacher` interface.
+
+    The shared part of the two implementations: text embeddings, the U-Net and its guided or
+    branch-wise noise predictions. :class:`LatentDiffusionTeacher` (with a VAE) and
+    :class:`PixelDiffusionTeacher` (without) define :meth:`encode` and :meth:`decode`;
+    :meth:`from_folder` returns the one the folder holds.
 
     All models are in ``eval()`` mode with ``requires_grad_(False)``; gradients flow only through
     :meth:`encode`'s input. Build one with :meth:`from_folder` (or :func:`carv3d.teacher.load_teacher`).
@@ -179,7 +185,8 @@ class DiffusersTeacher:
         max_batch: int = 32,
         fast: Optional[FastPaths] = None,
     ) -> "DiffusersTeacher":
-        """Load each component with ``from_pretrained(folder, subfolder=…, local_files_only=True,
+        """The folder's teacher (:class:`LatentDiffusionTeacher` when it has vae/, else
+        :class:`PixelDiffusionTeacher`). Loads each component with ``from_pretrained(folder, subfolder=…, local_files_only=True,
         use_safetensors=True)``; never touches the network. See :mod:`carv3d.teacher.folder` for the layout.
 
         Raises:
@@ -200,7 +207,11 @@ class DiffusersTeacher:
         tokenizer = _load_component("tokenizer", AutoTokenizer, folder, "tokenizer")
         scheduler = _load_component("scheduler", DDPMScheduler, folder, "scheduler")
         vocabulary = PromptVocabulary.from_file(info.vocabulary_file) if info.vocabulary_file else None
-        teacher = cls(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype,
+        kind = LatentDiffusionTeacher if vae is not None else PixelDiffusionTeacher
+        if cls is not DiffusersTeacher and cls is not kind:
+            raise TeacherWeightsError(f"{folder} is a {'latent' if vae is not None else 'pixel-space'} teacher, "
+                                      f"not a {cls.__name__}.")
+        teacher = kind(unet, text_encoder, tokenizer, scheduler, vae=vae, device=device, dtype=dtype,
                       resolution=resolution, max_batch=max_batch, vocabulary=vocabulary, name=str(folder),
                       fast=fast)
         logger.info("teacher: %s (%s, %s on %s, images %d px → x %s, %s)", folder,
@@ -241,9 +252,7 @@ class DiffusersTeacher:
         Raises:
             PromptError: an empty prompt, or words outside a closed-vocabulary teacher's vocabulary.
         """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise PromptError("the prompt is empty: pass --prompt \"a ...\" (or set prompt: in the config).")
-        prompt, negative_prompt = prompt.strip(), (negative_prompt or "").strip()
+        prompt, negative_prompt = check_prompt(prompt), (negative_prompt or "").strip()
         key = (prompt, negative_prompt, bool(view_dependent))
         if key in self._embeddings:
             return self._embeddings[key]
@@ -277,10 +286,12 @@ class DiffusersTeacher:
             mask = tokens.attention_mask.to(self.device)
         return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
 
-    def conditioning(self, embedding: PromptEmbedding, view_labels: Sequence[Optional[str]]) -> Conditioning:
+    def conditioning(self, embedding: PromptEmbedding, view_labels: Sequence[Optional[str]],
+                     cameras: Optional[torch.Tensor] = None) -> Conditioning:
         """Per-sample conditioning: row n uses view ``view_labels[n]`` ("front", "side", "back",
-        "overhead"; None = the plain prompt). cond, uncond: (N, L, D)."""
-        return build_conditioning(embedding, view_labels)
+        "overhead"; None = the plain prompt). cond, uncond: (N, L, D). A text-only U-Net ignores
+        ``cameras``; they are kept on the conditioning for teachers that use them."""
+        return build_conditioning(embedding, view_labels, cameras)
 
     # ------------------------------------------------------------------ images
     @property
@@ -288,22 +299,9 @@ class DiffusersTeacher:
         """float32, or float64 for a float64 teacher (gradient checks)."""
         return torch.promote_types(self.dtype, torch.float32)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Map renders to the teacher's diffusion variable x, differentiably.
-
-        images (N, 3, H, W) in [0, 1] are resized bilinearly to S × S (S = image_size,
-        ``align_corners=False``, antialiased when shrinking) and mapped to [−1, 1]. A latent teacher
-        then returns ``scaling_factor · (E(2·img − 1) − shift)`` with E the VAE encoder's posterior
-        *mean*; a pixel-space teacher returns the [−1, 1] image.
-
-        threestudio draws ``latent_dist.sample()``; carv3d uses the mean so that encode is
-        deterministic (the estimator reuses one x for K noise draws and backpropagates through the
-        same x it scored). Stable Diffusion's posterior std is ~1e-3 of the latent scale, so the
-        two differ negligibly.
-
-        Returns:
-            x: (N, *latent_shape) float32 (computed in the teacher dtype).
-        """
+    def _resize_to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] → (N, 3, S, S) in [−1, 1] on the teacher's device (S = image_size),
+        resized bilinearly (``align_corners=False``, antialiased when shrinking)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
         size = self.image_size
@@ -311,22 +309,15 @@ class DiffusersTeacher:
         if (height, width) != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
                                    antialias=bool(height > size or width > size))
-        pixels = images.to(self.device) * 2.0 - 1.0
-        if self.vae is None:
-            return pixels.to(self._output_dtype)
-        assert self._encode_call is not None
-        mean = self._encode_call(pixels.to(self.device, self.dtype))
-        return ((mean - self.shift_factor) * self.scaling_factor).to(self._output_dtype)
+        return images.to(self.device) * 2.0 - 1.0
 
-    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1] → x: (N, *latent_shape) float32, differentiably."""
+        raise NotImplementedError
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, *latent_shape) → images (N, 3, S, S) in [0, 1], float32 (for visualisation)."""
-        if self.vae is None:
-            pixels = x.float()
-        else:
-            latents = x.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
-            pixels = self.vae.decode(latents).sample.float()
-        return ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ noise
     @torch.no_grad()
@@ -353,6 +344,42 @@ class DiffusersTeacher:
         Returns:
             ε̂: (M, C, h, w) float32 on the teacher's device (no gradient).
         """
+        scale = float(guidance_scale)
+
+        def guided(x: torch.Tensor, tt: torch.Tensor, rows: slice) -> torch.Tensor:
+            if scale == 1.0:
+                return self._unet_noise(x, tt, cond.cond[rows])
+            eps_u, eps_c = self._unet_noise(torch.cat([x, x]), torch.cat([tt, tt]),
+                                            torch.cat([cond.uncond[rows], cond.cond[rows]])).chunk(2)
+            return eps_u + scale * (eps_c - eps_u)
+
+        return self._in_chunks(x_t, t, cond, guided)[0]
+
+    @torch.no_grad()
+    def predict_noise_branches(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ε_u, ε_c)`` from the same batched call as :meth:`predict_noise`, before guidance, each
+        (M, C, h, w) float32 and converted to ε like it (for guidances that use the two apart)."""
+
+        def both(x: torch.Tensor, tt: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            eps_u, eps_c = self._unet_noise(torch.cat([x, x]), torch.cat([tt, tt]),
+                                            torch.cat([cond.uncond[rows], cond.cond[rows]])).chunk(2)
+            return eps_u, eps_c
+
+        uncond, cond_ = self._in_chunks(x_t, t, cond, both)
+        return uncond, cond_
+
+    def _unet_noise(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """One U-Net call in the teacher dtype → float32, the first C channels (a model that also
+        predicts its variance, such as DeepFloyd IF, outputs 2·C; the ε half comes first)."""
+        out = self._unet_call(x.to(self.dtype), t, hidden.to(self.device, self.dtype)).to(self._output_dtype)
+        channels = x.shape[1]
+        return out if out.shape[1] == channels else out[:, :channels]
+
+    def _in_chunks(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, fn) -> tuple[torch.Tensor, ...]:
+        """Check shapes, run ``fn(x, t, rows)`` on ``max_batch`` rows at a time and convert each of its
+        outputs from the model's prediction type to ε (:func:`model_output_to_noise`)."""
         m = x_t.shape[0]
         if x_t.dim() != 4 or x_t.shape[1] != self.latent_shape[0]:
             raise ValueError(f"x_t must be (M, {self.latent_shape[0]}, h, w), got {tuple(x_t.shape)}")
@@ -360,19 +387,52 @@ class DiffusersTeacher:
         if t.shape != (m,) or len(cond) != m:
             raise ValueError(f"t must be ({m},) and cond must have {m} rows, got {tuple(t.shape)} and {len(cond)}")
         x_t = x_t.detach().to(self.device, self._output_dtype)
-        out = torch.empty_like(x_t)
-        scale = float(guidance_scale)
+        outs: Optional[tuple[torch.Tensor, ...]] = None
         for start in range(0, m, self.max_batch):
             rows = slice(start, start + self.max_batch)
-            x, tt = x_t[rows].to(self.dtype), t[rows]
-            c = cond.cond[rows].to(self.device, self.dtype)
-            if scale == 1.0:
-                guided = self._unet_call(x, tt, c).to(out.dtype)
-            else:
-                u = cond.uncond[rows].to(self.device, self.dtype)
-                both = self._unet_call(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([u, c]))
-                eps_u, eps_c = both.to(out.dtype).chunk(2)
-                guided = eps_u + scale * (eps_c - eps_u)
-            alpha_bar = self.alphas_cumprod[tt].to(out.dtype)
-            out[rows] = model_output_to_noise(guided, x_t[rows], alpha_bar, self.prediction_type)
-        return out
+            tt = t[rows]
+            result = fn(x_t[rows], tt, rows)
+            result = result if isinstance(result, tuple) else (result,)
+            if outs is None:
+                outs = tuple(torch.empty_like(x_t) for _ in result)
+            alpha_bar = self.alphas_cumprod[tt].to(x_t.dtype)
+            for out, value in zip(outs, result):
+                out[rows] = model_output_to_noise(value, x_t[rows], alpha_bar, self.prediction_type)
+        assert outs is not None
+        return outs
+
+
+class PixelDiffusionTeacher(DiffusersTeacher):
+    """A pixel-space teacher (no VAE; the embedded teacher): x is the render itself in [−1, 1]."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1], resized to S × S → x = 2·img − 1: (N, 3, S, S) float32."""
+        return self._resize_to_unit_range(images).to(self._output_dtype)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class LatentDiffusionTeacher(DiffusersTeacher):
+    """A latent teacher (Stable Diffusion): x is the VAE latent of the render.
+
+    ``encode`` returns ``scaling_factor · (E(2·img − 1) − shift)`` with E the VAE encoder's posterior
+    *mean*. threestudio draws ``latent_dist.sample()``; carv3d uses the mean so that encode is
+    deterministic (the estimator reuses one x for K noise draws and backpropagates through the same
+    x it scored). Stable Diffusion's posterior std is ~1e-3 of the latent scale, so the two differ
+    negligibly.
+    """
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1] → x: (N, *latent_shape) float32 (computed in the teacher dtype)."""
+        pixels = self._resize_to_unit_range(images)
+        assert self._encode_call is not None
+        mean = self._encode_call(pixels.to(self.device, self.dtype))
+        return ((mean - self.shift_factor) * self.scaling_factor).to(self._output_dtype)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        latents = x.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        pixels = self.vae.decode(latents).sample.float()
+        return ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -67,16 +67,16 @@ def _switch(value: Any, key: str, device: torch.device) -> bool:
 def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
     """Read ``teacher.cuda_graph``, ``teacher.channels_last`` and ``teacher.compile`` for ``device``.
 
-    ``teacher_cfg`` may be an OmegaConf node, a dataclass or any object with those attributes;
-    missing ones take the defaults (auto, auto, False).
+    ``teacher_cfg`` is the typed ``teacher`` section (:class:`carv3d.config.DiffusersTeacherConfig`):
+    its defaults are stated there, once.
     """
     device = torch.device(device)
-    compile_requested = bool(getattr(teacher_cfg, "compile", False))
+    compile_requested = bool(teacher_cfg.compile)
     if compile_requested and device.type != "cuda":
         logger.info("teacher: compile skipped on %s (only used on CUDA)", device)
     return FastPaths(
-        cuda_graph=_switch(getattr(teacher_cfg, "cuda_graph", "auto"), "cuda_graph", device),
-        channels_last=_switch(getattr(teacher_cfg, "channels_last", "auto"), "channels_last", device),
+        cuda_graph=_switch(teacher_cfg.cuda_graph, "cuda_graph", device),
+        channels_last=_switch(teacher_cfg.channels_last, "channels_last", device),
         compile=compile_requested and device.type == "cuda",
     )
 

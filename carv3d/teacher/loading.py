@@ -16,7 +16,7 @@ import logging
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import torch
 from huggingface_hub import snapshot_download
@@ -25,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 
 import carv3d
 from carv3d.errors import ConfigError, TeacherWeightsError
+from carv3d.teacher.base import Teacher
 from carv3d.teacher.diffusers_teacher import DiffusersTeacher
 from carv3d.teacher.fast import resolve_fast_paths
 from carv3d.devices import resolve_device
@@ -132,13 +133,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") -> DiffusersTeacher:
-    """Load the teacher that ``teacher_cfg`` (a :class:`carv3d.config.TeacherConfig` node) names.
+# teacher.type → loader; each takes (teacher_cfg, device) and returns a carv3d.teacher.base.Teacher.
+TEACHERS: dict[str, Callable[[Any, torch.device], Any]] = {}
 
-    Uses ``pretrained`` (where), ``dtype`` (auto: fp16 on CUDA, fp32 on CPU), ``resolution`` and
-    ``max_batch``, and the fast paths ``cuda_graph``, ``channels_last``, ``compile`` (CUDA only,
-    see :mod:`carv3d.teacher.fast`); ``guidance_scale``, ``negative_prompt`` and ``view_dependent_prompting`` are for
-    the caller of :meth:`DiffusersTeacher.embed` / :meth:`DiffusersTeacher.predict_noise`.
+
+def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") -> Teacher:
+    """The one teacher factory: the implementation ``teacher_cfg.type`` names, loaded on ``device``.
 
     Raises:
         TeacherWeightsError: weights not found, incomplete or corrupted.
@@ -146,9 +146,23 @@ def load_teacher(teacher_cfg: Any, device: Union[str, torch.device] = "auto") ->
     device = resolve_device(device, option="teacher device")
     if logger.getEffectiveLevel() > logging.DEBUG:
         quiet_dependencies()  # transformers/diffusers chatter (loading bars, optional backends)
+    return TEACHERS[str(teacher_cfg.type)](teacher_cfg, device)
+
+
+def load_diffusers_teacher(teacher_cfg: Any, device: torch.device) -> DiffusersTeacher:
+    """``teacher.type: diffusers`` (a :class:`carv3d.config.DiffusersTeacherConfig` node).
+
+    Uses ``pretrained`` (where), ``dtype`` (auto: fp16 on CUDA, fp32 on CPU), ``resolution`` and
+    ``max_batch``, and the fast paths ``cuda_graph``, ``channels_last``, ``compile`` (CUDA only,
+    see :mod:`carv3d.teacher.fast`); ``guidance_scale``, ``negative_prompt`` and
+    ``view_dependent_prompting`` are for the caller of ``embed`` / ``predict_noise``.
+    """
     folder = resolve_teacher_path(str(teacher_cfg.pretrained))
     return DiffusersTeacher.from_folder(
         folder, device=device, dtype=resolve_dtype(str(teacher_cfg.dtype), device),
         resolution=int(teacher_cfg.resolution), max_batch=int(teacher_cfg.max_batch),
         fast=resolve_fast_paths(teacher_cfg, device),
     )
+
+
+TEACHERS["diffusers"] = load_diffusers_teacher
