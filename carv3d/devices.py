@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 import torch
 
 from carv3d.errors import ConfigError
+from carv3d.log import logger
 
 
 def resolve_device(name: "str | torch.device", option: str = "train.device") -> torch.device:
@@ -24,3 +28,20 @@ def resolve_device(name: "str | torch.device", option: str = "train.device") -> 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option} asks for CUDA but this torch has no CUDA device; use {option} cpu or auto.")
     return device
+
+
+def warm_up_cuda_extensions() -> Optional[float]:
+    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once, in this process.
+
+    Call it in a parent before starting several worker processes on one machine, so that they do not
+    all start the same JIT build at once. Returns the seconds it took, or None without CUDA. A failure
+    is logged, not raised: the renderer reports a real problem itself when it needs the kernels.
+    """
+    if not torch.cuda.is_available():
+        return None
+    started = time.perf_counter()
+    try:
+        from nerfacc.cuda._backend import _C  # noqa: F401  (importing it builds or loads the extension)
+    except Exception as err:  # only a warm-up
+        logger.warning("nerfacc CUDA warm-up failed: %s", err)
+    return time.perf_counter() - started

@@ -313,52 +313,6 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                 "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
 
 
-def init_worker(threads: int) -> None:
-    """Worker start-up: few CPU threads each (P workers share the cores) and a quiet log."""
-    import logging
-
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    logging.getLogger("carv3d").setLevel(logging.WARNING)
-    from carv3d.log import quiet_dependencies
-
-    quiet_dependencies()
-
-
-def warm_up_cuda_extensions() -> Optional[float]:
-    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once in the parent,
-    so that P workers do not all start the same JIT build; returns seconds, None without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    started = time.perf_counter()
-    try:
-        from nerfacc.cuda._backend import _C  # noqa: F401  (importing it builds or loads the extension)
-    except Exception as err:  # the renderer reports a real problem itself; this is only a warm-up
-        print(f"[bench_quality] nerfacc warm-up failed: {err}", flush=True)
-    return time.perf_counter() - started
-
-
-def execute(specs: Sequence[Any], parallel: int, threads: int, on_result, worker=None) -> None:
-    """Run ``worker(spec)`` (default :func:`run_one`) for each spec in order, ``parallel`` at a time in
-    spawned workers (in-process when 1); ``on_result`` gets each result in the parent as it arrives."""
-    worker = worker or run_one
-    if parallel <= 1:
-        init_worker(threads)
-        for spec in specs:
-            on_result(worker(spec))
-        return
-    import torch.multiprocessing as mp
-
-    # spawn, not fork: CUDA cannot be used in a forked child, and every worker gets a clean interpreter.
-    with mp.get_context("spawn").Pool(parallel, initializer=init_worker, initargs=(threads,)) as pool:
-        for result in pool.imap_unordered(worker, specs, chunksize=1):
-            on_result(result)
-
-
 # ------------------------------------------------------------------------------------ report and plot
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Atomic: a time limit mid-write leaves the previous complete file."""
@@ -575,6 +529,9 @@ class Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the CLI: never download weights (workers inherit it)
     args = parse_args(argv)
+    from carv3d.devices import warm_up_cuda_extensions
+    from carv3d.workers import run_in_workers
+
     if args.summarize_only:  # recompute the summary (and plot) of a finished JSON with the current rules
         out = Path(args.out)
         report = json.loads(out.read_text())
@@ -599,7 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report["sessions"].append(session)
     print(f"[bench_quality] {len(specs)} runs to do ({len(report['runs'])} reused), {settings['parallel']} side by side, "
           f"{settings['budget_seconds']:g} s each, checkpoints {settings['checkpoint_seconds']}", flush=True)
-    session["cuda_extension_warm_up_seconds"] = warm_up_cuda_extensions()
+    session["cuda_extension_warm_up_seconds"] = warm_up_cuda_extensions()  # once here, not in every worker
     report["summary"] = summarize(report)
     write_json(out, report)
     progress = Progress(len(specs))
@@ -614,7 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "traceback" in result:
             print(result["traceback"], file=sys.stderr, flush=True)
 
-    execute(specs, settings["parallel"], settings["threads_per_worker"], on_result)
+    run_in_workers(specs, settings["parallel"], settings["threads_per_worker"], on_result, worker=run_one)
     session["seconds"] = time.time() - session["started"]
     write_json(out, report)
     try_plot(report, plot_path)

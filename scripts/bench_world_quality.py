@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for entry in (REPO_ROOT, REPO_ROOT / "scripts"):  # the package, and bench_quality's worker pool
-    if str(entry) not in sys.path:
-        sys.path.insert(0, str(entry))
+if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (the GPU machine)
+    sys.path.insert(0, str(REPO_ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -146,12 +145,13 @@ def main() -> int:
         print(f"[world_quality] {row['prompt']}: IoU {row['silhouette_iou']:.3f}, best match {row['best_match']}, "
               f"front right {row['front_matches_front']}, trained in {row['seconds']:.0f} s", flush=True)
 
-    from bench_quality import execute, warm_up_cuda_extensions
+    from carv3d.devices import warm_up_cuda_extensions
+    from carv3d.workers import run_in_workers
 
     if args.parallel > 1:
         warm_up_cuda_extensions()  # build nerfacc once here, not in every worker at the same time
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
-    execute(jobs, args.parallel, threads, on_result, worker=train_and_score)
+    run_in_workers(jobs, args.parallel, threads, on_result, worker=train_and_score)
     print(json.dumps(report.get("bar"), indent=2))
     return 0
 
