@@ -1,21 +1,38 @@
-"""What a run leaves for people to look at: metrics, validation sheets, the turntable, the mesh."""
+"""What a run leaves for people to look at: metrics, validation sheets, the turntable, the mesh.
+
+Every function here takes the parts it draws (a scene, an estimator, a run directory), never the
+trainer. One output failing is logged with what to do and never costs the others or the run
+(:func:`attempt`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from carv3d.log import logger
 from carv3d.cameras import orbit_cameras
+from carv3d.io import atomic_path
+from carv3d.log import logger
 from carv3d.render.turntable import image_grid, render_turntable, write_image, write_video
 
-if TYPE_CHECKING:  # pragma: no cover
-    from carv3d.train import Trainer
+
+def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Turn tensors into floats (the host sync happens here, only on logging steps); non-scalars are dropped."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
 
 
 class MetricsWriter:
@@ -34,8 +51,6 @@ class MetricsWriter:
                 logger.warning("tensorboard is not importable; metrics go to metrics.jsonl only")
 
     def write(self, step: int, metrics: dict[str, Any], **extra: float) -> dict[str, float]:
-        from carv3d.train import metrics_to_floats
-
         row = {"step": step, **metrics_to_floats(metrics), **extra}
         self._file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                      for k, v in row.items()}) + "\n")
@@ -60,71 +75,86 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def validation_sheet(field, renderer, resolution: int, n_views: int = 4, elevation: float = 15.0,
+def validation_sheet(scene, resolution: int, n_views: int = 4, elevation: float = 15.0,
                      distance: float = 2.0, fovy: float = 45.0) -> np.ndarray:
     """Rows: albedo, shaded (lambertian), opacity — from ``n_views`` orbit cameras (front first)."""
-    device = next(field.parameters()).device
-    cameras = orbit_cameras(n_views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=device)
+    cameras = orbit_cameras(n_views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=scene.device)
     # One render gives all three rows: the albedo composites from the lambertian render's samples.
-    out = renderer(field, cameras, generator=None, shading="lambertian", height=resolution, width=resolution,
-                   need_albedo=True)
+    out = scene.render(cameras, generator=None, shading="lambertian", height=resolution, width=resolution,
+                       need_albedo=True)
     rows = [_to_uint8(out.albedo), _to_uint8(out.rgb), _to_uint8(out.opacity)]
     return image_grid(np.concatenate(rows), ncols=n_views)
 
 
-def validation_path(trainer: "Trainer") -> Path:
-    """Where the validation sheet of the trainer's current step goes."""
-    return trainer.run_dir / "validation" / f"step_{trainer.step:07d}.png"
+def validation_path(run_dir: Path, step: int) -> Path:
+    """Where the validation sheet of ``step`` goes."""
+    return run_dir / "validation" / f"step_{step:07d}.png"
 
 
-def write_validation(trainer: "Trainer") -> Path:
-    cfg = trainer.cfg
-    was_training = trainer.field.training
-    trainer.field.eval()
-    trainer.renderer.eval()
-    sheet = validation_sheet(trainer.field, trainer.renderer, cfg.train.val_resolution)
-    path = validation_path(trainer)
-    write_image(path, sheet)
+def write_validation(scene, estimator, run_dir: Path, step: int, resolution: int) -> Path:
+    """The validation sheet of ``step`` and, when the estimator has one, its proposal plot."""
+    was_training = scene.training
+    scene.eval()
     try:
-        figure = trainer.estimator.proposal_figure()
-        if figure is not None:
-            from carv3d.io import atomic_path
-
-            with atomic_path(trainer.run_dir / "validation" / f"proposal_step_{trainer.step:07d}.png") as tmp:
-                figure.savefig(tmp, dpi=100)
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
-    except Exception as err:  # a plot must never stop training
-        logger.warning("could not plot the proposal: %s", err)
-    if was_training:
-        trainer.field.train()
-        trainer.renderer.train()
+        path = write_image(validation_path(run_dir, step), validation_sheet(scene, resolution))
+    finally:
+        scene.train(was_training)
+    attempt("proposal plot", write_proposal_plot, estimator, run_dir / "validation" / f"proposal_step_{step:07d}.png")
     return path
 
 
-def write_turntable(field, renderer, path: Path, n_frames: int, resolution: int, fps: int) -> Path:
-    frames = render_turntable(field, renderer, n_frames=n_frames, size=resolution)
-    write_video(frames, path, fps=fps)
-    return path
+def write_proposal_plot(estimator, path: Path) -> None:
+    figure = estimator.proposal_figure()
+    if figure is None:
+        return
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=100)
+    finally:
+        plt.close(figure)
 
 
-def finish(trainer: "Trainer", interrupted: bool = False) -> None:
-    """End of a run (also after Ctrl-C): a final validation sheet, the turntable and the mesh."""
-    cfg = trainer.cfg
-    trainer.field.eval()
-    trainer.renderer.eval()
-    if not validation_path(trainer).exists():  # not already written by the loop at this step
-        write_validation(trainer)
+def write_turntable(scene, path: Path, n_frames: int, resolution: int, fps: int) -> Path:
+    scene.eval()
+    return write_video(render_turntable(scene, n_frames=n_frames, size=resolution), path, fps=fps)
+
+
+def attempt(name: str, write: Callable[..., Any], *args: Any, hint: str = "") -> bool:
+    """Run one output writer; a failure (not Ctrl-C) is logged with what to do and returns False."""
+    try:
+        write(*args)
+        return True
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # an output must never cost the run or the other outputs
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logger.warning("could not write the %s: %s%s", name, first[:300], f" ({hint})" if hint else "")
+        return False
+
+
+def finish(scene, estimator, run_dir: Path, cfg, step: int) -> list[str]:
+    """End of a run (also after Ctrl-C): the last validation sheet, the turntable and the mesh.
+
+    Each is attempted on its own. Returns the names of the outputs that failed (empty when all
+    were written).
+    """
+    from carv3d.export.command import export_scene
+
+    scene.eval()
+    failed: list[str] = []
+    if not validation_path(run_dir, step).exists():  # not already written by the loop at this step
+        if not attempt("validation sheet", write_validation, scene, estimator, run_dir, step, cfg.train.val_resolution):
+            failed.append("validation")
     if cfg.train.turntable_frames > 0:
-        write_turntable(trainer.field, trainer.renderer, trainer.run_dir / "turntable.mp4",
-                        cfg.train.turntable_frames, cfg.train.val_resolution, cfg.train.turntable_fps)
+        if not attempt("turntable video", write_turntable, scene, run_dir / "turntable.mp4", cfg.train.turntable_frames,
+                       cfg.train.val_resolution, cfg.train.turntable_fps,
+                       hint=f"make it later with `carv3d render {run_dir}`"):
+            failed.append("turntable")
     if cfg.export.at_end:
-        from carv3d.export.command import export_scene
-        from carv3d.export.isosurface import EmptyMeshError
-
-        try:
-            export_scene(trainer.field, trainer.renderer, trainer.run_dir / "mesh", cfg.export, overwrite=True)
-        except EmptyMeshError as err:  # the run itself is fine; say why there is no mesh
-            logger.warning("no mesh exported: %s", err)
-    logger.info("outputs in %s", trainer.run_dir)
+        if not attempt("mesh", export_scene, scene, run_dir / "mesh", cfg.export, True,
+                       hint=f"make it later with `carv3d export {run_dir}`"):
+            failed.append("mesh")
+    logger.info("outputs in %s", run_dir)
+    return failed

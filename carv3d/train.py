@@ -1,43 +1,37 @@
-"""The training loop: wires cameras, renderer, field, teacher and estimator.
+"""The training loop: optimiser, non-finite guard, schedule of logs, validation and checkpoints.
 
-One step (DESIGN.md)::
+The step itself — cameras, render, encode, estimator, backward — is :class:`carv3d.step.DistillationStep`;
+this module only decides what happens around it::
 
-    cameras (R) ──► render ──► teacher.encode ──► x: (R, C, h, w)   upstream, carries the graph
-    estimator.estimate(x, predict_noise)  ──► latent gradient g (R, C, h, w), surrogate
-    (surrogate + regularisers).backward()  ──► one backward per render ──► Adam step
+    zero_grad ──► distill(step) ──► guard.step(optimizer, finite) ──► scene.after_step ──► log / validate / save
 
-The estimator is the only seam between the loop and the score-distillation method: plain SDS and
-CARV are two configurations of it; the loop does not know which one runs.
+Signals: Ctrl-C (SIGINT) and SIGTERM (schedulers, ``docker stop``) both end the loop at the next
+step boundary with a checkpoint, so every stopped run can be resumed with ``carv3d train --resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from carv3d.checkpoint import (generator_state, latest_checkpoint, load_checkpoint, restore_generator,
-                               save_checkpoint)
-from carv3d.errors import CheckpointError, PromptError, TrainingDivergedError
-from carv3d.estimator import build_estimator
-from carv3d.estimator.timing import StepTimer
-from carv3d.log import logger
-from carv3d.devices import resolve_device
-from carv3d.parts import build_field, build_renderer
-from carv3d.cameras import CameraSampler, view_labels
-from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
-from carv3d.teacher import DiffusersTeacher, load_teacher
 from carv3d import outputs
-
-
-SECTIONS = ("render", "encode", "teacher", "backward", "optimizer")  # the step's timed sections
+from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from carv3d.config import check_prompt
+from carv3d.devices import resolve_device
+from carv3d.errors import CheckpointError, TrainingDivergedError
+from carv3d.guard import NonFiniteGuard, gradient_norm
+from carv3d.log import logger
+from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
+from carv3d.step import DistillationStep
+from carv3d.teacher.base import Teacher
 
 
 def resolve_sync_free(value: str, device: torch.device) -> bool:
@@ -46,14 +40,11 @@ def resolve_sync_free(value: str, device: torch.device) -> bool:
     On the CPU kernels run synchronously, so there is nothing to gain; ``on`` still works there (the
     tests use it to check the device-side skip against the synchronous one).
     """
-    value = str(value)
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"train.sync_free is '{value}'; expected auto, on or off")
     return value == "on" or (value == "auto" and device.type == "cuda")
 
 
 class Trainer:
-    """Score distillation of one prompt into a NeRF. Construct, then :meth:`run`.
+    """Score distillation of one prompt into a scene. Construct, then :meth:`run`.
 
     Args:
         cfg: the resolved config.
@@ -62,236 +53,99 @@ class Trainer:
             sweeps that build many trainers over one teacher); it must match ``cfg.teacher``.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None, teacher: Optional[DiffusersTeacher] = None):
-        if not cfg.prompt or not str(cfg.prompt).strip():
-            raise PromptError('the prompt is empty; pass one with --prompt "a red cube" or prompt=... in a config.')
+    def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None, teacher: Optional[Teacher] = None):
+        check_prompt(cfg.prompt)
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        seed = int(cfg.train.seed)
-        # Host draws (cameras, shading choice) and device draws (ray jitter, t, ε) have their own
-        # generators, so a run is reproducible from (config, seed) on the same hardware and backend.
-        self.host_generator = torch.Generator().manual_seed(seed)
-        self.device_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-
-        self.teacher = teacher if teacher is not None else load_teacher(cfg.teacher, self.device)
-        self.embedding = self.teacher.embed(
-            cfg.prompt, cfg.teacher.negative_prompt, view_dependent=cfg.teacher.view_dependent_prompting
-        )
-        self.field = build_field(cfg, self.device, seed)
-        self.renderer = build_renderer(cfg, self.device, seed)
-        self.camera_sampler = CameraSampler.from_config(cfg.camera)
-        self.estimator = build_estimator(cfg.estimator, self.teacher.alphas_cumprod, self.device)
+        self.distill = DistillationStep.from_config(cfg, self.device, teacher)
         self.sync_free = resolve_sync_free(cfg.train.sync_free, self.device)
-        # Sync-free steps use fused Adam: its `found_inf` input skips a step on the device (as
-        # GradScaler does), so deciding to skip a non-finite step needs no host round trip.
-        self.optimizer = torch.optim.Adam(
-            self.field.parameter_groups(cfg.optim.lr_grid, cfg.optim.lr_mlp)
-            + [{"params": list(self.renderer.parameters()), "lr": cfg.optim.lr_background, "name": "background"}],
-            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, **({"fused": True} if self.sync_free else {}),
-        )
+        self.guard = NonFiniteGuard(self.device, self.sync_free, cfg.train.max_nonfinite_steps)
+        # Sync-free steps use fused Adam: its `found_inf` input skips a step on the device.
+        self.optimizer = torch.optim.Adam(self.scene.parameter_groups(cfg.optim), betas=tuple(cfg.optim.betas),
+                                          eps=cfg.optim.eps, **({"fused": True} if self.sync_free else {}))
         self.step = 0
-        self._nonfinite_in_a_row = 0
-        self._nonfinite_total = 0
-        # Sync-free: the same counters as device tensors, folded into the ints above when read.
-        self._pending_in_a_row: Optional[torch.Tensor] = None
-        self._pending_total: Optional[torch.Tensor] = None
-        self._pending_longest: Optional[torch.Tensor] = None  # longest run of skips in the window
-        self._nonfinite_longest_unchecked = 0
         self.elapsed_seconds = 0.0
-        # Render / encode / backward / optimizer times: CUDA events on GPU, read on log steps only.
-        self.timer = StepTimer(self.device)
         self._timed_steps = 0
-        logger.info("device %s; hash grid backend %s; sampler %s; teacher %s; sync-free steps %s",
-                    self.device, self.field.encoding_backend, self.renderer.sampler, cfg.teacher.pretrained,
-                    "on" if self.sync_free else "off")
+        self._last_checkpoint: Optional[Path] = None
+        logger.info("device %s; scene %s (%s); teacher %s; guidance %s; sync-free steps %s", self.device,
+                    cfg.scene.type, ", ".join(f"{k} {v}" for k, v in self.scene.backends.items()),
+                    cfg.teacher.type, cfg.guidance.type, "on" if self.sync_free else "off")
+
+    # The parts, as the step holds them.
+    @property
+    def scene(self):
+        return self.distill.scene
+
+    @property
+    def teacher(self) -> Teacher:
+        return self.distill.teacher
+
+    @property
+    def estimator(self):
+        return self.distill.estimator
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "field": self.field.state_dict(),
-            "renderer": self.renderer.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "estimator": self.estimator.state_dict(),
-            "camera_sampler": self.camera_sampler.state_dict(),
-            "host_generator": generator_state(self.host_generator),
-            "device_generator": generator_state(self.device_generator),
-            "nonfinite_total": self.nonfinite_total,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,  # a final save can fall inside a run of skips
-            "elapsed_seconds": self.elapsed_seconds,
-        }
+        return {**self.distill.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **self.guard.state_dict(), "elapsed_seconds": self.elapsed_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            self.field.load_state_dict(state["field"])
-            self.renderer.load_state_dict(state["renderer"])
+            self.distill.load_state_dict(state)
             self.optimizer.load_state_dict(state["optimizer"])
-            self._match_optimizer_to_step_mode()
-            self.estimator.load_state_dict(state["estimator"])
-            self.camera_sampler.load_state_dict(state["camera_sampler"])
-            restore_generator(self.host_generator, state["host_generator"])
-            restore_generator(self.device_generator, state["device_generator"])
+            self.guard.match_optimizer(self.optimizer)
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"the checkpoint does not match this run's config ({str(err).splitlines()[0][:200]}).") from None
         self.step = int(state["step"])
-        self._pending_in_a_row = self._pending_total = self._pending_longest = None
-        self._nonfinite_total = int(state.get("nonfinite_total", 0))
-        self._nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self._nonfinite_longest_unchecked = 0
+        self.guard.load_state_dict(state)
         self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
 
-    def _match_optimizer_to_step_mode(self) -> None:
-        """Make a loaded optimizer state fit this run's step mode.
-
-        ``Optimizer.load_state_dict`` restores the saved groups' ``fused``/``foreach`` flags, so a
-        checkpoint written without sync-free steps would resume with non-fused Adam, which refuses
-        ``found_inf``. The flags follow this run, and Adam's step counts move to where that
-        implementation keeps them (fused: float32 on the parameter's device; otherwise the CPU).
-        """
-        for group in self.optimizer.param_groups:
-            group["fused"] = True if self.sync_free else None
-            group["foreach"] = None
-            for param in group["params"]:
-                state = self.optimizer.state.get(param)
-                if state and torch.is_tensor(state.get("step")):
-                    device = param.device if self.sync_free else torch.device("cpu")
-                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
-
-    # ------------------------------------------------------------------ non-finite steps
-    def _fold_pending(self) -> None:
-        """Read the device-side skip counters (one host sync) into the host ones."""
-        if self._pending_total is not None:
-            assert self._pending_in_a_row is not None and self._pending_longest is not None
-            in_a_row, total, longest = torch.stack(
-                [self._pending_in_a_row, self._pending_total, self._pending_longest]).tolist()
-            self._nonfinite_in_a_row = int(in_a_row)  # started from the host count, so it is the whole run
-            self._nonfinite_longest_unchecked = max(self._nonfinite_longest_unchecked, int(longest))
-            if int(total) > 0:
-                logger.warning("steps up to %d: %d non-finite step(s) skipped since the last check (%d in a row now)",
-                               self.step, int(total), int(in_a_row))
-            self._nonfinite_total += int(total)
-            self._pending_in_a_row = self._pending_total = self._pending_longest = None
-
-    @property
-    def nonfinite_in_a_row(self) -> int:
-        """Skipped (non-finite) steps in a row up to now (reading it syncs in sync-free mode)."""
-        self._fold_pending()
-        return self._nonfinite_in_a_row
-
-    @property
-    def nonfinite_total(self) -> int:
-        """All skipped steps of the run (reading it syncs in sync-free mode)."""
-        self._fold_pending()
-        return self._nonfinite_total
-
     def check_divergence(self) -> None:
-        """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row.
-
-        In sync-free mode the counters are read only here, so a run of skips that ended before this
-        check counts too (the device keeps the longest run of the window), as the synchronous path,
-        which checks every step, would have stopped inside it.
-        """
-        in_a_row = max(self.nonfinite_in_a_row, self._nonfinite_longest_unchecked)
-        self._nonfinite_longest_unchecked = 0
-        if in_a_row >= self.cfg.train.max_nonfinite_steps:
-            where = self.run_dir / "checkpoints" if self.run_dir is not None else "the run directory"
-            raise TrainingDivergedError(
-                f"{in_a_row} non-finite steps in a row at step {self.step}; training stopped. "
-                f"The last good checkpoint in {where} is intact. Try a lower learning rate "
-                "(optim.lr_grid), a lower teacher.guidance_scale or estimator.gradient_clip."
-            )
+        """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row."""
+        self.guard.check(self.step, str(self._last_checkpoint) if self._last_checkpoint else None)
 
     def timing_metrics(self) -> dict[str, float]:
         """Mean milliseconds per step of each section since the last call (syncs with CUDA), then reset."""
-        steps = max(self._timed_steps, 1)
-        totals = self.timer.totals()
-        self.timer.reset()
+        metrics = self.distill.timing_metrics(self._timed_steps)
         self._timed_steps = 0
-        return {f"time_{name}_ms": 1000.0 * totals.get(name, 0.0) / steps for name in SECTIONS}
+        return metrics
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.state_dict())
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint and record it in run.json — unless a parameter is not finite: a
+        checkpoint is only ever a state worth resuming (then the run stops as diverged)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.scene.parameters()):
+            raise TrainingDivergedError(
+                f"the scene's parameters are not finite at step {self.step}; no checkpoint written. "
+                + (f"The last good checkpoint, {self._last_checkpoint}, is intact. " if self._last_checkpoint
+                   else "No checkpoint had been written yet. ")
+                + "Try a lower learning rate (optim.lr_grid) or estimator.gradient_clip.")
+        self._last_checkpoint = save_checkpoint(self.run_dir, self.step, self.state_dict())
+        write_status(self.run_dir, status="running", step=self.step, steps=int(self.cfg.train.steps),
+                     elapsed_seconds=self.elapsed_seconds, checkpoint=self._last_checkpoint.name,
+                     backends={**self.scene.backends, "device": str(self.device)})
+        return self._last_checkpoint
 
     # ------------------------------------------------------------------ one step
-    def _predict_noise_for(self, labels: list[str]):
-        cond = self.teacher.conditioning(self.embedding, labels)
-        guidance = float(self.cfg.teacher.guidance_scale)
-
-        def predict_noise(x_t: torch.Tensor, t: torch.Tensor, upstream_index: torch.Tensor) -> torch.Tensor:
-            with self.timer("teacher"):
-                return self.teacher.predict_noise(x_t, t, cond.select(upstream_index), guidance)
-
-        return predict_noise
-
-    def _regularisers(self, out) -> dict[str, torch.Tensor]:
-        o = self.cfg.optim
-        terms: dict[str, torch.Tensor] = {}
-        if o.sparsity_weight > 0:
-            terms["sparsity"] = o.sparsity_weight * out.opacity.mean()
-        if o.opacity_entropy_weight > 0:
-            a = out.opacity.clamp(1e-5, 1 - 1e-5)
-            terms["opacity_entropy"] = o.opacity_entropy_weight * (-(a * a.log() + (1 - a) * (1 - a).log())).mean()
-        if o.orientation_weight > 0 and out.orientation_loss is not None:
-            terms["orientation"] = o.orientation_weight * out.orientation_loss
-        return terms
-
     def train_step(self) -> Optional[dict[str, Any]]:
         """One optimisation step; returns its metrics as tensors (no host sync), or None when skipped."""
-        cfg = self.cfg
-        self.field.train()
-        self.renderer.train()
-        self.renderer.update_occupancy(self.field, self.step)
-        n_renders = int(cfg.estimator.upstream_samples)
-        # Labels from the cameras while they are still on the CPU: reading them on the GPU is a sync.
-        cameras = self.camera_sampler.sample(n_renders, self.host_generator, "cpu")
-        labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
-        cameras = cameras.to(self.device, non_blocking=True)
-        shading = self.renderer.sample_shading(self.host_generator)
-
-        with self.estimator.timer("upstream"):
-            with self.timer("render"):
-                out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading,
-                                    need_normals=cfg.optim.orientation_weight > 0)
-            with self.timer("encode"):
-                latents = self.teacher.encode(out.rgb)
-        result = self.estimator.estimate(latents, self._predict_noise_for(labels), self.device_generator, self.step)
-        regularisers = self._regularisers(out)
-        loss = result.surrogate + sum(regularisers.values(), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
-        with self.estimator.timer("upstream"), self.timer("backward"):
-            loss.backward()
-
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros((), device=self.device)
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        out = self.distill(self.step)
+        grad_norm = gradient_norm(self.optimizer)
+        finite = torch.isfinite(out.loss) & torch.isfinite(grad_norm)
         self._timed_steps += 1
-        if self.sync_free:
-            self._sync_free_update(finite)
-        elif not bool(finite):  # the one host sync of a (synchronous) step
-            self.optimizer.zero_grad(set_to_none=True)
-            self._nonfinite_in_a_row += 1
-            self._nonfinite_total += 1
-            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self._nonfinite_in_a_row)
-            self.check_divergence()
-            self.step += 1
-            return None
-        else:
-            self._nonfinite_in_a_row = 0
-            with self.timer("optimizer"):
-                self.optimizer.step()
+        stepped = self.guard.step(self.optimizer, finite, self.distill.timer)
         self.step += 1
-        metrics: dict[str, Any] = {
-            "step_finite": finite,
-            "sds_gradient_norm": result.latent_gradient.norm() / n_renders,
-            "parameter_gradient_norm": grad_norm,
-            "opacity_mean": out.opacity.mean().detach(),
-            **{f"loss_{k}": v.detach() for k, v in regularisers.items()},
-            **result.stats,
-        }
-        return metrics
+        if not stepped:
+            logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step - 1,
+                           self.guard.in_a_row())
+            self.check_divergence()
+            return None
+        self.scene.after_step(self.step)
+        return {"step_finite": finite, "parameter_gradient_norm": grad_norm, **out.metrics()}
 
     def train_until(self, seconds: float) -> int:
         """Take steps until the training clock :attr:`elapsed_seconds` reaches ``seconds``; returns how many.
@@ -313,84 +167,98 @@ class Trainer:
                 self.check_divergence()
         return taken
 
-    def _sync_free_update(self, finite: torch.Tensor) -> None:
-        """Optimizer step and skip bookkeeping without reading ``finite`` on the host.
-
-        Fused Adam reads ``found_inf`` on the device: 1 leaves parameters, moments and step counts
-        untouched, which is exactly the synchronous path's skip. The skip counters are device tensors
-        (in a row: reset by a finite step; total) folded into the host counters when read.
-        """
-        skipped = (~finite).to(torch.float32)
-        self.optimizer.found_inf = skipped  # type: ignore[attr-defined]
-        try:
-            with self.timer("optimizer"):
-                self.optimizer.step()
-        finally:
-            del self.optimizer.found_inf  # type: ignore[attr-defined]
-        if self._pending_total is None:  # a new window: the in-a-row count continues the host's
-            self._pending_in_a_row = torch.full((), float(self._nonfinite_in_a_row), device=self.device)
-            self._pending_total = torch.zeros((), device=self.device)
-            self._pending_longest = torch.zeros((), device=self.device)
-        assert self._pending_in_a_row is not None and self._pending_longest is not None
-        self._pending_in_a_row = (self._pending_in_a_row + 1.0) * skipped
-        self._pending_total = self._pending_total + skipped
-        self._pending_longest = torch.maximum(self._pending_longest, self._pending_in_a_row)
-
     # ------------------------------------------------------------------ the loop
+    def _loop(self, writer: outputs.MetricsWriter, bar: tqdm) -> None:
+        cfg = self.cfg.train
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            metrics = self.train_step()
+            log_step = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            checkpoint_step = cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0
+            if self.sync_free and (log_step or checkpoint_step) and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # sync-free steps only queue work; the clock takes the backlog here
+            self.elapsed_seconds += time.perf_counter() - started
+            bar.update(1)
+            if self.sync_free and (log_step or checkpoint_step):
+                self.check_divergence()  # sync-free steps read their skip counters only here
+            if metrics is not None and log_step:
+                metrics.update(self.timing_metrics())
+                logged = writer.write(self.step, metrics, elapsed_seconds=self.elapsed_seconds)
+                bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
+            if cfg.val_every > 0 and self.step % cfg.val_every == 0:
+                outputs.attempt("validation sheet", outputs.write_validation, self.scene, self.estimator,
+                                self.run_dir, self.step, cfg.val_resolution)
+            # No checkpoint inside a run of skipped steps: the last one saved stays the last good one.
+            if checkpoint_step and self.guard.in_a_row(self.step) == 0:
+                self.save()
+
     def run(self) -> Path:
         cfg = self.cfg
-        writer = outputs.MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard)
+        assert self.run_dir is not None
         write_status(self.run_dir, status="running", step=self.step, steps=int(cfg.train.steps),
-                     backends={"hash_grid": self.field.encoding_backend, "sampler": self.renderer.sampler,
-                               "device": str(self.device)})
-        interrupted = False
-        previous_sigint = signal.getsignal(signal.SIGINT)
+                     elapsed_seconds=self.elapsed_seconds, backends={**self.scene.backends, "device": str(self.device)})
+        writer = outputs.MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard)
         bar = tqdm(total=int(cfg.train.steps), initial=self.step, desc="carv3d train", unit="step",
                    disable=not cfg.train.progress, dynamic_ncols=True)
+        interrupted = False
         try:
-            while self.step < cfg.train.steps:
-                started = time.perf_counter()
-                metrics = self.train_step()
-                log_step = self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
-                check_step = log_step or (cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0)
-                if self.sync_free and check_step and self.device.type == "cuda":
-                    # Sync-free steps only queue work; the clock takes the device's backlog in here.
-                    torch.cuda.synchronize(self.device)
-                self.elapsed_seconds += time.perf_counter() - started
-                bar.update(1)
-                if self.sync_free and check_step:
-                    self.check_divergence()  # sync-free steps read their skip counters only here
-                if metrics is not None and log_step:
-                    metrics.update(self.timing_metrics())
-                    logged = writer.write(self.step, metrics, elapsed_seconds=self.elapsed_seconds)
-                    bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
-                if cfg.train.val_every > 0 and self.step % cfg.train.val_every == 0:
-                    outputs.write_validation(self)
-                # No checkpoint inside a run of skipped steps: the last one saved stays the last good one.
-                if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0 \
-                        and self.nonfinite_in_a_row == 0:
-                    self.save()
+            with stop_signals_as_keyboard_interrupt():
+                self._loop(writer, bar)
         except KeyboardInterrupt:
             interrupted = True
-            bar.write("[carv3d] interrupted: saving a checkpoint and exporting before exit")
+            bar.write("[carv3d] interrupted: saving a checkpoint and writing the outputs before exit "
+                      "(Ctrl-C again skips the outputs)")
         except TrainingDivergedError:
-            write_status(self.run_dir, status="diverged", step=self.step)
+            write_status(self.run_dir, status="diverged", step=self.step, elapsed_seconds=self.elapsed_seconds,
+                         checkpoint=self._last_checkpoint.name if self._last_checkpoint else None)
             raise
         finally:
             bar.close()
             writer.close()
-        # Ignore a second Ctrl-C while the final checkpoint and exports are written.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with ignore_stop_signals():  # the checkpoint is written whole, whatever arrives meanwhile
             self.save()
-            outputs.finish(self, interrupted=interrupted)
-            write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
-                         elapsed_seconds=self.elapsed_seconds, nonfinite_steps=self.nonfinite_total)
-        finally:
-            signal.signal(signal.SIGINT, previous_sigint)
+        failed = self._finish()
+        write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
+                     steps=int(cfg.train.steps), elapsed_seconds=self.elapsed_seconds,
+                     nonfinite_steps=self.guard.total(self.step), checkpoint=self._last_checkpoint.name,
+                     outputs_failed=failed)
         if interrupted:
             raise KeyboardInterrupt
         return self.run_dir
+
+    def _finish(self) -> list[str]:
+        """The end-of-run outputs; a Ctrl-C or SIGTERM here skips the outputs not yet written."""
+        try:
+            with stop_signals_as_keyboard_interrupt():
+                return outputs.finish(self.scene, self.estimator, self.run_dir, self.cfg, self.step)
+        except KeyboardInterrupt:
+            logger.warning("outputs skipped; make them later with `carv3d export %s` and `carv3d render %s`",
+                           self.run_dir, self.run_dir)
+            return ["skipped (interrupted)"]
+
+
+@contextlib.contextmanager
+def stop_signals_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C (a checkpoint, then a clean, resumable exit) inside the block."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def ignore_stop_signals() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: DictConfig) -> Path:
@@ -411,26 +279,13 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
     state = load_checkpoint(checkpoint)
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(state)
+    trainer._last_checkpoint = checkpoint
     logger.info("resuming %s from step %d", run_dir, trainer.step)
     if overrides:
         from carv3d.config import to_yaml
         from carv3d.io import atomic_write_text
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     return trainer.run()
-
-
-def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
-    """Turn tensors into floats (the host sync happens here, only on logging steps)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float()
-            if value.numel() != 1:
-                continue
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(value) if not (isinstance(value, float) and math.isnan(value)) else float("nan")
-    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -112,27 +112,21 @@ class WindowMeans:
 
 
 class FrozenScene:
-    """Field, renderer, teacher and cameras at fixed parameters: a gradient oracle."""
+    """The training step (:class:`carv3d.step.DistillationStep`) at fixed parameters: a gradient oracle.
 
-    def __init__(self, cfg: DictConfig, device: torch.device, field_state: Optional[dict] = None,
-                 renderer_state: Optional[dict] = None, seed: int = 0):
-        from carv3d.parts import build_field, build_renderer
-        from carv3d.teacher import load_teacher
+    Each grid cell swaps in its own estimator and camera sampler; the scene, teacher and the
+    step's generators are shared, and nothing updates the scene (no optimiser, no scene hooks).
+    """
 
-        self.cfg, self.device = cfg, device
-        self.teacher = load_teacher(cfg.teacher, device)
-        self.embedding = self.teacher.embed(cfg.prompt, cfg.teacher.negative_prompt,
-                                            view_dependent=cfg.teacher.view_dependent_prompting)
-        self.field = build_field(cfg, device, cfg.train.seed)
-        self.renderer = build_renderer(cfg, device, cfg.train.seed)
-        if field_state is not None:
-            self.field.load_state_dict(field_state)
-        if renderer_state is not None:
-            self.renderer.load_state_dict(renderer_state, strict=False)
-        self.params = [p for p in list(self.field.parameters()) + list(self.renderer.parameters()) if p.requires_grad]
-        self.host_generator = torch.Generator().manual_seed(seed)
-        self.device_generator = torch.Generator(device=device).manual_seed(seed + 1)
-        self.seed = seed
+    def __init__(self, cfg: DictConfig, device: torch.device, scene_state: Optional[dict] = None, seed: int = 0):
+        from carv3d.step import DistillationStep
+
+        self.cfg, self.device, self.seed = cfg, device, seed
+        self.step = DistillationStep.from_config(cfg, device, scene_state=scene_state)
+        self.step.host_generator.manual_seed(seed)
+        self.step.device_generator.manual_seed(seed + 1)
+        self.teacher = self.step.teacher
+        self.params = self.step.parameters()
 
     def camera_sampler(self, stratified_cameras: bool):
         from carv3d.cameras import CameraSampler
@@ -143,26 +137,13 @@ class FrozenScene:
 
     def gradient(self, estimator, cameras_sampler, n_renders: int, step: int) -> tuple[torch.Tensor, float]:
         """One parameter-space gradient draw and its synchronised wall-clock cost."""
-        from carv3d.cameras import view_labels
-
-        cfg = self.cfg
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         started = time.perf_counter()
-        cameras = cameras_sampler.sample(n_renders, self.host_generator, self.device)
-        shading = self.renderer.sample_shading(self.host_generator)
-        labels = view_labels(cameras, cfg.camera.front_half_angle, cfg.camera.overhead_elevation)
-        out = self.renderer(self.field, cameras, generator=self.device_generator, shading=shading)
-        latents = self.teacher.encode(out.rgb)
-        cond = self.teacher.conditioning(self.embedding, labels)
-        guidance = float(cfg.teacher.guidance_scale)
-        result = estimator.estimate(
-            latents, lambda x_t, t, idx: self.teacher.predict_noise(x_t, t, cond.select(idx), guidance),
-            self.device_generator, step,
-        )
+        self.step.estimator, self.step.camera_sampler = estimator, cameras_sampler
         for p in self.params:
             p.grad = None
-        result.surrogate.backward()
+        self.step(step, n_renders, frozen=True)
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         sync()
         return grad.detach(), time.perf_counter() - started
@@ -170,7 +151,7 @@ class FrozenScene:
 
 def make_estimator(cfg: DictConfig, scene: FrozenScene, method: str, R: int, K: int):
     est_cfg = OmegaConf.merge(cfg.estimator, {"upstream_samples": R, "noise_draws": K, **METHODS[method]})
-    return build_estimator(est_cfg, scene.teacher.alphas_cumprod, scene.device)
+    return build_estimator(est_cfg, scene.teacher.alphas_cumprod, scene.device, cfg.guidance)
 
 
 def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Sequence[tuple[int, int]], draws: int,

@@ -36,7 +36,7 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
     from carv3d.errors import ConfigError
     from carv3d.export.command import export_scene
     from carv3d.export.pipeline import TEXTURED_FORMATS, check_options, check_targets, parse_threshold, planned_files
-    from carv3d.parts import load_scene
+    from carv3d.saved_scene import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
 
     run = require_run_dir(run_dir)
@@ -62,7 +62,7 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
     textured = int(export_cfg.texture_size) > 0 and any(f in TEXTURED_FORMATS for f in fmts)
     check_targets(planned_files(out_dir, fmts, textured), overwrite)
     scene = load_scene(run)
-    files = export_scene(scene.field, scene.renderer, out_dir, export_cfg, overwrite=overwrite)
+    files = export_scene(scene.scene, out_dir, export_cfg, overwrite=overwrite)
     return list(files.values())
 
 

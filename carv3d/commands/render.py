@@ -26,7 +26,7 @@ def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: i
     from carv3d.errors import OutputPathError
     from carv3d.io import make_writable_folder
     from carv3d.outputs import write_turntable
-    from carv3d.parts import load_scene
+    from carv3d.saved_scene import load_scene
     from carv3d.run_dir import require_run_dir
 
     target = Path(out) if out else require_run_dir(run_dir) / "turntable.mp4"
@@ -38,7 +38,7 @@ def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: i
         raise OutputPathError(f"cannot write '{target}' ({err.strerror or err}); pass --out with a file in a "
                               f"writable folder.") from None
     scene = load_scene(run_dir)
-    write_turntable(scene.field, scene.renderer, target, frames, resolution, fps)
+    write_turntable(scene.scene, target, frames, resolution, fps)
     return target
 
 

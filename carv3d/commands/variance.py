@@ -74,27 +74,26 @@ def variance_command(args: argparse.Namespace) -> str:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
-    field_state = renderer_state = None
+    scene_state = None
     source: dict[str, Any]
     if args.run_dir:
         from carv3d.checkpoint import latest_checkpoint, load_checkpoint
+        from carv3d.step import scene_state as checkpoint_scene_state
         from carv3d.run_dir import load_run_config, require_run_dir
 
         run_dir = require_run_dir(args.run_dir)
         cfg = load_run_config(run_dir, args.overrides)
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt)
-        field_state, renderer_state = state["field"], state["renderer"]
+        scene_state = checkpoint_scene_state(state)
         source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
     else:
         cfg = load_config(args.config, args.overrides, args.prompt)
-        if not cfg.prompt.strip():
+        if not cfg.prompt.strip():  # say what this command needs, before the prompt check's generic message
             raise ConfigError("carv3d variance needs a run directory or a prompt (--prompt or prompt=...).")
         source = {"initial_scene": True, "config": args.config}
     device = resolve_device(args.device if args.device != "auto" else cfg.train.device)
-    scene = FrozenScene(cfg, device, field_state, renderer_state, seed=args.seed)
-    if field_state is not None:
-        scene.field.to(device)
+    scene = FrozenScene(cfg, device, scene_state, seed=args.seed)
     if args.window and args.draws < 2 * args.window:
         raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
     report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,

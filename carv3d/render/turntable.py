@@ -18,7 +18,6 @@ import torch
 
 from carv3d.io import atomic_path
 from carv3d.cameras import orbit_cameras
-from carv3d.render.renderer import VolumeRenderer
 
 ImageArray = Union[np.ndarray, torch.Tensor]
 
@@ -29,17 +28,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _device_of(*modules: object) -> torch.device:
-    for module in modules:
-        if isinstance(module, torch.nn.Module):
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                return tensor.device
-    return torch.device("cpu")
-
-
 def render_turntable(
-    field,
-    renderer: VolumeRenderer,
+    scene,
     n_frames: int,
     size: int,
     elevation: float = 15.0,
@@ -47,16 +37,14 @@ def render_turntable(
     fovy: float = 50.0,
     shading: str = "albedo",
     chunk_rays: int = 16384,
-    device: Optional[Union[torch.device, str]] = None,
 ) -> np.ndarray:
-    """Render a turntable of ``field``.
+    """Render a turntable of a scene (:class:`carv3d.scene.Scene`: ``render`` and ``device``).
 
     Deterministic: no generator, so samples sit at bin midpoints, the light (if any) is a
     headlight and a ``random`` background renders white.
 
     Args:
-        field: the field (see :mod:`carv3d.render.renderer`).
-        renderer: the renderer (its background and sampler are used).
+        scene: what to render, on its own device.
         n_frames: frames; frame k looks from azimuth ``360° · k / n_frames``.
         size: frames are ``size × size`` pixels.
         elevation: camera elevation in degrees.
@@ -64,17 +52,15 @@ def render_turntable(
         fovy: vertical field of view in degrees.
         shading: ``albedo`` | ``lambertian`` | ``textureless``.
         chunk_rays: rays rendered at a time.
-        device: where to render; defaults to the device of the field's (or renderer's) tensors.
 
     Returns:
         (n_frames, size, size, 3) uint8.
     """
-    device = torch.device(device) if device is not None else _device_of(field, renderer)
-    cameras = orbit_cameras(n_frames, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=device)
+    cameras = orbit_cameras(n_frames, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=scene.device)
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
     with torch.no_grad():
         for k in range(n_frames):
-            out = renderer(field, cameras[k : k + 1], shading=shading, height=size, width=size, chunk_rays=chunk_rays)
+            out = scene.render(cameras[k : k + 1], shading=shading, height=size, width=size, chunk_rays=chunk_rays)
             frames[k] = to_uint8(out.rgb)[0]
     return frames
 

@@ -39,9 +39,18 @@ class NeRFScene(Scene):
             torch.manual_seed(seed + 2)
             self.renderer = VolumeRenderer.from_config(render_cfg, scene_cfg.radius, device)
 
+    @classmethod
+    def from_parts(cls, field: Any, renderer: VolumeRenderer) -> "NeRFScene":
+        """A scene of an existing field (any object with the field protocol of
+        :mod:`carv3d.render.renderer`, e.g. an analytic world object) and renderer."""
+        scene = cls.__new__(cls)
+        Scene.__init__(scene)
+        scene.field, scene.renderer = field, renderer
+        return scene
+
     @property
     def backends(self) -> dict[str, str]:
-        return {"hash_grid": self.field.encoding_backend, "sampler": self.renderer.sampler}
+        return {"hash_grid": getattr(self.field, "encoding_backend", "none"), "sampler": self.renderer.sampler}
 
     def render(self, cameras: Cameras, generator: Optional[torch.Generator] = None, shading: str = "albedo",
                height: Optional[int] = None, width: Optional[int] = None, need_normals: bool = False,

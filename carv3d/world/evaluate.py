@@ -246,12 +246,12 @@ def truth_images(object_name: str, colour: str, views: int, resolution: int, row
 
 # ------------------------------------------------------------------------------------- the result
 @torch.no_grad()
-def render_result(field: Any, renderer: Any, cameras: Cameras, resolution: int,
+def render_result(scene: Any, cameras: Cameras, resolution: int,
                   chunk_rays: int = 16384) -> tuple[Tensor, Tensor]:
     """The result's unlit albedo over white, ``rgb + (1 − A)(1 − b)`` (whatever the renderer's own
     background b), and its silhouette ``A > ½``: (B, 3, H, W), (B, 1, H, W) bool."""
-    out = renderer(field, cameras, generator=None, shading="albedo", height=resolution, width=resolution,
-                   chunk_rays=chunk_rays)
+    out = scene.render(cameras, generator=None, shading="albedo", height=resolution, width=resolution,
+                       chunk_rays=chunk_rays)
     rgb = (out.rgb + (1.0 - out.opacity) * (1.0 - out.background)).clamp(0.0, 1.0).float()
     return rgb, out.opacity > MASK_LEVEL
 
@@ -281,14 +281,14 @@ def to_json(result: dict[str, Any]) -> str:
     return re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
-def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = None, views: int = 16,
+def evaluate_scene(scene: Any, prompt: str, *, mesh: MeshLike = None, views: int = 16,
                    resolution: int = 64, compare_all_objects: bool = True, chamfer_points: int = 20000,
                    seed: int = 0, chunk_rays: int = 16384, truth_lighting: str = "unlit") -> dict[str, Any]:
     """Evaluate a scene against the world's ground truth of a world prompt (module docstring).
 
     Args:
-        field, renderer: the result, rendered as ``renderer(field, cameras, generator=None, shading="albedo", …)``
-            on the device of the field's parameters or buffers.
+        scene: the result (:class:`carv3d.scene.Scene`), rendered as ``scene.render(cameras,
+            generator=None, shading="albedo", …)`` on its own device.
         prompt: a world prompt (``"a red cube"``, a view suffix is ignored).
         mesh: the exported mesh for the Chamfer distance: a path, ``(vertices, faces)``, a trimesh, or
             None (then, or when it is unusable, ``chamfer`` is None and ``surface.mesh`` says why).
@@ -306,16 +306,13 @@ def evaluate_scene(field: Any, renderer: Any, prompt: str, *, mesh: MeshLike = N
         match the truth's front and back views its back; None for objects without a front), and the
         details in ``views``, ``alignment``, ``per_view``, ``surface``, ``ranking`` and ``front_back``.
     """
-    from carv3d.export.isosurface import field_device
-
     start = time.perf_counter()
     parsed = world_prompt(prompt)
     check_options(views, resolution)
     if truth_lighting not in TRUTH_LIGHTINGS:
         raise EvaluationOptionError(f"truth lighting '{truth_lighting}' is unknown; expected one of {TRUTH_LIGHTINGS}.")
-    device = field_device(field)
-    cameras = evaluation_cameras(views, 1, device)
-    rgb, mask = render_result(field, renderer, cameras, resolution, chunk_rays)
+    cameras = evaluation_cameras(views, 1, scene.device)
+    rgb, mask = render_result(scene, cameras, resolution, chunk_rays)
     names = OBJECT_NAMES if compare_all_objects else (parsed.object,)
     matches = {name: match_object(mask, name, views, resolution) for name in names}
     own = matches[parsed.object]
@@ -376,7 +373,7 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
             (checked before the scene is loaded, and again when writing).
     """
     from carv3d.devices import resolve_device
-    from carv3d.parts import load_scene
+    from carv3d.saved_scene import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
 
     run = require_run_dir(run_dir)
@@ -387,7 +384,7 @@ def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 6
     check_output_file(target, overwrite)
     scene = load_scene(run, resolve_device(device, option="--device"))
     lighting = truth_lighting_for(str(load_run_config(run).render.shading))
-    result = evaluate_scene(scene.field, scene.renderer, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
+    result = evaluate_scene(scene.scene, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
                             resolution=resolution, truth_lighting=lighting)
     result = {"run_dir": str(run), "step": scene.step, **result}
     try:
