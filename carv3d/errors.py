@@ -29,12 +29,20 @@ class RunDirError(UserError):
     """A run directory that does not exist, is not a run, or must not be overwritten."""
 
 
+class RunLockedError(RunDirError):
+    """A run directory that another process is training in right now."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that is missing, truncated or not a carv3d checkpoint."""
 
 
 class OutputPathError(UserError):
     """An output path that cannot be written or already exists."""
+
+
+class DiskFullError(OutputPathError):
+    """A write that ran out of disk space (or quota, or allowed file size); the message says what is intact."""
 
 
 class BackendUnavailableError(UserError):

@@ -14,7 +14,7 @@ import torch
 import trimesh
 
 from carv3d.config import ExportConfig
-from carv3d.errors import ConfigError, OutputPathError, UserError
+from carv3d.errors import ConfigError, DiskFullError, OutputPathError, UserError
 from carv3d.export import (EmptyMeshError, density_grid, export_mesh, extract_isosurface, make_mesh,
                            remove_small_components, vertex_colors)
 from carv3d.export.analytic import AnalyticField, Shape, box_sdf, sphere_field, sphere_sdf, split_colour
@@ -247,14 +247,14 @@ def test_a_failing_writer_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pipeline, "write_obj", disk_full)  # obj is written last, after glb and ply
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiskFullError, match=r"could not write .*mesh\.obj: the disk is full"):  # not a traceback
         export_mesh(field, tmp_path / "new", cfg)
     assert not list((tmp_path / "new").iterdir()), "no partial set, no temporaries"
     monkeypatch.undo()
     files = export_mesh(field, tmp_path / "old", cfg)
     before = {p.name: p.read_bytes() for p in files.values()}
     monkeypatch.setattr(pipeline, "write_obj", disk_full)
-    with pytest.raises(OSError):  # an --overwrite export that fails keeps the previous set intact
+    with pytest.raises(DiskFullError):  # an --overwrite export that fails keeps the previous set intact
         export_mesh(field, tmp_path / "old", ExportConfig(resolution=24, threshold=field.surface_level,
                                                           texture_size=0), overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before

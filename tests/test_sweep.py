@@ -45,11 +45,12 @@ def tiny_sweep_overrides(teacher_path: Path, steps: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- the file format
-def test_grid_times_zip_gives_every_combination_with_resolved_configs(tmp_path, monkeypatch):
+def test_grid_times_zip_gives_every_combination_with_resolved_configs(tmp_path, monkeypatch, tiny_sd_path):
     monkeypatch.chdir(tmp_path)  # output_dir is relative to the working directory
-    path = write_sweep(tmp_path, """
+    # An open-vocabulary teacher: the embedded one does not know "view" (sweeps check prompts up front).
+    path = write_sweep(tmp_path, f"""
 name: demo
-overrides: {prompt: "a red cube, front view", train.steps: 7}
+overrides: {{prompt: "a red cube, front view", train.steps: 7, teacher.pretrained: {tiny_sd_path}}}
 grid:
   estimator.preset: [sds, carv]
   train.seed: [0, 1, 2]
@@ -88,8 +89,9 @@ def test_run_names_are_stable_readable_and_distinct(tmp_path):
     assert {r.name for r in small.runs} < {r.name for r in large.runs}
 
 
-def test_axis_values_may_set_several_keys_and_strings_survive_as_written(tmp_path):
-    spec = load_sweep(write_sweep(tmp_path, """
+def test_axis_values_may_set_several_keys_and_strings_survive_as_written(tmp_path, tiny_sd_path):
+    # An open-vocabulary teacher: the embedded one does not know "view" or "it's" (checked up front).
+    spec = load_sweep(write_sweep(tmp_path, f"overrides: {{teacher.pretrained: {tiny_sd_path}}}\n" + """
 grid:
   estimator:
     - {preset: sds}

@@ -32,7 +32,7 @@ from carv3d.export.isosurface import EmptyMeshError, density_grid, extract_isosu
 from carv3d.export.sparse_grid import refine_grid
 from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
 from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
-from carv3d.io import make_writable_folder
+from carv3d.io import make_writable_folder, reporting_full_disk
 from carv3d.log import logger
 from carv3d.cameras import Cameras
 
@@ -244,6 +244,10 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     then all are renamed into place. If any writer fails, the staging folder is removed and
     ``out_dir`` is as it was: never a partial or mixed set, which a rerun would then refuse to
     overwrite.
+
+    Raises:
+        DiskFullError: the disk filled up while writing; the message names the file, the free
+            space, and says that nothing was replaced (the staging folder is removed).
     """
     formats = check_options(formats, 0)
     textured = mesh.texture is not None and mesh.uv_mesh is not None
@@ -255,14 +259,15 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     try:
         staged = planned_files(staging, formats, textured)
         for fmt in formats:
-            if fmt == "ply":
-                write_ply(staged["ply"], mesh.vertices, mesh.faces, mesh.colors)
-            elif textured:
-                writer = write_glb if fmt == "glb" else write_obj
-                writer(staged[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
-            else:
-                writer = write_glb if fmt == "glb" else write_obj
-                writer(staged[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
+            with reporting_full_disk(files[fmt], _nothing_replaced(Path(out_dir))):
+                if fmt == "ply":
+                    write_ply(staged["ply"], mesh.vertices, mesh.faces, mesh.colors)
+                elif textured:
+                    writer = write_glb if fmt == "glb" else write_obj
+                    writer(staged[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
+                else:
+                    writer = write_glb if fmt == "glb" else write_obj
+                    writer(staged[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
         for key, path in files.items():
             os.replace(staged[key], path)
     finally:
@@ -270,6 +275,13 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     mesh.timings["write"] = round(time.perf_counter() - clock, 4)
     logger.info("export: wrote %s", ", ".join(str(p) for p in files.values()))
     return files
+
+
+def _nothing_replaced(out_dir: Path) -> str:
+    """What a full disk during :func:`write_mesh` costs: nothing but this export."""
+    return (f"Nothing was replaced in {out_dir} (the files are written as a set, and the partial ones were "
+            f"removed), and a run's checkpoints are untouched. Free some space, then export again "
+            f"(`carv3d export RUN_DIR`).")
 
 
 def export_mesh(field: Any, out_dir: Union[str, Path], export_cfg: Any = None, formats: Optional[Sequence[str]] = None,

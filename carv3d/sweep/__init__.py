@@ -3,6 +3,9 @@
 ::
 
     spec.py          the sweep file → validated runs (each with a stable name and a resolved config)
+    yaml_lines.py    the sweep file's YAML with the line of every key, for FILE:LINE errors
+    checks.py        whole-sweep checks: the number of runs (--max-runs), prompts vs a closed vocabulary
+    errors.py        SweepError
     state.py         the sweep directory: what each run needs (train/resume/skip), sweep_state.json, lock
     jobs.py          one run as plain data, executed the same way by every backend
     local.py         in-process one after another, or one worker process per GPU (worker.py)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from carv3d.config import to_yaml
 from carv3d.log import logger
 from carv3d.run_dir import read_status
+from carv3d.sweep.checks import MAX_RUNS
 from carv3d.sweep.jobs import RunJob
 from carv3d.sweep.spec import SweepError, SweepSpec, load_sweep
 from carv3d.sweep.state import PlannedRun, RunResult, abandon, plan_runs, read_state, sweep_lock, write_state
@@ -78,7 +79,7 @@ def _job(spec: SweepSpec, planned: PlannedRun) -> RunJob:
 
 def run_sweep(path: str | Path, backend: str = "local", max_parallel: Optional[int] = None,
               address: Optional[str] = None, dry_run: bool = False,
-              gpus: Optional[Sequence[str]] = None) -> SweepOutcome:
+              gpus: Optional[Sequence[str]] = None, max_runs: Optional[int] = MAX_RUNS) -> SweepOutcome:
     """Run (or continue) the sweep in ``path``; see :mod:`carv3d.sweep` for the file format.
 
     Args:
@@ -89,6 +90,8 @@ def run_sweep(path: str | Path, backend: str = "local", max_parallel: Optional[i
         dry_run: validate and plan only; nothing is written.
         gpus: local backend only, the ``CUDA_VISIBLE_DEVICES`` entries to spread runs over
             (default: the visible GPUs).
+        max_runs: refuse a sweep with more runs than this, at once (None: no limit); the CLI's
+            ``--max-runs``. See :mod:`carv3d.sweep.checks`.
 
     Raises:
         SweepError / ConfigError: bad input, before any run starts. A failing *run* does not raise:
@@ -101,7 +104,9 @@ def run_sweep(path: str | Path, backend: str = "local", max_parallel: Optional[i
         raise SweepError("--address names a Ray cluster; use it with --backend ray.")
     if max_parallel is not None and max_parallel < 1:
         raise SweepError(f"--max-parallel must be at least 1, not {max_parallel}.")
-    spec = load_sweep(path)
+    if max_runs is not None and max_runs < 1:
+        raise SweepError(f"--max-runs must be at least 1, not {max_runs}.")
+    spec = load_sweep(path, max_runs=max_runs)
     planned = plan_runs(spec)
     if backend == "ray":
         from carv3d.sweep.ray_backend import check_address, import_ray, ray_connection

@@ -25,7 +25,10 @@ Each run's config is layered exactly like ``carv3d train``::
 Everything is checked here, before any run starts: the YAML (errors name the line), the keys of
 every section, every axis (non-empty, no repeated values, zip lists of one length) and every run's
 full config through :func:`carv3d.config.load_config`, so unknown keys and wrong types are caught
-with the line they come from and the nearest valid keys.
+with the line they come from and the nearest valid keys; then every prompt against a
+closed-vocabulary teacher's words (:mod:`carv3d.sweep.checks`). Resolving a config costs 20-30 ms
+(OmegaConf copies the whole tree several times), so a sweep with more than ``max_runs`` runs
+(default 1000) is refused before any of that, and a big one shows a progress bar while it is checked.
 """
 
 from __future__ import annotations
@@ -41,18 +44,16 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from carv3d.config import load_config
-from carv3d.errors import ConfigError, UserError
-from carv3d.run_dir import slugify
+from carv3d.errors import ConfigError
+from carv3d.run_dir import check_plain_name, slugify
+from carv3d.sweep.checks import MAX_RUNS, check_prompts, check_size
+from carv3d.sweep.errors import SweepError
+from carv3d.sweep.yaml_lines import Located, read_yaml_with_lines
 
 SECTIONS = ("name", "base", "overrides", "grid", "zip", "output_dir")
 DEFAULT_OUTPUT_DIR = "runs/sweeps"
 # Set by the sweep for every run; a sweep file that sets them would fight the runner.
 RESERVED_KEYS = ("train.output_dir", "train.run_name")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class SweepError(UserError):
-    """A sweep file that cannot be run as written, or a sweep backend that cannot start."""
 
 
 @dataclass(frozen=True)
@@ -101,53 +102,6 @@ class SweepSpec:
     @property
     def axis_keys(self) -> list[str]:
         return [*self.grid, *self.zipped]
-
-
-# ---------------------------------------------------------------------------------------- YAML with lines
-def _read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
-    """Parse ``path`` once; return the data and the 1-based line of every mapping key and list item.
-
-    Lines are keyed by their path in the document: ``("grid", "train.seed")`` is the line of that
-    key, ``("grid", "train.seed", 2)`` the line of its third value.
-    """
-    import yaml
-
-    if not path.is_file():
-        raise SweepError(f"sweep file '{path}' does not exist. Examples live in configs/sweeps/.")
-    text = path.read_text()
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = ""
-        if err.context and err.context_mark is not None:  # where the unclosed thing began
-            context = f"{err.context} started at line {err.context_mark.line + 1}: "
-        raise SweepError(f"{where}: the sweep file is not valid YAML ({context}{err.problem}). "
-                         "Check the indentation, brackets and quoting there.") from None
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: the sweep file is not valid YAML ({str(err).splitlines()[0]}).") from None
-    finally:
-        loader.dispose()
-
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(n: Any, prefix: tuple[Any, ...]) -> None:
-        if isinstance(n, yaml.MappingNode):
-            for key_node, value_node in n.value:
-                key = (prefix + (key_node.value,))
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                lines[prefix + (i,)] = item.start_mark.line + 1
-                walk(item, prefix + (i,))
-
-    if node is not None:
-        walk(node, ())
-    return data, lines
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -202,25 +156,8 @@ def run_name(axes: dict[str, Any]) -> str:
     return f"{readable}-{digest}"
 
 
-class _Located:
-    """Formats messages as ``FILE:LINE: ...`` from the document paths of :func:`_read_yaml_with_lines`."""
-
-    def __init__(self, path: Path, lines: dict[tuple[Any, ...], int]):
-        self.path = path
-        self.lines = lines
-
-    def at(self, *doc_path: Any) -> str:
-        while doc_path and doc_path not in self.lines:
-            doc_path = doc_path[:-1]
-        line = self.lines.get(doc_path)
-        return f"{self.path}:{line}" if line else str(self.path)
-
-    def error(self, doc_path: tuple[Any, ...], message: str) -> SweepError:
-        return SweepError(f"{self.at(*doc_path)}: {message}")
-
-
 # ---------------------------------------------------------------------------------------- sections
-def _section_mapping(data: dict[str, Any], section: str, loc: _Located) -> dict[str, Any]:
+def _section_mapping(data: dict[str, Any], section: str, loc: Located) -> dict[str, Any]:
     value = data.get(section)
     if value is None:
         return {}
@@ -229,7 +166,7 @@ def _section_mapping(data: dict[str, Any], section: str, loc: _Located) -> dict[
     return value
 
 
-def _axes(data: dict[str, Any], section: str, loc: _Located) -> dict[str, list[Any]]:
+def _axes(data: dict[str, Any], section: str, loc: Located) -> dict[str, list[Any]]:
     """Read ``grid:`` or ``zip:``: each key names one axis and holds a non-empty list of values."""
     axes: dict[str, list[Any]] = {}
     for key, values in _section_mapping(data, section, loc).items():
@@ -251,7 +188,7 @@ def _axes(data: dict[str, Any], section: str, loc: _Located) -> dict[str, list[A
     return axes
 
 
-def _check_keys(spec_keys: dict[str, tuple[Any, ...]], loc: _Located) -> None:
+def _check_keys(spec_keys: dict[str, tuple[Any, ...]], loc: Located) -> None:
     """Keys the sweep sets itself must not appear in the file."""
     for flat_key, doc_path in spec_keys.items():
         if flat_key in RESERVED_KEYS:
@@ -280,17 +217,25 @@ def _keys_of(section: str, mapping: dict[str, Any]) -> list[tuple[str, tuple[Any
 
 
 # ---------------------------------------------------------------------------------------- load + validate
-def load_sweep(path: str | Path, validate: bool = True) -> SweepSpec:
+def load_sweep(path: str | Path, validate: bool = True, max_runs: Optional[int] = MAX_RUNS) -> SweepSpec:
     """Parse a sweep file and expand it into runs; with ``validate``, resolve every run's config.
+
+    Args:
+        path: the sweep file.
+        validate: resolve every run's config and check the prompts against a closed-vocabulary
+            teacher (the embedded one); without it only the file's structure is checked.
+        max_runs: refuse a sweep with more runs than this (None: no limit), before expanding it
+            (see :mod:`carv3d.sweep.checks`).
 
     Raises:
         SweepError: malformed YAML, an unknown section, an empty axis, zip lists of different
-            lengths, a repeated value, a reserved key, an unknown config key or a wrong type — each
-            with the file and line, before any run starts.
+            lengths, a repeated value, a reserved key, an unknown config key or a wrong type, a
+            prompt the embedded teacher does not know, more runs than ``max_runs`` — each with the
+            file and line, before any run starts.
     """
     path = Path(path).expanduser().resolve()
-    data, lines = _read_yaml_with_lines(path)
-    loc = _Located(path, lines)
+    data, lines = read_yaml_with_lines(path)
+    loc = Located(path, lines)
     if data is None:
         raise SweepError(f"{path}: the sweep file is empty; it needs at least a 'grid:' or 'zip:' section.")
     if not isinstance(data, dict):
@@ -305,9 +250,10 @@ def load_sweep(path: str | Path, validate: bool = True) -> SweepSpec:
             raise loc.error((key,), f"unknown sweep section '{key}'; sections are {', '.join(SECTIONS)}.{hint}")
 
     name = str(data.get("name") or path.stem)
-    if not NAME_PATTERN.match(name):
-        raise loc.error(("name",), f"sweep name '{name}' must be a plain directory name "
-                        "(letters, digits, '.', '_', '-').")
+    try:
+        check_plain_name(name, "sweep name")
+    except ConfigError as err:
+        raise loc.error(("name",), str(err).replace("set train.output_dir", "set the sweep's 'output_dir:'")) from None
     base: Optional[Path] = None
     if data.get("base") is not None:
         base = (path.parent / str(data["base"])).resolve()
@@ -332,13 +278,26 @@ def load_sweep(path: str | Path, validate: bool = True) -> SweepSpec:
             key_paths[flat_key] = doc_path
     _check_keys(key_paths, loc)
 
+    check_size(grid, zipped, max_runs, loc.at("grid") if grid else loc.at("zip"))
     runs = _expand(grid, zipped, overrides)
     spec = SweepSpec(name=name, file=path, base=base, overrides=overrides, grid=grid, zipped=zipped,
                      output_dir=output_dir, runs=runs)
     if validate:
-        for run in runs:
+        for run in _progress(runs, "checking run configs"):
             spec.configs[run.name] = _resolve(spec, run, key_paths, loc)
+        by_name = {run.name: run for run in runs}
+        check_prompts(((run.name, spec.configs[run.name]) for run in runs),
+                      lambda run_name, key: _where(spec, by_name[run_name], key, key_paths, loc))
     return spec
+
+
+def _progress(runs: list[RunSpec], what: str) -> Any:
+    """A progress bar on stderr for sweeps big enough to take seconds; the plain list otherwise."""
+    if len(runs) < 200:
+        return runs
+    from tqdm.auto import tqdm
+
+    return tqdm(runs, desc=what, unit="run", leave=False, dynamic_ncols=True)
 
 
 def _expand(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], overrides: dict[str, Any]) -> list[RunSpec]:
@@ -360,34 +319,42 @@ def _expand(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], overrides:
 
 def run_config(spec: SweepSpec, run: RunSpec) -> DictConfig:
     """The resolved config of one run (the same layers ``carv3d train`` uses, see the module doc)."""
-    layers = ["train.progress=false", *run.overrides,
-              f"train.output_dir={json.dumps(str(spec.runs_dir))}", f"train.run_name={json.dumps(run.name)}"]
-    cfg = load_config(config_file=spec.base, overrides=layers)
+    layers = ["train.progress=false", *run.overrides, *_placement(spec, run)]
+    return _absolute_teacher(load_config(config_file=spec.base, overrides=layers))
+
+
+def _placement(spec: SweepSpec, run: RunSpec) -> list[str]:
+    return [f"train.output_dir={json.dumps(str(spec.runs_dir))}", f"train.run_name={json.dumps(run.name)}"]
+
+
+def _absolute_teacher(cfg: DictConfig) -> DictConfig:
     pretrained = Path(str(cfg.teacher.pretrained)).expanduser()
     if not pretrained.is_absolute() and pretrained.exists():  # workers may run in another directory
         cfg.teacher.pretrained = str(pretrained.resolve())
     return cfg
 
 
-def _resolve(spec: SweepSpec, run: RunSpec, key_paths: dict[str, tuple[Any, ...]], loc: _Located) -> DictConfig:
+def _where(spec: SweepSpec, run: RunSpec, key: str, key_paths: dict[str, tuple[Any, ...]], loc: Located) -> str:
+    """``FILE:LINE`` where the sweep sets config ``key`` for ``run`` (the axis value's own line for an
+    axis), or the base config / sweep file when the sweep does not set it."""
+    for set_key, doc_path in key_paths.items():
+        if set_key == key or set_key.startswith(key + ".") or key.startswith(set_key + "."):
+            axis = doc_path[1] if doc_path[0] in ("grid", "zip") else None
+            if axis in run.axes:  # point at this run's value of the axis
+                values = spec.grid.get(axis) or spec.zipped.get(axis) or []
+                doc_path = doc_path + (values.index(run.axes[axis]),)
+            return loc.at(*doc_path)
+    return str(spec.base) if spec.base else str(spec.file)
+
+
+def _resolve(spec: SweepSpec, run: RunSpec, key_paths: dict[str, tuple[Any, ...]], loc: Located) -> DictConfig:
     """:func:`run_config`, with a config error traced back to the sweep file line that caused it."""
     try:
         cfg = run_config(spec, run)
     except ConfigError as err:
         message = str(err).replace(" (in command-line overrides)", "")
         bad = re.search(r"'([A-Za-z0-9_.]+)'", message)
-        doc_path = None
-        if bad:
-            reported = bad.group(1)
-            for key, path in key_paths.items():
-                if key == reported or key.startswith(reported + ".") or reported.startswith(key + "."):
-                    doc_path = path
-                    axis = path[1] if path[0] in ("grid", "zip") else None
-                    if axis in run.axes:  # point at this run's value of the axis
-                        values = spec.grid.get(axis) or spec.zipped.get(axis) or []
-                        doc_path = path + (values.index(run.axes[axis]),)
-                    break
-        where = loc.at(*doc_path) if doc_path else (str(spec.base) if spec.base else str(spec.file))
+        where = _where(spec, run, bad.group(1), key_paths, loc) if bad else (str(spec.base) if spec.base else str(spec.file))
         raise SweepError(f"{where}: {message} (run '{run.name}': {json.dumps(run.axes, default=str)})") from None
     if not str(cfg.prompt).strip():
         raise SweepError(f"{spec.file}: run '{run.name}' has an empty prompt; set 'prompt' in the base config, "

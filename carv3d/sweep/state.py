@@ -5,7 +5,7 @@ The sweep directory::
     <output_dir>/<name>/
       sweep.yaml           the sweep file as last run
       sweep_state.json     per run: its axes, status, error message and seconds of the last attempt
-      sweep.lock           held while a sweep runs here (pid and host)
+      sweep.lock           held (flock) while a sweep runs here; names its pid and host
       runs/<run name>/     ordinary carv3d run directories (``carv3d export`` etc. work on them)
       logs/<run name>.log  each run's log (worker processes and Ray tasks)
       abandoned/           run directories that crashed before their first checkpoint
@@ -33,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import os
-import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,7 +40,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from carv3d.checkpoint import CHECKPOINT_DIR, LATEST_FILE
-from carv3d.io import atomic_write_text
+from carv3d.io import FileLock, LockHeld, atomic_write_text
 from carv3d.run_dir import CONFIG_FILE, load_run_config, read_status
 from carv3d.sweep.spec import RunSpec, SweepError, SweepSpec
 
@@ -184,42 +182,22 @@ def write_state(spec: SweepSpec, results: dict[str, RunResult]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- lock
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def sweep_lock(sweep_dir: Path) -> Iterator[None]:
     """Hold ``sweep.lock`` so that two sweeps never run the same runs at once.
 
-    A lock left by a process that no longer exists on this host is taken over.
+    The same flock-based lock as a run directory's (:class:`carv3d.io.FileLock`): it ends with its
+    process, however that process ends, so a killed sweep never leaves a lock to delete by hand.
     """
     sweep_dir.mkdir(parents=True, exist_ok=True)
     path = sweep_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0) or 0)):
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            raise SweepError(f"another sweep (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is running in "
-                             f"{sweep_dir}; wait for it, or delete {path} if it is not running.") from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        break
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except LockHeld as held:
+        raise SweepError(f"another sweep (pid {held.holder.get('pid', '?')} on {held.holder.get('host', '?')}) is "
+                         f"running in {sweep_dir}; wait for it to finish, or stop it, and run this sweep again.") from None
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        lock.release()

@@ -1,0 +1,103 @@
+"""Checks on a whole sweep that need more than one run's config: its size, and its prompts.
+
+- Size: a sweep's runs are a product of its axes, so one extra axis can turn 100 runs into 10⁴.
+  Checking that many configs takes minutes and training them days, so a sweep above
+  :data:`MAX_RUNS` is refused at once, before anything is checked, unless the limit is raised
+  (``carv3d sweep --max-runs N``, ``run_sweep(..., max_runs=N)``).
+- Prompts: a closed-vocabulary teacher (the embedded one) refuses a prompt with a word it was not
+  trained on ("a red teapot") only when a run loads it. The vocabulary is a small JSON file next to
+  the weights, so each distinct (teacher, prompt) pair is checked here, before any run starts,
+  without loading the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from carv3d.errors import PromptError, UserError
+from carv3d.log import logger
+from carv3d.sweep.errors import SweepError
+
+MAX_RUNS = 1000
+# Measured: resolving one run's config takes 20-30 ms on one CPU core (tests/test_sweep_checks.py
+# test_sweep_limit_refuses_before_checking prints it); the estimate in the message uses the low end.
+SECONDS_PER_RUN_CHECK = 0.02
+
+
+def count_runs(grid: dict[str, list[Any]], zipped: dict[str, list[Any]]) -> int:
+    """``product(len(axis) for grid axes) × zip length``, without expanding anything."""
+    rows = len(next(iter(zipped.values()))) if zipped else 1
+    return math.prod(len(values) for values in grid.values()) * rows
+
+
+def check_size(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], max_runs: Optional[int], where: str) -> int:
+    """Return the number of runs; raise :class:`SweepError` when it is above ``max_runs`` (None: no limit)."""
+    count = count_runs(grid, zipped)
+    if max_runs is not None and count > max_runs:
+        factors = [f"{key}: {len(values)}" for key, values in grid.items()]
+        if zipped:
+            factors.append(f"zip rows: {len(next(iter(zipped.values())))}")
+        minutes = count * SECONDS_PER_RUN_CHECK / 60
+        raise SweepError(
+            f"{where}: the sweep has {count:,} runs ({' × '.join(factors)}), more than the limit of {max_runs:,}. "
+            f"Checking their configs alone takes about {minutes:.0f} min and each run trains for minutes, so a grid "
+            f"this large is usually a mistake. Split it into smaller sweeps, or raise the limit with "
+            f"--max-runs {count} (run_sweep(..., max_runs={count}))."
+        )
+    return count
+
+
+def closed_vocabulary(pretrained: str) -> tuple[Any, str]:
+    """The :class:`~carv3d.teacher.vocabulary.PromptVocabulary` of the teacher ``pretrained`` names (or
+    None) and the teacher's folder.
+
+    None when the teacher has no vocabulary file (Stable Diffusion: any prompt) or its weights are
+    not on this machine (e.g. they live on the Ray workers): then the run checks its prompt when it
+    loads the teacher, as ``carv3d train`` does.
+    """
+    from carv3d.teacher.loading import resolve_teacher_path
+    from carv3d.teacher.vocabulary import VOCABULARY_FILE, PromptVocabulary
+
+    try:
+        folder = resolve_teacher_path(pretrained)
+    except UserError as err:
+        logger.debug("sweep: prompts not checked up front for teacher %r (%s)", pretrained, err)
+        return None, pretrained
+    vocabulary_file = folder / VOCABULARY_FILE
+    return (PromptVocabulary.from_file(vocabulary_file) if vocabulary_file.is_file() else None), str(folder)
+
+
+def check_prompts(runs: Iterable[tuple[str, DictConfig]], locate: Callable[[str, str], str]) -> None:
+    """Check every run's prompt and negative prompt against its teacher's closed vocabulary.
+
+    Args:
+        runs: (run name, resolved config) pairs.
+        locate: ``(run name, config key) -> "FILE:LINE"`` where the sweep sets that key for that run.
+
+    Raises:
+        SweepError: the first run whose prompt has a word its teacher does not know, with the
+            line that sets the prompt, the unknown words and the words the teacher knows.
+    """
+    vocabularies: dict[str, tuple[Any, str]] = {}
+    checked: set[tuple[str, str, str]] = set()
+    for name, cfg in runs:
+        pretrained = str(OmegaConf.select(cfg, "teacher.pretrained", default="") or "")
+        prompt = str(cfg.prompt)
+        negative = str(OmegaConf.select(cfg, "teacher.negative_prompt", default="") or "")
+        if not pretrained or (pretrained, prompt, negative) in checked:
+            continue
+        checked.add((pretrained, prompt, negative))
+        if pretrained not in vocabularies:
+            vocabularies[pretrained] = closed_vocabulary(pretrained)
+        vocabulary, folder = vocabularies[pretrained]
+        if vocabulary is None:
+            continue
+        for key, text, what in (("prompt", prompt, "prompt"),
+                                ("teacher.negative_prompt", negative, "negative prompt (teacher.negative_prompt)")):
+            try:
+                vocabulary.check(text, what, folder)
+            except PromptError as err:
+                raise SweepError(f"{locate(name, key)}: run '{name}': {err}") from None
