@@ -145,7 +145,7 @@ def test_whole_batch_goes_through_one_teacher_call():
         return linear_teacher(x_t, t, upstream_index)
 
     est = make_estimator("sds", "teacher-weight", True, K=5)
-    result = est.estimate(X3, teacher, torch.Generator().manual_seed(0))
+    result = est.estimate(X3, teacher, torch.Generator().manual_seed(0), 0)
     assert len(calls) == 1
     shape, t, index = calls[0]
     assert shape == (15, 2, 3) and t.dtype == torch.long and t.shape == (15,)
@@ -160,7 +160,7 @@ def test_whole_batch_goes_through_one_teacher_call():
         return linear_teacher(x_t, t, upstream_index)
 
     est2 = make_estimator("sds", "teacher-weight", True, K=5)
-    again = est2.estimate(X3, chunked, torch.Generator().manual_seed(0), max_batch=4)
+    again = est2.estimate(X3, chunked, torch.Generator().manual_seed(0), 0, max_batch=4)
     assert chunked_calls == [4, 4, 4, 3]
     assert torch.equal(again.latent_gradient, result.latent_gradient)
 
@@ -173,7 +173,7 @@ def test_surrogate_backward_is_the_chain_rule():
     theta = torch.randn(P, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.einsum("rdp,p->rd", A, theta).view(R, 2, 3)
     est = make_estimator("sds", "teacher-weight", True, K=4)
-    result = est.estimate(x, linear_teacher, g)
+    result = est.estimate(x, linear_teacher, g, 0)
     result.surrogate.backward()
     expected = torch.einsum("rdp,rd->p", A, result.latent_gradient.reshape(R, 6)) / R
     torch.testing.assert_close(theta.grad, expected, rtol=1e-12, atol=1e-12)
@@ -228,14 +228,14 @@ def test_carv_preset_builds_the_full_estimator():
     est = build_estimator(cfg.estimator, ALPHAS, "cpu")
     assert est.auto.adapt and est.stratified and est.adaptive is not None
     assert est.distribution.proposal == "adaptive" and 2 <= est.noise_draws <= cfg.estimator.max_noise_draws
-    result = est.estimate(X3, linear_teacher, torch.Generator().manual_seed(0))
+    result = est.estimate(X3, linear_teacher, torch.Generator().manual_seed(0), 0)
     assert result.timesteps.shape == (3, est.noise_draws)
 
 
 def test_gradient_clip_is_elementwise_after_averaging():
-    plain = make_estimator("uniform", "uniform", False, K=2).estimate(X3 * 10, linear_teacher, torch.Generator().manual_seed(3))
+    plain = make_estimator("uniform", "uniform", False, K=2).estimate(X3 * 10, linear_teacher, torch.Generator().manual_seed(3), 0)
     clipped = make_estimator("uniform", "uniform", False, K=2, gradient_clip=0.5).estimate(
-        X3 * 10, linear_teacher, torch.Generator().manual_seed(3))
+        X3 * 10, linear_teacher, torch.Generator().manual_seed(3), 0)
     assert torch.equal(clipped.latent_gradient, plain.latent_gradient.clamp(-0.5, 0.5))
     assert float(plain.latent_gradient.abs().max()) > 0.5
 
@@ -306,7 +306,7 @@ def test_state_dict_round_trip_continues_identically():
 
 def test_stats_are_tensors_or_floats_and_importance_weights_average_near_one():
     est = make_estimator("sds", "teacher-weight", True, K=8)
-    result = est.estimate(X3, linear_teacher, torch.Generator().manual_seed(0))
+    result = est.estimate(X3, linear_teacher, torch.Generator().manual_seed(0), 0)
     for key in ("importance_weight_mean", "importance_weight_max", "importance_weight_ess", "sigma_b2_window",
                 "sigma_w2_window", "timestep_mean", "residual_mean_square"):
         assert isinstance(result.stats[key], torch.Tensor) and result.stats[key].dim() == 0, key

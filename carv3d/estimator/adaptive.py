@@ -37,9 +37,12 @@ the second moment E_q‖f‖² is at most 1/(1 − λ) times that of q_adaptive 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger("carv3d")
 
 
 def defensive_mixture(q_adaptive: torch.Tensor, q_teacher: torch.Tensor, defensive: float) -> torch.Tensor:
@@ -87,31 +90,51 @@ class AdaptiveSecondMoment:
         self.m2 = torch.ones(self.bins, dtype=torch.float64, device=self.device)  # ones: q_adaptive = q_tw
         self.seen = torch.zeros(self.bins, dtype=torch.bool, device=self.device)
         self.pending_sum, self.pending_weight, self.pending_count = zeros(), zeros(), zeros()
+        self.dropped = torch.zeros((), dtype=torch.float64, device=self.device)  # non-finite draws left out, ever
         self.refreshes = 0
 
     def bin_of(self, t: torch.Tensor) -> torch.Tensor:
         """b(t) = ⌊t·B/T⌋: (...,) long."""
         return torch.div(t * self.bins, self.num_timesteps, rounding_mode="floor")
 
-    def accumulate(self, t: torch.Tensor, importance_weight: torch.Tensor, mean_square: torch.Tensor) -> None:
-        """Add draws to the pending bin sums.
+    def accumulate(self, t: torch.Tensor, importance_weight: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        """Add draws to the pending bin sums; draws with a non-finite ρ or m (or ρ < 0) are left out.
+
+        One +inf residual (an fp16 U-Net overflow) would otherwise make its bin's m₂ infinite for good:
+        q would turn NaN on that bin and every later draw would come from a broken table. Leaving a
+        draw out of an average of *past* draws does not bias any later gradient (the later gradient
+        is unbiased for every valid q); it only makes m₂ a slightly different estimate. Tensor ops
+        only (a mask), so this never synchronises with the host.
 
         Args:
             t: (N,) long, the drawn timesteps.
             importance_weight: (N,) p(t)/q(t) of each draw.
             mean_square: (N,) ‖ε̂ − ε‖²/D of each draw.
+
+        Returns:
+            () float64 tensor: how many draws were left out (also added to ``dropped``).
         """
         b = self.bin_of(t.to(self.device)).reshape(-1)
         rho = importance_weight.to(device=self.device, dtype=torch.float64).reshape(-1)
         m = mean_square.detach().to(device=self.device, dtype=torch.float64).reshape(-1)
-        self.pending_sum.scatter_add_(0, b, rho * m)
-        self.pending_weight.scatter_add_(0, b, rho)
-        self.pending_count.scatter_add_(0, b, torch.ones_like(rho))
+        contribution = rho * m
+        keep = torch.isfinite(rho) & (rho >= 0) & torch.isfinite(m) & torch.isfinite(contribution)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.pending_sum.scatter_add_(0, b, torch.where(keep, contribution, zero))
+        self.pending_weight.scatter_add_(0, b, torch.where(keep, rho, zero))
+        self.pending_count.scatter_add_(0, b, keep.to(torch.float64))
+        dropped = (~keep).sum().to(torch.float64)
+        self.dropped = self.dropped + dropped
+        return dropped
 
     def refresh(self) -> None:
-        """Blend the pending bin estimates into m₂, fill never-seen bins, restart the pending sums."""
-        has_data = self.pending_weight > 0
+        """Blend the pending bin estimates into m₂, fill never-seen bins, restart the pending sums.
+
+        A bin whose pending estimate is not finite (finite draws whose sum overflowed float64) is
+        treated as a bin without data: m₂ stays finite and ≥ 0 whatever was accumulated.
+        """
         new = self.pending_sum / self.pending_weight.clamp_min(torch.finfo(torch.float64).tiny)
+        has_data = (self.pending_weight > 0) & torch.isfinite(new)
         blended = torch.where(self.seen, self.decay * self.m2 + (1.0 - self.decay) * new, new)
         self.m2 = torch.where(has_data, blended, self.m2)
         self.seen = self.seen | has_data
@@ -142,12 +165,29 @@ class AdaptiveSecondMoment:
             "pending_sum": self.pending_sum.cpu(),
             "pending_weight": self.pending_weight.cpu(),
             "pending_count": self.pending_count.cpu(),
+            "dropped": self.dropped.cpu(),
             "refreshes": self.refreshes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`.
+
+        A checkpoint written before non-finite draws were left out may hold an infinite or NaN m₂ or
+        pending sum: those bins are reset to "never seen" (m₂ = 1) with a warning, so a resumed run
+        does not inherit a broken proposal.
+        """
         if int(state["bins"]) != self.bins:
             raise ValueError(f"estimator checkpoint has {state['bins']} adaptive bins but this run uses {self.bins}")
         for key in ("m2", "seen", "pending_sum", "pending_weight", "pending_count"):
             setattr(self, key, state[key].to(self.device))
+        bad = ~torch.isfinite(self.m2) | (self.m2 < 0)
+        bad_pending = ~(torch.isfinite(self.pending_sum) & torch.isfinite(self.pending_weight))
+        if bool(bad.any() | bad_pending.any()):  # load time: one host sync is fine here
+            logger.warning("adaptive proposal checkpoint holds non-finite second moments in %d bin(s): those bins "
+                           "restart as never seen", int((bad | bad_pending).sum()))
+            self.m2 = torch.where(bad, torch.ones_like(self.m2), self.m2)
+            self.seen = self.seen & ~bad
+            for key in ("pending_sum", "pending_weight", "pending_count"):
+                setattr(self, key, torch.where(bad_pending, torch.zeros_like(self.m2), getattr(self, key)))
+        self.dropped = torch.as_tensor(state.get("dropped", 0.0), dtype=torch.float64).to(self.device)
         self.refreshes = int(state["refreshes"])

@@ -36,6 +36,34 @@ in this fixed order:
 With R = K = 1, the uniform proposal and no stratification, these are threestudio's draws
 (``randint`` for t, then one ``randn`` of x's shape for ε), x_t is computed with diffusers'
 ``add_noise`` arithmetic and g = w(t)·(ε̂ − ε) with w = 1 − ᾱ_t: plain SDS, bit for bit.
+
+Non-finite draws. A teacher output with an inf or NaN (an fp16 U-Net overflow) makes that draw's
+residual non-finite. The gradient of *that* step stays non-finite for the render it belongs to —
+on purpose: replacing or dropping the draw would bias the step (overflows are not independent of
+the value), and a non-finite gradient is what the training loop already detects and skips. What
+must never happen is a *later* step going wrong, so the draw is kept out of everything that
+accumulates across steps: the adaptive second moments (and hence q), the ANOVA window (σ_b², σ_w²,
+auto-K). It is counted (``nonfinite_draws`` this step, ``nonfinite_draws_window``,
+``nonfinite_draws_total``) and a warning is logged when its accounting window closes. All of this
+is masks and ``torch.where`` on the device: no host sync is added to a step.
+
+Upstream shape. Dimension 0 of the upstream is always R, the number of upstream samples: a single
+image or latent (C, H, W) must be passed as x[None]. The estimator cannot tell a (C, H, W) latent
+from C renders of shape (H, W) by itself; it refuses a 0-D or 1-D upstream, a sample rank that
+differs from its first call's, and — given ``sample_ndim`` — any other rank.
+
+Stratification across renders (K = 1). With one draw per render the R renders share one set of R
+strata, in a random order. Given the renders this can raise the variance: with h_r(s) the mean
+draw of render r in stratum s, tr Var changes by −Σ_{r≠r'} C(r, r')/(R²(R − 1)) with
+C(r, r') = (1/R)Σ_s ⟨h_r(s) − h̄_r, h_{r'}(s) − h̄_{r'}⟩, an increase when renders' t-profiles point
+in opposite directions. But the renders of a step are random too, and for renders drawn
+independently E[C(r, r')] = (1/R)Σ_s ‖E_x[h_x(s) − h̄_x]‖² ≥ 0: averaged over the renders — the
+variance training sees — it never raises the variance. Measured exactly on closed-form problems
+(``python scripts/stratified_accounting.py``, ε̂ = 0.9·x_t): the tests' three fixed renders +10 %
+(uniform q) and +17 % (teacher-weight q), the same renders under the tests' teacher with a shared
+b(t)·c term −31 %; random renders x = m + s·z −0.2 % to −29 % when they share a mean, exactly 0 when
+they do not. It therefore stays on. (The argument needs independent renders; with camera strata the
+renders of a step are dependent, which the argument does not cover.)
 """
 
 from __future__ import annotations
@@ -46,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
-from carv3d.estimator.accounting import AnovaSplit, AutoNoiseDraws
+from carv3d.estimator.accounting import AnovaSplit, AutoNoiseDraws, logger
 from carv3d.estimator.adaptive import AdaptiveSecondMoment
 from carv3d.estimator.guidance import (Draws, Guidance, NoisePredictor, PredictNoise, ScoreDistillation, as_predictor,
                                        build_guidance)
@@ -127,6 +155,9 @@ class ScoreDistillationEstimator:
         accounting_every: window (steps) of the ANOVA and timers when ``auto`` is not given.
         timer: the :class:`StepTimer`; the loop times its upstream with ``estimator.timer("upstream")``.
         guidance: the residual per draw (:mod:`carv3d.estimator.guidance`); default SDS.
+        sample_ndim: the rank of one upstream sample (3 for (C, H, W) latents); given, an upstream of
+            any other rank than 1 + sample_ndim is refused with a ValueError. None: the first call's
+            rank is kept and later calls must match it.
     """
 
     def __init__(
@@ -142,6 +173,7 @@ class ScoreDistillationEstimator:
         accounting_every: int = 50,
         timer: Optional[StepTimer] = None,
         guidance: Optional[Guidance] = None,
+        sample_ndim: Optional[int] = None,
     ) -> None:
         self.distribution = distribution
         self.guidance = guidance if guidance is not None else ScoreDistillation()
@@ -160,8 +192,17 @@ class ScoreDistillationEstimator:
         self.adaptive_refresh_every = int(adaptive_refresh_every)
         self.t_max_schedule = [list(map(float, point)) for point in t_max_schedule]
         self.timer = timer if timer is not None else StepTimer(distribution.device)
-        self.anova = AnovaSplit()
+        # K ≥ 2 stratified draws are column k = stratum k of every render: the ANOVA uses that structure
+        self.anova = AnovaSplit(stratified=self.stratified)
         self._last_refresh: Optional[int] = None
+        if sample_ndim is not None and int(sample_ndim) < 1:
+            raise ValueError(f"sample_ndim must be >= 1 (the rank of one upstream sample); got {sample_ndim}")
+        self.sample_ndim = None if sample_ndim is None else int(sample_ndim)
+        self._upstream_ndim: Optional[int] = None
+        # non-finite draws left out of the statistics: () float64 device tensors (read at window ends)
+        self._nonfinite_total: Optional[torch.Tensor] = None
+        self._nonfinite_window: Optional[torch.Tensor] = None
+        self._rejected_at_window_start = 0.0
 
     # ------------------------------------------------------------------ public state
     @property
@@ -201,41 +242,85 @@ class ScoreDistillationEstimator:
                 self._last_refresh = step
             elif step - self._last_refresh >= self.adaptive_refresh_every:
                 self.adaptive.refresh()
-                self.distribution.set_adaptive_scale(self.adaptive.scale_per_timestep())
+                # m₂ is finite and ≥ 0 by construction (non-finite draws never enter it), so no
+                # validating host sync here; the rebuild's tensor-op check still guards q.
+                self.distribution.set_adaptive_scale(self.adaptive.scale_per_timestep(), validate=False)
                 self._last_refresh = step
 
     def _close_window(self, step: int) -> None:
-        """End an accounting window: read σ_b², σ_w², α (one host sync) into the K controller."""
-        enough = self.anova.n_groups >= 2 and self.anova.n_samples > self.anova.n_groups
-        sigma_b2 = float(self.anova.sigma_b2) if enough else math.nan
-        sigma_w2 = float(self.anova.sigma_w2) if enough else math.nan
+        """End an accounting window: read σ_b², σ_w², α and the non-finite counts (the window's one
+        host sync) into the K controller and the log."""
+        sigma_b2, sigma_w2 = float(self.anova.sigma_b2), float(self.anova.sigma_w2)  # NaN without enough data
         self.auto.update(step, sigma_b2, sigma_w2, self.cost_ratio())
+        self._warn_nonfinite(step)
         self.anova.reset()
         self.timer.reset()
+
+    def _warn_nonfinite(self, step: int) -> None:
+        """Log the window's non-finite draws and rejected proposal tables, if any (reads two counters)."""
+        dropped = float(self._nonfinite_window) if self._nonfinite_window is not None else 0.0
+        rejected = float(self.distribution.rejected_proposals)
+        if dropped > 0:
+            logger.warning("step %d: %d non-finite teacher draw(s) in this accounting window were left out of the "
+                           "estimator's statistics (adaptive proposal, sigma_b2/sigma_w2, auto-K); the gradients of "
+                           "their steps were non-finite (%d so far in this run)", step, dropped,
+                           float(self._nonfinite_total))
+        if rejected > self._rejected_at_window_start:
+            logger.warning("step %d: %d rebuilt proposal table(s) were not a valid distribution; the teacher-weight "
+                           "proposal was used instead", step, rejected - self._rejected_at_window_start)
+        self._rejected_at_window_start = rejected
+        if self._nonfinite_window is not None:
+            self._nonfinite_window = torch.zeros_like(self._nonfinite_window)
+
+    def _check_upstream(self, upstream: torch.Tensor) -> None:
+        """Dimension 0 is R (see the module docstring); host-side shape checks only."""
+        if upstream.dim() < 2 or upstream.shape[0] < 1:
+            raise ValueError(f"upstream must be (R, ...) with R >= 1 samples along dimension 0 and at least one sample "
+                             f"dimension; got shape {tuple(upstream.shape)} (one sample of shape S: pass x[None])")
+        ndim = upstream.dim()
+        if self.sample_ndim is not None and ndim != self.sample_ndim + 1:
+            raise ValueError(f"upstream must be (R, ...) with {self.sample_ndim} sample dimensions; got shape "
+                             f"{tuple(upstream.shape)} (one unbatched sample? pass x[None])")
+        if self._upstream_ndim is not None and ndim != self._upstream_ndim:
+            raise ValueError(f"upstream has shape {tuple(upstream.shape)}, but earlier calls had {self._upstream_ndim} "
+                             "dimensions (R, ...): dimension 0 is always R (one unbatched sample? pass x[None])")
+        self._upstream_ndim = ndim
+
+    def _count_nonfinite(self, row_finite: torch.Tensor) -> torch.Tensor:
+        """Add this step's non-finite draws to the window and run totals: () float64, on the device."""
+        bad = (~row_finite).sum().to(torch.float64)
+        if self._nonfinite_total is None or self._nonfinite_window is None:
+            self._nonfinite_total = torch.zeros_like(bad)
+            self._nonfinite_window = torch.zeros_like(bad)
+        self._nonfinite_total = self._nonfinite_total + bad
+        self._nonfinite_window = self._nonfinite_window + bad
+        return bad
 
     def estimate(
         self,
         upstream: torch.Tensor,
         predict_noise: Union[NoisePredictor, PredictNoise],
         generator: torch.Generator,
-        step: int = 0,
+        step: int,
         max_batch: Optional[int] = None,
     ) -> EstimateResult:
         """One gradient estimate.
 
         Args:
-            upstream: x: (R, ...), carries the graph to the parameters.
+            upstream: x: (R, ...), carries the graph to the parameters. Dimension 0 is R, always.
             predict_noise: the teacher, a :class:`NoisePredictor` or a plain :data:`PredictNoise`
                 function (enough for SDS); called with N = R·K rows at once (or in chunks of
                 ``max_batch`` rows when given).
             generator: every draw of the step (see the module docstring for their order).
             step: the training step (schedules, adaptive refreshes, the K controller's windows).
+                Required: with a constant default those would silently never happen.
             max_batch: chunk the teacher call; None = one call.
 
         Returns:
             :class:`EstimateResult`. The K of this step is ``stats["noise_draws"]``; a new K chosen
             at the end of an accounting window applies from the next call.
         """
+        self._check_upstream(upstream)
         self._before_step(step)
         dist = self.distribution
         R, K = int(upstream.shape[0]), self.noise_draws
@@ -261,12 +346,18 @@ class ScoreDistillationEstimator:
                 g = g.clamp(-self.gradient_clip, self.gradient_clip)
             ratio = dist.importance_weight(t_flat)  # (N,) float64
             mean_square = residual.reshape(N, -1).pow(2).mean(1)
-            if self.adaptive is not None:
+            row_finite = torch.isfinite(weighted.reshape(N, -1)).all(1) & torch.isfinite(mean_square)
+            nonfinite = self._count_nonfinite(row_finite)
+            if self.adaptive is not None:  # leaves non-finite draws out itself
                 self.adaptive.accumulate(t_flat, ratio, mean_square)
-            if K >= 2:
+            if K >= 2:  # leaves renders with a non-finite draw out itself
                 self.anova.update(weighted.reshape(R, K, -1))
         surrogate = (upstream * g).sum() / R
         stats = self._stats(R, K, t_flat, ratio, mean_square)
+        stats["nonfinite_draws"] = nonfinite
+        stats["nonfinite_draws_window"] = self._nonfinite_window
+        stats["nonfinite_draws_total"] = self._nonfinite_total
+        stats["rejected_proposals"] = dist.rejected_proposals
         if self.auto.due(step):
             self._close_window(step)
         return EstimateResult(latent_gradient=g, surrogate=surrogate, stats=stats, timesteps=t)
@@ -294,18 +385,35 @@ class ScoreDistillationEstimator:
 
     # ------------------------------------------------------------------ checkpoints and plots
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue as if uninterrupted (CPU tensors and numbers).
+
+        The current accounting window is included — the ANOVA sums and the timers' seconds and
+        counts — so σ_b², σ_w² and auto-K after a resume equal the uninterrupted run's bit for bit.
+        α is the exception: its seconds are wall clock (restored as measured, never reproducible).
+        Reading the timers resolves CUDA events: one host sync, at checkpoint time.
+        """
+        cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
         return {
             "distribution": self.distribution.state_dict(),
             "auto": self.auto.state_dict(),
             "adaptive": self.adaptive.state_dict() if self.adaptive is not None else None,
             "last_refresh": self._last_refresh,
             "guidance": self.guidance.state_dict(),
+            "anova": self.anova.state_dict(),
+            "timer": self.timer.state_dict(),
+            "nonfinite": {"total": cpu(self._nonfinite_total), "window": cpu(self._nonfinite_window),
+                          "rejected_at_window_start": self._rejected_at_window_start},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the current accounting window (ANOVA, timers) restarts."""
+        """Restore from :meth:`state_dict`.
+
+        Raises ValueError when the state cannot belong to this estimator: another fixed K (see
+        :meth:`AutoNoiseDraws.load_state_dict`), another proposal, weighting or stratification.
+        A state from before the window was saved restarts the window (ANOVA, timers).
+        """
+        self.auto.load_state_dict(state["auto"])  # first: refuses another fixed K before anything changes
         self.distribution.load_state_dict(state["distribution"])
-        self.auto.load_state_dict(state["auto"])
         if (state["adaptive"] is None) != (self.adaptive is None):
             raise ValueError("estimator checkpoint and this run disagree on the adaptive proposal")
         if self.adaptive is not None:
@@ -314,6 +422,15 @@ class ScoreDistillationEstimator:
         self.guidance.load_state_dict(state.get("guidance", {}))
         self.anova.reset()
         self.timer.reset()
+        if state.get("anova") is not None:
+            self.anova.load_state_dict(state["anova"], device=self.distribution.device)
+        if state.get("timer") is not None:
+            self.timer.load_state_dict(state["timer"])
+        nonfinite = state.get("nonfinite") or {}
+        device = self.distribution.device
+        self._nonfinite_total = None if nonfinite.get("total") is None else nonfinite["total"].to(device)
+        self._nonfinite_window = None if nonfinite.get("window") is None else nonfinite["window"].to(device)
+        self._rejected_at_window_start = float(nonfinite.get("rejected_at_window_start", 0.0))
 
     def proposal_figure(self) -> "Figure":
         """matplotlib Figure of p, w, q and the adaptive m₂ estimate (see :mod:`carv3d.estimator.plots`)."""

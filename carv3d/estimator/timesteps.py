@@ -34,11 +34,14 @@ diffusers scheduler), the dtype threestudio multiplies with.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 
 from carv3d.estimator.adaptive import defensive_mixture
+
+logger = logging.getLogger("carv3d")
 
 WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 PROPOSALS = ("uniform", "teacher-weight", "adaptive")
@@ -136,11 +139,50 @@ def build_proposal(
     if kind == "adaptive":
         if adaptive_scale is None:
             return q_teacher
-        pws = pw * adaptive_scale.to(device=p.device, dtype=torch.float64)
+        scale = adaptive_scale.to(device=p.device, dtype=torch.float64)
+        pws = torch.where(pw > 0, pw * scale, torch.zeros_like(pw))  # 0·inf would be NaN where p·w = 0
         total = pws.sum()
         q_adaptive = torch.where(total > 0, pws / total.clamp_min(torch.finfo(torch.float64).tiny), q_teacher)
         return defensive_mixture(q_adaptive, q_teacher, defensive)
     raise ValueError(f"unknown proposal '{kind}'; expected one of {', '.join(PROPOSALS)}")
+
+
+def proposal_is_valid(q: torch.Tensor, pw: torch.Tensor) -> torch.Tensor:
+    """Whether q can draw and weight timesteps without bias: () bool tensor (no host sync).
+
+    q must be finite and ≥ 0, sum to 1 (to 1e-9), and be positive wherever p·w is: the identity
+    Σ_t q·(p/q)·w·r = Σ_t p·w·r needs q(t) > 0 at every t the target puts weight on.
+    """
+    finite = torch.isfinite(q).all()
+    safe = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+    return (finite & (safe >= 0).all() & ((safe.sum() - 1.0).abs() < 1e-9)
+            & ((safe > 0) | ~(pw > 0)).all())
+
+
+def check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> None:
+    """ᾱ must be a 1-D tensor of finite values in [0, 1] (one host sync; construction time only).
+
+    A NaN would make p·w NaN, the teacher-weight proposal fall back silently and every gradient
+    zero; a value outside [0, 1] makes sqrt(1 − ᾱ) or sqrt(ᾱ) NaN in x_t.
+    """
+    if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() < 1:
+        raise ValueError(f"alphas_cumprod must be a 1-D tensor (T,); got shape {tuple(alphas_cumprod.shape)}")
+    a = alphas_cumprod.detach().to(torch.float64)
+    bad = ~torch.isfinite(a) | (a < 0) | (a > 1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(f"alphas_cumprod must be finite and in [0, 1]; {int(bad.sum())} of {a.numel()} values are not "
+                         f"(first at t = {first}: {float(a[first])}). Check the teacher's noise scheduler.")
+
+
+def check_adaptive_scale(scale: torch.Tensor, num_timesteps: int) -> None:
+    """s(t) must be (T,), finite and ≥ 0 (one host sync: a user-facing check, not on the step path)."""
+    if tuple(scale.shape) != (num_timesteps,):
+        raise ValueError(f"the adaptive scale must have shape ({num_timesteps},); got {tuple(scale.shape)}")
+    s = scale.detach().to(torch.float64)
+    if not bool((torch.isfinite(s) & (s >= 0)).all()):
+        raise ValueError("the adaptive scale must be finite and >= 0 at every timestep: an infinite value would put every "
+                         "draw at that timestep, a negative one would make q negative")
 
 
 class TimestepDistribution:
@@ -182,6 +224,7 @@ class TimestepDistribution:
             raise ValueError(f"unknown proposal '{proposal}'; expected one of {', '.join(PROPOSALS)}")
         if not 0.0 < defensive <= 1.0:
             raise ValueError(f"the defensive mixture weight must be in (0, 1]; got {defensive}")
+        check_alphas_cumprod(alphas_cumprod)
         device = torch.device(device) if device is not None else alphas_cumprod.device
         self.alphas_cumprod = alphas_cumprod.detach().to(device)
         self.num_timesteps = int(self.alphas_cumprod.shape[0])
@@ -192,14 +235,28 @@ class TimestepDistribution:
         self.w = timestep_weighting(weighting, self.alphas_cumprod)
         self.adaptive_scale = torch.ones(self.num_timesteps, dtype=torch.float64, device=device)
         self.t_min, self.t_max = float(t_min), float(t_max)
+        self.rejected_proposals = torch.zeros((), dtype=torch.float64, device=device)  # see _rebuild
         self._rebuild()
 
     # ------------------------------------------------------------------ tables
     def _rebuild(self) -> None:
+        """Rebuild p, q, the CDF and p/q, with q checked by :func:`proposal_is_valid`.
+
+        A q that fails the check (non-finite or negative adaptive scale, a rounding catastrophe) is
+        replaced by the teacher-weight proposal (by p if that fails too, which cannot happen for a
+        checked ᾱ) and counted in ``rejected_proposals``. The choice is made with ``torch.where``,
+        so a rebuild never synchronises with the host; the count is read when someone logs it.
+        """
         self.min_step, self.max_step = step_range(self.num_timesteps, self.t_min, self.t_max)
         self.p = nominal_distribution(self.num_timesteps, self.min_step, self.max_step, self.device)
         scale = self.adaptive_scale if self.proposal == "adaptive" else None
-        self.q = build_proposal(self.proposal, self.p, self.w, scale, self.defensive)
+        candidate = build_proposal(self.proposal, self.p, self.w, scale, self.defensive)
+        pw = self.p * self.w.to(torch.float64)
+        q_teacher = build_proposal("teacher-weight", self.p, self.w)
+        valid = proposal_is_valid(candidate, pw)
+        fallback = torch.where(proposal_is_valid(q_teacher, pw), q_teacher, self.p)
+        self.q = torch.where(valid, candidate, fallback)
+        self.rejected_proposals = self.rejected_proposals + (~valid).to(torch.float64)
         # Tensor ops only (no host sync), so a rebuild is cheap enough to happen at any step.
         positive = self.q > 0
         grid = torch.arange(self.num_timesteps, device=self.device)
@@ -223,8 +280,17 @@ class TimestepDistribution:
         """Schedule hook: lower or raise the top of p's range (e.g. ProlificDreamer's 0.98 → 0.5)."""
         self.set_range(t_max=t_max)
 
-    def set_adaptive_scale(self, scale: torch.Tensor) -> None:
-        """Per-timestep factor s(t) ≥ 0 of the adaptive proposal q ∝ p·w·s; rebuilds the tables."""
+    def set_adaptive_scale(self, scale: torch.Tensor, validate: bool = True) -> None:
+        """Per-timestep factor s(t) ≥ 0 of the adaptive proposal q ∝ p·w·s; rebuilds the tables.
+
+        Args:
+            scale: (T,) finite, ≥ 0.
+            validate: raise ValueError for a wrong shape, a non-finite or a negative value (one
+                host sync). The estimator's own refresh passes False: its scale is finite and ≥ 0 by
+                construction, and the rebuild's tensor-op check still replaces an invalid q.
+        """
+        if validate:
+            check_adaptive_scale(scale, self.num_timesteps)
         self.adaptive_scale = scale.detach().to(device=self.device, dtype=torch.float64).clone()
         if self.proposal == "adaptive":
             self._rebuild()
@@ -318,12 +384,19 @@ class TimestepDistribution:
             "weighting": self.weighting,
             "proposal": self.proposal,
             "adaptive_scale": self.adaptive_scale.cpu(),
+            "rejected_proposals": self.rejected_proposals.cpu(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("weighting", "proposal"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"estimator checkpoint has {key} '{state[key]}' but this run uses '{getattr(self, key)}'")
-        self.adaptive_scale = state["adaptive_scale"].to(device=self.device, dtype=torch.float64)
+        scale = state["adaptive_scale"].to(device=self.device, dtype=torch.float64)
+        if not bool((torch.isfinite(scale) & (scale >= 0)).all()):  # load time: a sync is fine
+            logger.warning("estimator checkpoint holds a non-finite or negative adaptive scale: it restarts at 1 "
+                           "(teacher-weight proposal until the next adaptive refresh)")
+            scale = torch.ones_like(scale)
+        self.adaptive_scale = scale
+        self.rejected_proposals = torch.as_tensor(state.get("rejected_proposals", 0.0), dtype=torch.float64).to(self.device)
         self.t_min, self.t_max = float(state["t_min"]), float(state["t_max"])
         self._rebuild()

@@ -111,6 +111,22 @@ class StepTimer:
         self._resolve()
         return dict(self._seconds)
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """Totals and counts since the last reset (resolves CUDA events: one sync; call between steps).
+
+        Sections still open are not included. Restored seconds are the ones measured before the save:
+        wall-clock measurements, so a resumed window's α is never bit-identical to an uninterrupted
+        run's (neither are two uninterrupted runs'); restoring them keeps seconds and counts of
+        the window consistent, which α = (upstream s/render)/(teacher s/draw) needs.
+        """
+        self._resolve()
+        return {"seconds": dict(self._seconds), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.reset()
+        self._seconds = {k: float(v) for k, v in state.get("seconds", {}).items()}
+        self._counts = {k: float(v) for k, v in state.get("counts", {}).items()}
+
     def reset(self) -> None:
         """Forget totals and counts (open sections keep running)."""
         self._pending.clear()
