@@ -245,16 +245,14 @@ def evaluate_live(trainer: Any, spec: RunSpec, nominal_seconds: float) -> dict[s
     from carv3d.world.evaluate import evaluate_scene, truth_lighting_for
 
     started = time.perf_counter()
-    trainer.field.eval()
-    trainer.renderer.eval()
+    trainer.scene.eval()
     try:
         mesh = live_mesh(trainer) if spec.chamfer else None
-        result = evaluate_scene(trainer.field, trainer.renderer, spec.prompt, mesh=mesh, views=spec.eval_views,
+        result = evaluate_scene(trainer.scene, spec.prompt, mesh=mesh, views=spec.eval_views,
                                 resolution=spec.eval_resolution,
                                 truth_lighting=truth_lighting_for(str(trainer.cfg.render.shading)))
     finally:
-        trainer.field.train()
-        trainer.renderer.train()
+        trainer.scene.train()
     return {"t_nominal": nominal_seconds, "t_train": round(trainer.elapsed_seconds, 4), "step": trainer.step,
             "noise_draws": trainer.estimator.noise_draws,
             **{metric: result[metric] for metric in METRICS}, "best_match": result["best_match"],
@@ -263,16 +261,16 @@ def evaluate_live(trainer: Any, spec: RunSpec, nominal_seconds: float) -> dict[s
 
 def live_mesh(trainer: Any) -> Optional[tuple[Any, Any]]:
     """The export pipeline's mesh of the live scene (no texture), or None when the scene is empty."""
-    from carv3d.export.command import nerf_opacity_fn
+    from carv3d.export.command import scene_opacity_fn
     from carv3d.export.isosurface import EmptyMeshError
     from carv3d.export.pipeline import build_mesh
 
     export_cfg = trainer.cfg.export
     opacity = None
     if trainer.device.type == "cuda":  # as `carv3d export`: match the renderer's own opacity on CUDA
-        opacity = nerf_opacity_fn(trainer.field, trainer.renderer, int(export_cfg.silhouette_size))
+        opacity = scene_opacity_fn(trainer.scene, int(export_cfg.silhouette_size))
     try:
-        mesh = build_mesh(trainer.field, export_cfg, textured=False, nerf_opacity=opacity)
+        mesh = build_mesh(trainer.scene.field, export_cfg, textured=False, nerf_opacity=opacity)
     except EmptyMeshError:
         return None
     return mesh.vertices, mesh.faces

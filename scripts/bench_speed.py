@@ -193,7 +193,7 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
     k = int(cfg.estimator.noise_draws)
 
     points = {"n": 0}
-    hook = trainer.field.encoding.register_forward_hook(lambda m, inp, out: points.__setitem__("n", points["n"] + inp[0].shape[0]))
+    hook = trainer.scene.field.encoding.register_forward_hook(lambda m, inp, out: points.__setitem__("n", points["n"] + inp[0].shape[0]))
     trainer.train_step()  # first step: builds lazy state (occupancy grid, nerfacc kernels, CUDA graphs)
     hook.remove()
     for _ in range(max(args.warmup - 1, 0)):
@@ -225,7 +225,7 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
         render_size = int(cfg.render.width)
         flops_cache[k] = teacher_flops(teacher, k, float(cfg.teacher.guidance_scale), render_size)
     flops = flops_cache[k]
-    grid = grid_bytes_per_step(trainer.field, points["n"])
+    grid = grid_bytes_per_step(trainer.scene.field, points["n"])
     rate = card["matmul_tflops_best"] * 1e12
     floor_ms = 1000.0 * ((flops["unet"] + flops["vae_encode_forward_backward"]) / rate
                          + grid["bytes"] / (card["copy_bandwidth_gb_s"] * 1e9))
@@ -242,8 +242,8 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
         "hash_grid": grid,
         "floor_ms": floor_ms,
         "step_over_floor": 1000.0 * median / floor_ms,
-        "hash_grid_backend": trainer.field.encoding_backend,
-        "sampler": trainer.renderer.sampler,
+        "hash_grid_backend": trainer.scene.backends["hash_grid"],
+        "sampler": trainer.scene.backends["sampler"],
         "fast_paths": teacher.fast.describe(),
         "sync_free": trainer.sync_free,
         "cuda_graph_replays": getattr(getattr(teacher, "_unet_call", None), "replays", None),

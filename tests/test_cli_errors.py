@@ -160,7 +160,7 @@ def test_export_bad_input(capsys, tmp_path, tiny_sd_path):
 
 def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tiny_sd_path, monkeypatch):
     """`carv3d render` used to render the whole turntable, then fail with a traceback on a bad --out."""
-    import carv3d.parts
+    import carv3d.saved_scene
 
     code, err = run_cli(capsys, "train", "--prompt", "a cube", *_tiny(tiny_sd_path, tmp_path), "train.run_name=r",
                         "export.at_end=false")
@@ -169,7 +169,7 @@ def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tin
     def no_loading(*args, **kwargs):
         raise AssertionError("the scene was loaded before the output was checked")
 
-    monkeypatch.setattr(carv3d.parts, "load_scene", no_loading)
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_loading)
     (tmp_path / "afile").write_text("")
     before = sorted(tmp_path.rglob("*"))
     code, err = run_cli(capsys, "render", str(tmp_path / "r"), "--out", str(tmp_path / "afile" / "t.mp4"))

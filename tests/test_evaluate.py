@@ -31,6 +31,7 @@ from carv3d.world.evaluate import (DISTANCE, EvaluationOptionError, NotAWorldPro
                                    truth_images, world_prompt)
 from carv3d.world.metrics import (chamfer_distance, chamfer_to_world, masked_colour_error, psnr, rotate_about_y,
                                   sample_surface, silhouette_iou, surface_distance, world_surface)
+from carv3d.scene.nerf import NeRFScene
 
 RESOLUTION = 64
 
@@ -178,7 +179,7 @@ def test_a_prompt_outside_the_world_names_the_unknown_words():
 # --------------------------------------------------------------------------- the truth as a result
 def test_ground_truth_scores_itself_near_one_and_ranks_itself_first(renderer, tmp_path):
     field = WorldField("house", "red")
-    result = evaluate_scene(field, renderer, "a red house", mesh=export_ply(field, tmp_path), resolution=RESOLUTION)
+    result = evaluate_scene(NeRFScene.from_parts(field, renderer), "a red house", mesh=export_ply(field, tmp_path), resolution=RESOLUTION)
     assert result["silhouette_iou"] >= 0.95
     assert min(result["per_view"]["silhouette_iou"]) >= 0.9
     assert result["masked_colour_error"] <= 0.02  # same albedo; only edge pixels differ
@@ -201,9 +202,9 @@ def test_ground_truth_scores_itself_near_one_and_ranks_itself_first(renderer, tm
 
 def test_a_wrong_object_scores_clearly_lower(renderer, tmp_path):
     field = WorldField("duck", "yellow")
-    right = evaluate_scene(field, renderer, "a yellow duck", compare_all_objects=False, resolution=RESOLUTION)
+    right = evaluate_scene(NeRFScene.from_parts(field, renderer), "a yellow duck", compare_all_objects=False, resolution=RESOLUTION)
     mesh = export_ply(field, tmp_path)
-    wrong = evaluate_scene(field, renderer, "a yellow snowman", mesh=mesh, compare_all_objects=False,
+    wrong = evaluate_scene(NeRFScene.from_parts(field, renderer), "a yellow snowman", mesh=mesh, compare_all_objects=False,
                            resolution=RESOLUTION)
     assert right["silhouette_iou"] >= 0.95
     assert wrong["silhouette_iou"] < right["silhouette_iou"] - 0.15
@@ -212,7 +213,7 @@ def test_a_wrong_object_scores_clearly_lower(renderer, tmp_path):
 
 
 def test_front_back_check_fails_for_a_turned_around_and_a_two_faced_result(renderer):
-    turned = evaluate_scene(WorldField("chair", "blue", rotation_deg=180.0), renderer, "a blue chair",
+    turned = evaluate_scene(NeRFScene.from_parts(WorldField("chair", "blue", rotation_deg=180.0), renderer), "a blue chair",
                             compare_all_objects=False, resolution=RESOLUTION)
     fb = turned["front_back"]
     assert fb["front_views_match_front"] is False and fb["back_views_match_back"] is False
@@ -226,7 +227,7 @@ def test_front_back_check_fails_for_a_turned_around_and_a_two_faced_result(rende
         def object_frame(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([x[:, 0], x[:, 1], x[:, 2].abs()], dim=-1)
 
-    janus = evaluate_scene(TwoFacedHouse("house", "red"), renderer, "a red house", compare_all_objects=False,
+    janus = evaluate_scene(NeRFScene.from_parts(TwoFacedHouse("house", "red"), renderer), "a red house", compare_all_objects=False,
                            resolution=RESOLUTION)
     fb = janus["front_back"]
     assert fb["front_views_match_front"] is True and fb["back_views_match_back"] is False
@@ -237,7 +238,7 @@ def test_symmetric_objects_are_aligned_about_y_and_objects_with_a_front_are_not(
     # A cube turned by 30° is a cube: the alignment finds δ ≡ −30° (mod 90°) to within half of
     # its 9° step, the IoU is the unturned cube's, and the truth's surface turned alike matches the mesh.
     field = WorldField("cube", "green", rotation_deg=30.0)
-    cube = evaluate_scene(field, renderer, "a green cube", mesh=export_ply(field, tmp_path),
+    cube = evaluate_scene(NeRFScene.from_parts(field, renderer), "a green cube", mesh=export_ply(field, tmp_path),
                           compare_all_objects=False, resolution=RESOLUTION)
     offset = cube["alignment"]["azimuth_offset_deg"]
     assert cube["alignment"]["rule"] == "search" and cube["alignment"]["candidates"] == 40
@@ -249,14 +250,14 @@ def test_symmetric_objects_are_aligned_about_y_and_objects_with_a_front_are_not(
     turned = float(re.search(r"truth turned ([+-]\d+)° about \+Y", format_summary(cube)).group(1))
     assert abs((turned - 30.0 + 45.0) % 90.0 - 45.0) <= 5.0  # half a 9° step, plus rounding to 1°
     # The truth's colours are re-traced for the chosen offset only; they agree with the cached silhouettes.
-    mask = render_result(field, renderer, held_out_cameras(16), RESOLUTION)[1]
+    mask = render_result(NeRFScene.from_parts(field, renderer), held_out_cameras(16), RESOLUTION)[1]
     match = match_object(mask, "cube", 16, RESOLUTION)
     assert match["iou"] == pytest.approx(cube["silhouette_iou"], abs=1e-5)
     assert torch.equal(truth_images("cube", "green", 16, RESOLUTION, match["rows"])[1],
                        _truth_masks("cube", 16, RESOLUTION, 5, "cpu")[match["rows"]])
 
     # A duck turned by 90° is not a duck facing the front.
-    turned = evaluate_scene(WorldField("duck", "yellow", rotation_deg=90.0), renderer, "a yellow duck",
+    turned = evaluate_scene(NeRFScene.from_parts(WorldField("duck", "yellow", rotation_deg=90.0), renderer), "a yellow duck",
                             compare_all_objects=False, resolution=RESOLUTION)
     assert turned["alignment"]["azimuth_offset_deg"] == 0.0
     assert turned["silhouette_iou"] < 0.8
@@ -267,14 +268,14 @@ def _run_dir(tmp_path, prompt: str):
     """A run directory with a checkpoint of an untrained (blob-initialised) field."""
     from carv3d.checkpoint import save_checkpoint
     from carv3d.config import load_config
-    from carv3d.parts import build_field, build_renderer
     from carv3d.run_dir import create_run_dir
+    from carv3d.scene import build_scene
 
     cfg = load_config(overrides=[f"train.output_dir={tmp_path}", "train.run_name=run", "scene.grid.n_levels=4",
                                  "scene.grid.log2_hashmap_size=12", "render.sampler=stratified"], prompt=prompt)
     run_dir = create_run_dir(cfg)
-    field, renderer = build_field(cfg, torch.device("cpu"), 0), build_renderer(cfg, torch.device("cpu"), 0)
-    save_checkpoint(run_dir, 0, {"field": field.state_dict(), "renderer": renderer.state_dict()})
+    scene = build_scene(cfg.scene, cfg.render, torch.device("cpu"), 0)
+    save_checkpoint(run_dir, 0, {"scene": scene.state_dict()})
     return run_dir
 
 
@@ -309,14 +310,14 @@ def test_cli_writes_json_and_the_blob_is_not_mistaken_for_a_cube(tmp_path, capsy
 
 
 def test_cli_checks_the_output_file_before_loading_the_scene(tmp_path, capsys, monkeypatch):
-    import carv3d.parts
+    import carv3d.saved_scene
 
     run_dir = _run_dir(tmp_path, "a red cube")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the scene was loaded before the output file was checked")
 
-    monkeypatch.setattr(carv3d.parts, "load_scene", no_loading)
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_loading)
     (tmp_path / "afile").write_text("")
     before = sorted(tmp_path.rglob("*"))
     cases = [(tmp_path / "afile" / "x.json", f"'{tmp_path / 'afile'}' is a file, not a folder"),
@@ -337,13 +338,12 @@ def test_a_failed_final_write_is_a_user_error_and_leaves_no_file(tmp_path, monke
     import shutil
     from types import SimpleNamespace
 
-    import carv3d.parts
+    import carv3d.saved_scene
     import carv3d.world.evaluate as evaluate
 
     run_dir = _run_dir(tmp_path, "a red cube")
     out = tmp_path / "new" / "sub" / "x.json"
-    monkeypatch.setattr(carv3d.parts, "load_scene", lambda *args, **kwargs: SimpleNamespace(step=0, field=None,
-                                                                                             renderer=None))
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", lambda *args, **kwargs: SimpleNamespace(step=0, scene=None))
 
     def evaluation_that_loses_the_folder(*args, **kwargs):
         assert out.parent.is_dir()  # missing folders are created up front
@@ -373,7 +373,7 @@ def test_world_lit_truth_is_the_image_the_teacher_was_trained_on():
     assert float((unlit - lit).abs().max()) > 0.2  # the back of the house is in shadow
     assert truth_lighting_for("albedo") == "world" and truth_lighting_for("random") == "unlit"
     with pytest.raises(EvaluationOptionError, match="lighting"):
-        evaluate_scene(WorldField("cube"), VolumeRenderer(1.0, samples_per_ray=8), "a red cube", truth_lighting="sunset")
+        evaluate_scene(NeRFScene.from_parts(WorldField("cube"), VolumeRenderer(1.0, samples_per_ray=8)), "a red cube", truth_lighting="sunset")
 
 
 def test_cli_refuses_a_prompt_outside_the_world(tmp_path, capsys):

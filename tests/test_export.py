@@ -262,7 +262,7 @@ def test_a_failing_writer_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
 
 def test_export_command_checks_sizes_and_output_folder_before_loading_the_scene(tmp_path, monkeypatch, capsys):
     """`carv3d export`: clear errors (exit 2, no traceback) for every bad flag, before the scene loads."""
-    import carv3d.parts
+    import carv3d.saved_scene
     from carv3d.cli import main
 
     run = tmp_path / "run"
@@ -272,7 +272,7 @@ def test_export_command_checks_sizes_and_output_folder_before_loading_the_scene(
     def no_load(*args, **kwargs):
         raise AssertionError("the scene was loaded before the export options were checked")
 
-    monkeypatch.setattr(carv3d.parts, "load_scene", no_load)
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_load)
     cases = [(["--faces", "1"], "at least 4 faces"), (["--resolution", "100000"], "use 8 to 1024"),
              (["--out", str(run / "config.yaml" / "sub")], "cannot create the export folder")]
     for flags, fragment in cases:

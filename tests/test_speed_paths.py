@@ -102,7 +102,7 @@ def _run_steps(tiny_sd_path, tmp_path, sync_free: str, steps: int = 6):
     for _ in range(steps):
         trainer.train_step()
         if trainer.step == 4:
-            in_a_row.append(trainer.nonfinite_in_a_row)  # read mid-run: 2 skipped in a row
+            in_a_row.append(trainer.guard.in_a_row())  # read mid-run: 2 skipped in a row
     return trainer, in_a_row
 
 
@@ -116,8 +116,8 @@ def test_sync_free_step_skips_nonfinite_steps_like_the_synchronous_one(tiny_sd_p
     free, free_rows = _run_steps(tiny_sd_path, tmp_path / "free", "on")
     assert not sync.sync_free and free.sync_free
     assert sync_rows == free_rows == [2]
-    assert (sync.nonfinite_total, sync.nonfinite_in_a_row) == (free.nonfinite_total, free.nonfinite_in_a_row) == (2, 0)
-    for (name, a), (_, b) in zip(sync.field.named_parameters(), free.field.named_parameters()):
+    assert (sync.guard.total(), sync.guard.in_a_row()) == (free.guard.total(), free.guard.in_a_row()) == (2, 0)
+    for (name, a), (_, b) in zip(sync.scene.named_parameters(), free.scene.named_parameters()):
         assert torch.equal(a, b), name
         assert torch.isfinite(b).all()
     steps = {float(s["step"]) for s in free.optimizer.state_dict()["state"].values()}
@@ -150,7 +150,8 @@ def test_sync_free_divergence_is_caught_at_the_next_check(tiny_sd_path, tmp_path
 def test_step_section_timers_cover_the_step(tiny_sd_path, tmp_path):
     import time
 
-    from carv3d.train import SECTIONS, Trainer
+    from carv3d.step import SECTIONS
+    from carv3d.train import Trainer
 
     cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=3), prompt="a red cube")
     trainer = Trainer(cfg)
@@ -209,10 +210,10 @@ def test_bench_flop_counts_scale_with_the_rows_of_the_teacher_call(tiny_teacher)
 def test_bench_grid_bytes_model():
     bench = _bench_module()
     from carv3d.config import load_config
-    from carv3d.parts import build_field
+    from carv3d.scene import build_scene
 
     cfg = load_config(overrides=["scene.grid.n_levels=4", "scene.grid.log2_hashmap_size=10"])
-    field = build_field(cfg, torch.device("cpu"), 0)
+    field = build_scene(cfg.scene, cfg.render, torch.device("cpu"), 0).field
     table = field.encoding.params.numel() * 4
     got = bench.grid_bytes_per_step(field, 1000)
     assert got["table_bytes"] == table
@@ -226,7 +227,7 @@ def test_sync_free_catches_a_run_of_skips_that_ended_before_the_check(tiny_sd_pa
     from carv3d.train import Trainer
 
     trainer = _sync_free_trainer_stepped(tiny_sd_path, tmp_path, first_bad=2, last_bad=4, steps=6)
-    assert trainer.nonfinite_in_a_row == 0  # recovered: the current run of skips is over
+    assert trainer.guard.in_a_row() == 0  # recovered: the current run of skips is over
     with pytest.raises(TrainingDivergedError, match="3 non-finite steps in a row"):
         trainer.check_divergence()
 
@@ -266,8 +267,8 @@ def test_resume_across_step_modes(tiny_sd_path, tmp_path, first, second):
     after.train_step()  # would raise with non-fused Adam and found_inf
     counts = {float(s["step"]) for s in after.optimizer.state.values()}
     assert counts == {2.0}  # 1 before (one of two steps skipped) + 1 now
-    assert (after.nonfinite_total, after.nonfinite_in_a_row) == (1, 0)
-    assert all(torch.isfinite(p).all() for p in after.field.parameters())
+    assert (after.guard.total(), after.guard.in_a_row()) == (1, 0)
+    assert all(torch.isfinite(p).all() for p in after.scene.parameters())
 
 
 def test_nonfinite_in_a_row_survives_a_checkpoint(tiny_sd_path, tmp_path):
@@ -282,4 +283,4 @@ def test_nonfinite_in_a_row_survives_a_checkpoint(tiny_sd_path, tmp_path):
     state = {**before.state_dict(), "step": before.step}
     after = Trainer(cfg)
     after.load_state_dict(state)
-    assert (after.nonfinite_in_a_row, after.nonfinite_total) == (2, 2)
+    assert (after.guard.in_a_row(), after.guard.total()) == (2, 2)

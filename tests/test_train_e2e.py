@@ -46,7 +46,7 @@ def tiny_overrides(teacher_path, out_dir, steps=4, **extra):
 
 def _field_params(run_dir):
     state = load_checkpoint(latest_checkpoint(run_dir))
-    return state["step"], state["field"], state["optimizer"]
+    return state["step"], state["scene"], state["optimizer"]
 
 
 def test_train_resume_matches_uninterrupted_and_exports(tiny_sd_path, tmp_path):
@@ -141,9 +141,9 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_inta
         trainer.run()
     state = load_checkpoint(latest_checkpoint(trainer.run_dir))
     assert state["step"] == 2  # the last good checkpoint (checkpoint_every=2) is the one kept
-    assert all(torch.isfinite(v).all() for v in state["field"].values())
+    assert all(torch.isfinite(v).all() for v in state["scene"].values())
     assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "diverged"
-    assert trainer.nonfinite_total == 3
+    assert trainer.guard.total() == 3
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exports(tiny_sd_path, tmp_path):
@@ -185,10 +185,10 @@ def test_train_until_counts_only_time_inside_steps(tiny_sd_path, tmp_path, monke
 
 def test_train_until_trains_the_real_scene(tiny_sd_path, tmp_path):
     trainer = _trainer(tiny_sd_path, tmp_path, **{"train.run_name": "until_real"})
-    before = [p.detach().clone() for p in trainer.field.parameters()]
+    before = [p.detach().clone() for p in trainer.scene.parameters()]
     taken = trainer.train_until(1e-9)  # one real step reaches any positive target
     assert taken == 1 and trainer.step == 1 and trainer.elapsed_seconds > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.field.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.scene.parameters()))
 
 
 @pytest.mark.parametrize("val_every, expected_steps", [(2, [2]), (0, [2]), (1, [1, 2])])
@@ -201,9 +201,9 @@ def test_each_step_is_validated_once_and_the_last_step_always(tiny_sd_path, tmp_
     rendered = []
     sheet = outputs.validation_sheet
 
-    def counting_sheet(field, renderer, resolution, **kwargs):
+    def counting_sheet(scene, resolution, **kwargs):
         rendered.append(resolution)
-        return sheet(field, renderer, resolution, **kwargs)
+        return sheet(scene, resolution, **kwargs)
 
     monkeypatch.setattr(outputs, "validation_sheet", counting_sheet)
     cfg = load_config(overrides=tiny_overrides(tiny_sd_path, tmp_path, steps=2, **{

@@ -13,6 +13,7 @@ from torch import nn
 
 from carv3d.render.renderer import VolumeRenderer
 from carv3d.render.turntable import image_grid, render_turntable, to_uint8, write_image, write_video
+from carv3d.scene.nerf import NeRFScene
 
 
 class BlackSphere(nn.Module):
@@ -37,7 +38,7 @@ class BlackSphere(nn.Module):
 def test_sphere_renders_a_disc_of_the_projected_area():
     rho, distance, fovy, size = 0.5, 1.5, 50.0, 64
     renderer = VolumeRenderer(1.0, samples_per_ray=96, background="white")
-    frames = render_turntable(BlackSphere(rho), renderer, n_frames=3, size=size, distance=distance, fovy=fovy, chunk_rays=1500)
+    frames = render_turntable(NeRFScene.from_parts(BlackSphere(rho), renderer), n_frames=3, size=size, distance=distance, fovy=fovy, chunk_rays=1500)
     assert frames.shape == (3, size, size, 3) and frames.dtype == np.uint8
     # The silhouette is a cone of half-angle asin(ρ/D) around the optical axis; on the image
     # plane it is a circle of radius f·tan(asin(ρ/D)) pixels, f = (size/2) / tan(fovy/2).
@@ -77,7 +78,7 @@ def test_write_video_round_trip(tmp_path):
 
 def test_turntable_video_of_a_rendered_field(tmp_path):
     renderer = VolumeRenderer(1.0, samples_per_ray=32, background="white")
-    frames = render_turntable(BlackSphere(0.4), renderer, n_frames=5, size=24)
+    frames = render_turntable(NeRFScene.from_parts(BlackSphere(0.4), renderer), n_frames=5, size=24)
     path = write_video(frames, tmp_path / "sub" / "t.mp4", fps=24)
     reader = imageio_v2.get_reader(path, format="FFMPEG")
     count = reader.count_frames()
