@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 
 from carv3d import outputs
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from carv3d.config import check_prompt
+from carv3d.config import check_prompt, to_yaml
 from carv3d.devices import resolve_device
 from carv3d.errors import CheckpointError, TrainingDivergedError
 from carv3d.guard import NonFiniteGuard, gradient_norm
+from carv3d.io import atomic_write_text
 from carv3d.log import logger
-from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, write_status
+from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, run_lock, write_status
 from carv3d.step import DistillationStep
 from carv3d.teacher.base import Teacher
 
@@ -209,14 +210,17 @@ class Trainer:
             bar.write("[carv3d] interrupted: saving a checkpoint and writing the outputs before exit "
                       "(Ctrl-C again skips the outputs)")
         except TrainingDivergedError:
-            write_status(self.run_dir, status="diverged", step=self.step, elapsed_seconds=self.elapsed_seconds,
-                         checkpoint=self._last_checkpoint.name if self._last_checkpoint else None)
+            self._write_diverged()
             raise
         finally:
             bar.close()
             writer.close()
-        with ignore_stop_signals():  # the checkpoint is written whole, whatever arrives meanwhile
-            self.save()
+        try:
+            with ignore_stop_signals():  # the checkpoint is written whole, whatever arrives meanwhile
+                self.save()
+        except TrainingDivergedError:
+            self._write_diverged()
+            raise
         failed = self._finish()
         write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
                      steps=int(cfg.train.steps), elapsed_seconds=self.elapsed_seconds,
@@ -225,6 +229,10 @@ class Trainer:
         if interrupted:
             raise KeyboardInterrupt
         return self.run_dir
+
+    def _write_diverged(self) -> None:
+        write_status(self.run_dir, status="diverged", step=self.step, elapsed_seconds=self.elapsed_seconds,
+                     checkpoint=self._last_checkpoint.name if self._last_checkpoint else None)
 
     def _finish(self) -> list[str]:
         """The end-of-run outputs; a Ctrl-C or SIGTERM here skips the outputs not yet written."""
@@ -268,24 +276,24 @@ def train(cfg: DictConfig) -> Path:
     trainer = Trainer(cfg)
     trainer.run_dir = create_run_dir(cfg)
     logger.info("run directory %s", trainer.run_dir)
-    return trainer.run()
+    with run_lock(trainer.run_dir):
+        return trainer.run()
 
 
 def resume(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Path:
     """Continue a run from its config and latest checkpoint (overrides may extend train.steps)."""
     run_dir = require_run_dir(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
-    cfg = load_run_config(run_dir, overrides)
-    state = load_checkpoint(checkpoint)
-    trainer = Trainer(cfg, run_dir)
-    trainer.load_state_dict(state)
-    trainer._last_checkpoint = checkpoint
-    logger.info("resuming %s from step %d", run_dir, trainer.step)
-    if overrides:
-        from carv3d.config import to_yaml
-        from carv3d.io import atomic_write_text
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    return trainer.run()
+    with run_lock(run_dir):  # a second --resume of the same run is refused; stale temporaries removed
+        checkpoint = latest_checkpoint(run_dir)
+        cfg = load_run_config(run_dir, overrides)
+        state = load_checkpoint(checkpoint)
+        trainer = Trainer(cfg, run_dir)
+        trainer.load_state_dict(state)
+        trainer._last_checkpoint = checkpoint
+        logger.info("resuming %s from step %d", run_dir, trainer.step)
+        if overrides:
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        return trainer.run()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
