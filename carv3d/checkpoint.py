@@ -9,6 +9,7 @@ that leaves the previous checkpoint and LATEST as they were.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint as data only; a truncated or foreign file is a CheckpointError."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # zip errors, unpickling refusals, EOF: all mean "not a good checkpoint"
+    except pickle.UnpicklingError:  # weights-only loading met an object that is not plain data
+        raise CheckpointError(
+            f"checkpoint '{path}' holds Python objects other than tensors, numbers and strings; carv3d refuses to "
+            "load it, since unpickling such objects can run code (a carv3d checkpoint never holds any). Use a "
+            f"checkpoint written by carv3d: point {LATEST_FILE} at another step_*.pt, or start a new run."
+        ) from None
+    except Exception as err:  # zip errors, EOF: all mean "not a good checkpoint"
         raise CheckpointError(
             f"checkpoint '{path}' is corrupt or not a carv3d checkpoint ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}). Delete it and point {LATEST_FILE} at an older step_*.pt, "

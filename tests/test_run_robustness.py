@@ -363,3 +363,17 @@ def test_a_negative_prompt_is_checked_too_and_open_vocabulary_teachers_take_any_
             run_sweep(path, dry_run=True)
     path = _sweep(tmp_path, "[a red teapot]", extra=f"  teacher.pretrained: {tiny_sd_path}\n")
     assert len(run_sweep(path, dry_run=True).planned) == 2
+
+
+def test_a_malicious_pickle_checkpoint_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format_version": 1, "step": 1, "scene": Exploit()}, tmp_path / "step_0000001.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "step_0000001.pt")
+    assert "refuses to load it" in str(err.value) and "weights_only" not in str(err.value)
+    assert not marker.exists()
