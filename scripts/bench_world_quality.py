@@ -76,7 +76,7 @@ def train_and_score(job: PromptJob) -> dict:
     try:
         from carv3d.config import load_config
         from carv3d.train import train
-        from carv3d.world.evaluate import evaluate_run
+        from carv3d.run_evaluation import evaluate_run
 
         workdir = Path(job.workdir)
         name = f"{job.index:02d}_" + job.prompt.replace(" ", "_")

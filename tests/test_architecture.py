@@ -70,10 +70,6 @@ RENDERER_BACKENDS = ("nerfacc", "tinycudann", "gsplat")
 # Violations of today's tree, each ("cycle", a, b): the import a → b lies on a cycle, or
 # ("arrow", a, b): a → b breaks a rule above.
 KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset({
-    # being removed by the seams refactor (issue 14):
-    # evaluate_run opens a run directory itself (load_run_config, load_scene)
-    ("arrow", "carv3d.world.evaluate", "carv3d.run_dir"),
-    ("arrow", "carv3d.world.evaluate", "carv3d.saved_scene"),
 })
 
 

@@ -310,14 +310,14 @@ def test_cli_writes_json_and_the_blob_is_not_mistaken_for_a_cube(tmp_path, capsy
 
 
 def test_cli_checks_the_output_file_before_loading_the_scene(tmp_path, capsys, monkeypatch):
-    import carv3d.saved_scene
+    import carv3d.run_evaluation
 
     run_dir = _run_dir(tmp_path, "a red cube")
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the scene was loaded before the output file was checked")
 
-    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_loading)
+    monkeypatch.setattr(carv3d.run_evaluation, "load_scene", no_loading)
     (tmp_path / "afile").write_text("")
     before = sorted(tmp_path.rglob("*"))
     cases = [(tmp_path / "afile" / "x.json", f"'{tmp_path / 'afile'}' is a file, not a folder"),
@@ -338,12 +338,11 @@ def test_a_failed_final_write_is_a_user_error_and_leaves_no_file(tmp_path, monke
     import shutil
     from types import SimpleNamespace
 
-    import carv3d.saved_scene
-    import carv3d.world.evaluate as evaluate
+    import carv3d.run_evaluation as evaluate
 
     run_dir = _run_dir(tmp_path, "a red cube")
     out = tmp_path / "new" / "sub" / "x.json"
-    monkeypatch.setattr(carv3d.saved_scene, "load_scene", lambda *args, **kwargs: SimpleNamespace(step=0, scene=None))
+    monkeypatch.setattr(evaluate, "load_scene", lambda *args, **kwargs: SimpleNamespace(step=0, scene=None))
 
     def evaluation_that_loses_the_folder(*args, **kwargs):
         assert out.parent.is_dir()  # missing folders are created up front

@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def evaluate_command(run_dir: str, views: int = 16, resolution: int = 64, out: Optional[str] = None,
                      overwrite: bool = False, device: str = "auto") -> str:
-    """:func:`carv3d.world.evaluate.evaluate_run`, then the summary table and where the JSON went."""
-    from carv3d.world.evaluate import evaluate_run, format_summary
+    """:func:`carv3d.run_evaluation.evaluate_run`, then the summary table and where the JSON went."""
+    from carv3d.run_evaluation import evaluate_run
+    from carv3d.world.evaluate import format_summary
 
     result, target = evaluate_run(run_dir, views, resolution, out, overwrite, device)
     return f"{format_summary(result)}\nwrote {target}"

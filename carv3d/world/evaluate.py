@@ -355,46 +355,6 @@ def evaluate_scene(scene: Any, prompt: str, *, mesh: MeshLike = None, views: int
     return _round(result)
 
 
-def evaluate_run(run_dir: Union[str, Path], views: int = 16, resolution: int = 64,
-                 out: Optional[Union[str, Path]] = None, overwrite: bool = False,
-                 device: str = "auto") -> tuple[dict[str, Any], Path]:
-    """Evaluate a run directory and write the JSON (atomically) to ``out`` (default RUN_DIR/evaluation.json).
-
-    The prompt, options and output path are checked before the scene is loaded. The mesh is
-    RUN_DIR/mesh/mesh.ply; without it, or when it cannot be read or measured (no faces, no area,
-    non-finite vertices), ``chamfer`` is null and ``surface.mesh`` says why and what to do.
-
-    Raises:
-        RunDirError / CheckpointError: not a run, or no usable checkpoint.
-        NotAWorldPromptError: the run's prompt is not a world prompt (the message lists the unknown words).
-        EvaluationOptionError: bad views or resolution.
-        ConfigError: a bad --device.
-        OutputPathError: ``out`` is a folder, exists and ``overwrite`` is False, or cannot be written
-            (checked before the scene is loaded, and again when writing).
-    """
-    from carv3d.devices import resolve_device
-    from carv3d.saved_scene import load_scene
-    from carv3d.run_dir import load_run_config, require_run_dir
-
-    run = require_run_dir(run_dir)
-    prompt = str(load_run_config(run).prompt)
-    world_prompt(prompt)
-    check_options(views, resolution)
-    target = Path(out) if out else run / EVALUATION_FILE
-    check_output_file(target, overwrite)
-    scene = load_scene(run, resolve_device(device, option="--device"))
-    lighting = truth_lighting_for(str(load_run_config(run).render.shading))
-    result = evaluate_scene(scene.scene, prompt, mesh=run / "mesh" / "mesh.ply", views=views,
-                            resolution=resolution, truth_lighting=lighting)
-    result = {"run_dir": str(run), "step": scene.step, **result}
-    try:
-        atomic_write_text(target, to_json(result))
-    except OSError as err:
-        raise OutputPathError(f"could not write '{target}': {err.strerror or err}; pass --out with a file in a "
-                              f"writable folder.") from None
-    return result, target
-
-
 def check_output_file(target: Path, overwrite: bool) -> None:
     """Fail early, before the slow part, when the JSON could not be written to ``target``: a folder, an
     existing file without ``overwrite``, or a parent folder that cannot be created or written
