@@ -275,3 +275,11 @@ def test_a_resumed_estimator_continues_with_the_uninterrupted_statistics():
     last = uninterrupted[-1].stats
     assert math.isfinite(last["sigma_b2"]) and math.isfinite(last["alpha"]) and last["sigma_b2"] != 0
     assert float(last["nonfinite_draws_total"]) == 1
+
+
+def test_gradient_clipping_does_not_hide_a_nonfinite_step():
+    est = ScoreDistillationEstimator(TimestepDistribution(ALPHAS), noise_draws=2, gradient_clip=0.5)
+    result = est.estimate(X3 * 10, InjectNonFinite(0, ("inf",)), torch.Generator().manual_seed(0), 0)
+    g = result.latent_gradient
+    assert not bool(torch.isfinite(g[1]).all())  # row 2 of 6 is render 1's first draw (K = 2)
+    assert bool(torch.isfinite(g[[0, 2]]).all()) and float(g[[0, 2]].abs().max()) == 0.5  # the others are clipped

@@ -142,19 +142,20 @@ def collapsed_strata(K: int) -> list[list[int]]:
     return groups
 
 
-def collapsed_contrast_matrix(K: int) -> torch.Tensor:
+def collapsed_contrast_matrix(K: int, device: Any = None) -> torch.Tensor:
     """C: (K, K) float64 with z = C·y the scaled within-collapsed-group deviations of one render.
 
     For collapsed group g of n_g strata, z_k = sqrt(n_g/(n_g − 1))·(y_k − ȳ_g) for k in g, so
-    ‖z‖² = Σ_g n_g·SS_g/(n_g − 1) with SS_g = Σ_{k∈g} ‖y_k − ȳ_g‖².
+    ‖z‖² = Σ_g n_g·SS_g/(n_g − 1) with SS_g = Σ_{k∈g} ‖y_k − ȳ_g‖². Built with device ops (no
+    host-to-device copy, which would synchronise on CUDA).
     """
-    C = torch.zeros(K, K, dtype=torch.float64)
-    for group in collapsed_strata(K):
-        n = len(group)
-        for k in group:
-            for j in group:
-                C[k, j] = math.sqrt(n / (n - 1)) * ((1.0 if j == k else 0.0) - 1.0 / n)
-    return C
+    if K < 2:
+        raise ValueError(f"collapsed strata need K >= 2; got {K}")
+    k = torch.arange(K, device=device)
+    group = torch.div(k, 2, rounding_mode="floor").clamp(max=K // 2 - 1)  # the last three share a group when K is odd
+    same = (group[:, None] == group[None, :]).to(torch.float64)  # (K, K)
+    size = same.sum(1, keepdim=True)  # n_g of each row's group
+    return (size / (size - 1)).sqrt() * (torch.eye(K, dtype=torch.float64, device=device) - same / size)
 
 
 class AnovaSplit:
@@ -227,6 +228,7 @@ class AnovaSplit:
         self.ss_within: Optional[torch.Tensor] = None  # one-way SS_W: () float64
         self._means: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # group means, weight n_i
         self._contrasts: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # z_r (stratified)
+        self._contrast_matrix: Optional[torch.Tensor] = None
 
     def update(self, samples: torch.Tensor) -> torch.Tensor:
         """Add G groups of K members each: samples: (G, K, ...) (flattened to (G, K, D)).
@@ -257,7 +259,9 @@ class AnovaSplit:
         self.ss_within = ss if self.ss_within is None else self.ss_within + ss
         self._means = _masked_merge(self._means, means, keep, float(K))
         if self.stratified and K >= 2:
-            z = torch.einsum("kj,gjd->gkd", collapsed_contrast_matrix(K).to(y.device), y)
+            if self._contrast_matrix is None or self._contrast_matrix.shape[0] != K:  # once per K and window
+                self._contrast_matrix = collapsed_contrast_matrix(K, y.device)
+            z = torch.einsum("kj,gjd->gkd", self._contrast_matrix, y)
             self._contrasts = _masked_merge(self._contrasts, z.reshape(G, -1), keep, 1.0)
         return G - kept
 

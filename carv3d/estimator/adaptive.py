@@ -74,7 +74,9 @@ class AdaptiveSecondMoment:
         decay: β of the blend m₂ ← β·m₂ + (1 − β)·new at each refresh.
         device: where the accumulators live.
 
-    Accumulation is tensor-only (``scatter_add``): it never synchronises with the host.
+    Accumulation is tensor-only (``scatter_add``): it never synchronises with the host. Draws with
+    a non-finite residual or weight are left out (masked) and counted in ``dropped``, so m₂ — and
+    every proposal built from it — stays finite and ≥ 0 whatever the teacher returns.
     """
 
     def __init__(self, num_timesteps: int, bins: int = 20, decay: float = 0.5, device: Any = None) -> None:

@@ -144,9 +144,12 @@ class ScoreDistillationEstimator:
     Args:
         distribution: the timestep tables (p, w, q) and draws.
         noise_draws: K, or ``"auto"`` to let ``auto`` choose it.
-        stratified: stratified inverse-CDF draws (K strata per render; across renders when K = 1).
+        stratified: stratified inverse-CDF draws (K strata per render; across renders when K = 1,
+            which can raise the variance for given renders but never on average over independent
+            ones: see the module docstring).
         gradient_clip: clip g elementwise to ±value after averaging the K draws; 0 = off. Clipping
-            biases the estimate; after the average it bites less often than per draw.
+            biases the estimate; after the average it bites less often than per draw. Non-finite
+            elements are left as they are, so the caller still sees (and skips) a bad step.
         auto: the K controller; default ``AutoNoiseDraws(4)`` for ``"auto"``, and a non-adapting one
             (it only logs σ_b², σ_w², α and K*) for a fixed K.
         adaptive: the per-bin second-moment estimate, required for ``proposal == "adaptive"``.
@@ -342,8 +345,8 @@ class ScoreDistillationEstimator:
             coef = dist.coefficient(t_flat).to(x.device)  # (p/q)·w: (N,)
             weighted = coef.reshape((N,) + (1,) * (x.dim() - 1)) * residual  # f: (N, ...)
             g = weighted.reshape(R, K, *x.shape[1:]).mean(1)
-            if self.gradient_clip > 0:
-                g = g.clamp(-self.gradient_clip, self.gradient_clip)
+            if self.gradient_clip > 0:  # a non-finite g stays non-finite: clipping an inf would hide a bad step
+                g = torch.where(torch.isfinite(g), g.clamp(-self.gradient_clip, self.gradient_clip), g)
             ratio = dist.importance_weight(t_flat)  # (N,) float64
             mean_square = residual.reshape(N, -1).pow(2).mean(1)
             row_finite = torch.isfinite(weighted.reshape(N, -1)).all(1) & torch.isfinite(mean_square)
