@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from carv3d.estimator import AnovaSplit, ScoreDistillationEstimator, TimestepDistribution, add_noise, collapsed_strata
-from carv3d.estimator.accounting import collapsed_contrast_matrix
+from carv3d.estimator.anova import collapsed_contrast_matrix
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stratified_accounting.py"
 

@@ -23,17 +23,16 @@ each part costs and buys. It imports torch only and knows nothing about 3D. Outs
 """
 
 from carv3d.estimator.accounting import (
-    AnovaSplit,
     AutoNoiseDraws,
     Welford,
     best_integer_noise_draws,
-    collapsed_strata,
     ecm,
     optimal_noise_draws,
     relative_efficiency,
     variance_cost_product,
 )
 from carv3d.estimator.adaptive import AdaptiveSecondMoment, defensive_mixture
+from carv3d.estimator.anova import AnovaSplit, collapsed_strata
 from carv3d.estimator.estimator import (
     EstimateResult,
     ScoreDistillationEstimator,

@@ -74,7 +74,8 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
-from carv3d.estimator.accounting import AnovaSplit, AutoNoiseDraws, logger
+from carv3d.estimator.accounting import AutoNoiseDraws, logger
+from carv3d.estimator.anova import AnovaSplit
 from carv3d.estimator.adaptive import AdaptiveSecondMoment
 from carv3d.estimator.guidance import (Draws, Guidance, NoisePredictor, PredictNoise, ScoreDistillation, as_predictor,
                                        build_guidance)
