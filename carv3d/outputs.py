@@ -140,7 +140,7 @@ def finish(scene, estimator, run_dir: Path, cfg, step: int) -> list[str]:
     Each is attempted on its own. Returns the names of the outputs that failed (empty when all
     were written).
     """
-    from carv3d.export.command import export_scene
+    from carv3d.export.from_scene import export_scene
 
     scene.eval()
     failed: list[str] = []

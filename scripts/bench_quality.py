@@ -261,7 +261,7 @@ def evaluate_live(trainer: Any, spec: RunSpec, nominal_seconds: float) -> dict[s
 
 def live_mesh(trainer: Any) -> Optional[tuple[Any, Any]]:
     """The export pipeline's mesh of the live scene (no texture), or None when the scene is empty."""
-    from carv3d.export.command import scene_opacity_fn
+    from carv3d.export.from_scene import scene_opacity_fn
     from carv3d.export.isosurface import EmptyMeshError
     from carv3d.export.pipeline import build_mesh
 

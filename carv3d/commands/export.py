@@ -34,7 +34,7 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
     from omegaconf import OmegaConf
 
     from carv3d.errors import ConfigError
-    from carv3d.export.command import export_scene
+    from carv3d.export.from_scene import export_scene
     from carv3d.export.pipeline import TEXTURED_FORMATS, check_options, check_targets, parse_threshold, planned_files
     from carv3d.saved_scene import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
