@@ -234,3 +234,19 @@ def test_auto_noise_draws_moves_at_most_a_factor_two_per_window():
     assert auto.update(3, sigma_b2=0.0, sigma_w2=10.0, alpha=4.0) == 32
     # K* = sqrt(4 · 10 / 10) = 2: halves per window on the way down.
     assert [auto.update(s, sigma_b2=10.0, sigma_w2=10.0, alpha=4.0) for s in (4, 5, 6, 7)] == [16, 8, 4, 2]
+
+
+def test_welford_leaves_out_nonfinite_rows():
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    acc, clean = Welford(), Welford()
+    for i in range(0, 20, 5):
+        batch = rows[i : i + 5].clone()
+        batch[1, 2] = float("inf") if i % 10 else float("nan")
+        acc.update(batch)
+        clean.update(batch[[0, 2, 3, 4]])
+    assert float(acc.count) == 16 and float(acc.dropped) == 4
+    torch.testing.assert_close(acc.mean, clean.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(acc.variance, clean.variance, rtol=1e-12, atol=0)
+    acc.update(torch.full((3, 5), float("nan"), dtype=torch.float64))  # nothing finite: nothing changes
+    torch.testing.assert_close(acc.variance, clean.variance, rtol=1e-12, atol=0)

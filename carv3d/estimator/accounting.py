@@ -47,6 +47,7 @@ from typing import Any, Optional, Union
 import torch
 
 from carv3d.estimator.anova import AnovaSplit, collapsed_contrast_matrix, collapsed_strata  # noqa: F401  (re-exported)
+from carv3d.estimator.anova import _masked_merge
 from carv3d.estimator.timing import StepTimer  # noqa: F401  (re-exported: the cost side of the accounting)
 
 logger = logging.getLogger("carv3d")
@@ -66,40 +67,47 @@ class Welford:
     and ``variance`` = M₂/(W − 1), the unbiased trace of the covariance for unit weights. A batch
     (mean m_B, M₂_B, weight W_B) merges exactly: δ = m_B − x̄, x̄ += δ·W_B/W, M₂ += M₂_B + ‖δ‖²·W_A·W_B/W.
 
-    Accumulators are float64 tensors on the rows' device; ``count`` is a Python float (the weights are
-    known on the host), so updates never synchronise with the host.
+    A row with a non-finite value is left out (and counted in ``dropped``): one inf would otherwise
+    make the mean and M₂ non-finite for good. Which rows are kept is decided on the device, so W
+    (``count``) and ``dropped`` are () float64 tensors and updates never synchronise with the host.
     """
 
     def __init__(self) -> None:
-        self.count = 0.0
-        self.mean: Optional[torch.Tensor] = None  # (D,) float64
-        self.m2: Optional[torch.Tensor] = None  # () float64
+        self._state: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (W, x̄, M₂)
+        self.dropped: Union[float, torch.Tensor] = 0.0
+
+    @property
+    def count(self) -> Union[float, torch.Tensor]:
+        """W, the total weight of the kept rows: () float64 (0.0 before any row)."""
+        return 0.0 if self._state is None else self._state[0]
+
+    @property
+    def mean(self) -> Optional[torch.Tensor]:
+        """x̄: (D,) float64, None before any row."""
+        return None if self._state is None else self._state[1]
+
+    @property
+    def m2(self) -> Optional[torch.Tensor]:
+        """M₂: () float64, None before any row."""
+        return None if self._state is None else self._state[2]
 
     def update(self, x: torch.Tensor, weight: float = 1.0) -> None:
         """Add rows x: (B, D) (or one row (D,)), each with frequency weight ``weight``."""
         x = x.detach().to(torch.float64)
         x = x.reshape(1, -1) if x.dim() == 1 else x.reshape(x.shape[0], -1)
-        w_b = float(weight) * x.shape[0]
-        if w_b <= 0:
+        if float(weight) * x.shape[0] <= 0:
             return
-        mean_b = x.mean(0)
-        m2_b = float(weight) * (x - mean_b).pow(2).sum()
-        if self.mean is None:
-            self.count, self.mean, self.m2 = w_b, mean_b, m2_b
-            return
-        assert self.m2 is not None
-        total = self.count + w_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (w_b / total)
-        self.m2 = self.m2 + m2_b + delta.pow(2).sum() * (self.count * w_b / total)
-        self.count = total
+        keep = torch.isfinite(x).all(1)
+        self._state = _masked_merge(self._state, x, keep, float(weight))
+        self.dropped = self.dropped + (~keep).sum().to(torch.float64)
 
     @property
     def variance(self) -> torch.Tensor:
         """tr Cov = M₂/(W − 1) (NaN with W ≤ 1): () float64."""
-        if self.m2 is None or self.count <= 1:
+        if self._state is None:
             return torch.tensor(float("nan"), dtype=torch.float64)
-        return self.m2 / (self.count - 1)
+        count, _, m2 = self._state
+        return torch.where(count > 1, m2 / (count - 1), torch.full_like(m2, float("nan")))
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
