@@ -140,17 +140,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load a checkpoint as data only; a truncated or foreign file is a CheckpointError."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # weights-only loading met an object that is not plain data
+    except Exception as err:  # zip errors, EOF, unpickling refusals: all mean "not a good checkpoint"
+        first = (str(err).strip().splitlines() or [""])[0]
+        # Weights-only loading names the object it refused ("... GLOBAL posix.system ..."); other refusals
+        # ("Unsupported operand") are bytes that are no pickle at all.
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+            raise CheckpointError(
+                f"checkpoint '{path}' holds Python objects other than tensors, numbers and strings; carv3d refuses "
+                "to load it, since unpickling such objects can run code (a carv3d checkpoint never holds any). Use "
+                f"a checkpoint written by carv3d: point {LATEST_FILE} at another step_*.pt, or start a new run."
+            ) from None
+        if isinstance(err, pickle.UnpicklingError):  # torch's text would suggest weights_only=False: never here
+            first = "its data is not a valid pickle of tensors"
+        detail = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
         raise CheckpointError(
-            f"checkpoint '{path}' holds Python objects other than tensors, numbers and strings; carv3d refuses to "
-            "load it, since unpickling such objects can run code (a carv3d checkpoint never holds any). Use a "
-            f"checkpoint written by carv3d: point {LATEST_FILE} at another step_*.pt, or start a new run."
-        ) from None
-    except Exception as err:  # zip errors, EOF: all mean "not a good checkpoint"
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupt or not a carv3d checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Delete it and point {LATEST_FILE} at an older step_*.pt, "
-            "or start a new run."
+            f"checkpoint '{path}' is corrupt or not a carv3d checkpoint ({detail}). Delete it and point "
+            f"{LATEST_FILE} at an older step_*.pt, or start a new run."
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"'{path}' is not a carv3d checkpoint (format version {FORMAT_VERSION} expected).")

@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     parser.add_argument("--jobs", type=int, default=2, help="trials run at once (each is one CPU process)")
     parser.add_argument("--workdir", default=None, help="keep run directories and logs here (default: a temporary folder)")
+    parser.add_argument("--only", action="append", default=None, metavar="TEXT",
+                        help="run only the trials whose name contains TEXT (repeatable), e.g. --only 'bad checkpoint'")
+    parser.add_argument("--deadline-minutes", type=float, default=None,
+                        help="start no new trial after this many minutes; the ones left are listed as skipped")
     return parser.parse_args(argv)
 
 
@@ -388,6 +392,10 @@ class Attack:
         self.reference: Optional[Path] = None
         self.mounts = private_mounts_available()
         self.timing: dict[str, float] = {}
+        self.deadline: Optional[float] = None
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     def copy(self, name: str) -> Path:
         assert self.reference is not None
@@ -424,10 +432,15 @@ class Attack:
         run_index, kills = 0, 0
         run_dir: Optional[Path] = None
         while kills < n_kills or run_dir is not None:
+            if self.past_deadline() and kills < n_kills:
+                n_kills = kills  # no more kills: finish the run in hand
+                trials.append(Trial("kill -9", f"chain {chain}: kills left out", data={"skipped": True}))
             if run_dir is None:
                 run_index += 1
                 run_dir = out / f"run{run_index}"
-            finishing = kills >= n_kills
+            # A run whose steps are all done was already killed at its end once: let it finish, so
+            # that the kills spread over fresh runs' training instead of piling up at one run's end.
+            finishing = kills >= n_kills or latest_step(run_dir) >= STEPS
             has_checkpoint = (run_dir / "checkpoints" / "LATEST").is_file()
             if run_dir.exists() and not has_checkpoint:
                 trials.append(self._no_checkpoint_resume(run_dir))
@@ -435,7 +448,7 @@ class Attack:
             args = (self.carv3d.resume_args(run_dir) if run_dir.exists()
                     else self.carv3d.train_args(out, run_dir.name))
             if finishing:
-                trial = Trial("kill -9", f"chain {chain} {run_dir.name}: resume to the end")
+                trial = Trial("kill -9", f"chain {chain} {run_dir.name}: resume to the end (from step {latest_step(run_dir)})")
                 rc, text = self.carv3d.run(args, f"kill{chain}-finish")
                 trial.check("resume finishes", rc == 0, f"exit code {rc}: {' | '.join(text.splitlines()[-3:])}")
                 self._check_finished_run(trial, run_dir)
@@ -443,6 +456,9 @@ class Attack:
                 run_dir = None
                 continue
             mode = rng.choices(["training", "checkpoint write", "start-up", "outputs"], [0.45, 0.35, 0.1, 0.1])[0]
+            if mode == "training" and latest_step(run_dir) >= STEPS - 1:
+                mode = "outputs"  # no step left to interrupt: the end of the run is
+            stale = set(temporaries(run_dir))
             process = self.carv3d.start(args, f"kill{chain}-{kills + 1}-{mode.replace(' ', '-')}")
             during_write = self._kill_at(process, run_dir, mode, rng)
             rc = process.wait()
@@ -455,7 +471,7 @@ class Attack:
             kills += 1
             trial = Trial("kill -9", f"chain {chain} kill {kills} ({mode}, step {latest_step(run_dir)})")
             trial.check("killed", rc == -signal.SIGKILL, f"exit code {rc}: {process.output()[-400:]}")
-            left = temporaries(run_dir)
+            left = sorted(set(temporaries(run_dir)) - stale)  # this kill's; a resume removes the older ones
             if during_write:
                 trial.note("landed during a checkpoint write")
             if left:
@@ -472,22 +488,33 @@ class Attack:
     def _kill_at(self, process: Process, run_dir: Path, mode: str, rng: random.Random) -> bool:
         """SIGKILL at a moment of the given kind; returns whether a checkpoint write was in progress."""
         start_step = max(latest_step(run_dir), 0)
-        if start_step >= STEPS and mode == "training":
-            mode = "outputs"  # all steps done: only the end of the run is left to interrupt
+        before = set(temporaries(run_dir))  # a stale one from an earlier kill is not this process's write
+
+        def writing() -> bool:
+            return bool(set(temporaries(run_dir)) - before)
+
+        def saved_at_end() -> bool:  # the end-of-run checkpoint, written by this process
+            latest = run_dir / "checkpoints" / "LATEST"
+            try:
+                return latest_step(run_dir) >= STEPS and latest.stat().st_mtime >= started
+            except OSError:
+                return False
+
+        started = time.time()
         if mode == "start-up":
             time.sleep(rng.uniform(0.2, self.timing["startup_s"]))
         elif mode == "checkpoint write":
             target = rng.randint(start_step, STEPS)  # the write after this step's checkpoint
             wait_until(lambda: latest_step(run_dir) >= target, process, timeout=PROCESS_TIMEOUT)
-            wait_until(lambda: bool(temporaries(run_dir)), process, timeout=10.0, interval=0.0005)
+            wait_until(writing, process, timeout=10.0, interval=0.0005)
         elif mode == "outputs":
-            wait_until(lambda: latest_step(run_dir) >= STEPS, process, timeout=PROCESS_TIMEOUT)
+            wait_until(saved_at_end, process, timeout=PROCESS_TIMEOUT)
             time.sleep(rng.uniform(0.0, self.timing["outputs_s"]))
         else:
             target = rng.randint(start_step + 1, STEPS)
             wait_until(lambda: latest_step(run_dir) >= target, process, timeout=PROCESS_TIMEOUT)
             time.sleep(rng.uniform(0.0, self.timing["train_s"] / STEPS))
-        during_write = bool(temporaries(run_dir))
+        during_write = writing()
         process.signal(signal.SIGKILL)
         return during_write
 
@@ -534,7 +561,7 @@ class Attack:
         started = time.time()
         process = self.carv3d.start(self.carv3d.resume_args(run_dir, f"train.steps={steps}", *extra),
                                     f"{kind}-{name}".replace(" ", "-"))
-        landed = self._signal_at(process, run_dir, when, started, steps)
+        landed = self._signal_at(process, run_dir, when, started)
         process.signal(signals[0])
         for sig in signals[1:]:
             time.sleep(0.3)
@@ -561,7 +588,7 @@ class Attack:
         check_resume_finishes(trial, self.carv3d, run_dir, f"{kind}-resume")
         return trial
 
-    def _signal_at(self, process: Process, run_dir: Path, when: str, started: float, steps: int) -> str:
+    def _signal_at(self, process: Process, run_dir: Path, when: str, started: float) -> str:
         if when == "validation":
             due: list[int] = []
 
@@ -761,7 +788,9 @@ def summarise(trials: list[Trial], args: argparse.Namespace, attack: Attack, sec
                 failed_checks[name] = failed_checks.get(name, 0) + 1
     return {
         "command": "python scripts/fault_injection.py" + (" --quick" if args.quick else "")
-                   + (f" --kills {args.kills}" if args.kills is not None else "") + f" --seed {args.seed}",
+                   + (f" --kills {args.kills}" if args.kills is not None else "") + f" --seed {args.seed}"
+                   + (f" --deadline-minutes {args.deadline_minutes:g}" if args.deadline_minutes is not None else "")
+                   + "".join(f" --only {shlex.quote(text)}" for text in args.only or ()),
         "quick": args.quick,
         "seed": args.seed,
         "wall_seconds": round(seconds, 1),
@@ -797,31 +826,50 @@ def main(argv=None) -> int:
     attack = Attack(carv3d, workdir, kills, args.seed, args.quick)
     print(f"fault injection in {workdir} (private mounts: {'yes' if attack.mounts else 'no'})", flush=True)
     trials = [attack.make_reference()]
+    skipped: list[Trial] = []
     if not trials[0].passed:
         print("the uninterrupted reference run failed; nothing else can be judged", file=sys.stderr)
     else:
-        work: list[Callable[[], Any]] = [lambda c=c: attack.kill_chain(c, kills // 2 + (c < kills % 2))
-                                         for c in range(2)]
+        work: list[tuple[str, Callable[[], Any]]] = [
+            (f"kill -9 chain {c}", lambda c=c: attack.kill_chain(c, kills // 2 + (c < kills % 2))) for c in range(2)]
         sig = [("while training", (signal.SIGINT,), "training"), ("SIGTERM while training", (signal.SIGTERM,), "training")]
         if not args.quick:
             sig += [("during validation", (signal.SIGINT,), "validation"),
                     ("during the final export", (signal.SIGINT,), "export"),
                     ("twice in a row", (signal.SIGINT, signal.SIGINT), "training"),
                     ("in the first seconds", (signal.SIGINT,), "start-up")]
-        work += [lambda s=s: attack.signal_trial(*s) for s in sig]
-        work += [attack.disk_full_checkpoint, attack.read_only_output, attack.two_resumes, attack.stale_temporaries]
+        work += [(f"signal {s[0]}", lambda s=s: attack.signal_trial(*s)) for s in sig]
+        work += [("disk full while saving a checkpoint", attack.disk_full_checkpoint),
+                 ("read-only output folder", attack.read_only_output), ("two resumes", attack.two_resumes),
+                 ("stale temporaries", attack.stale_temporaries)]
         variants = ["truncated", "malicious pickle", "LATEST names another run's"]
         if not args.quick:
-            work += [attack.disk_full_export, attack.read_only_run_dir]
+            work += [("disk full during export", attack.disk_full_export),
+                     ("read-only run directory", attack.read_only_run_dir)]
             variants += ["random bytes", "empty", "missing", "LATEST garbage"]
-        work += [lambda v=v: attack.bad_checkpoint(v) for v in variants]
+        work += [(f"bad checkpoint: {v}", lambda v=v: attack.bad_checkpoint(v)) for v in variants]
+        if args.only:
+            work = [(name, job) for name, job in work if any(text in name for text in args.only)]
+        if args.deadline_minutes is not None:
+            attack.deadline = began + 60 * args.deadline_minutes
+
+        def perform(item: tuple[str, Callable[[], Any]]) -> Any:
+            name, job = item
+            if attack.past_deadline():
+                return Trial("skipped", name, data={"skipped": True})
+            return job()
+
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for result in pool.map(lambda job: job(), work):
+            for result in pool.map(perform, work):
                 for trial in result if isinstance(result, list) else [result]:
+                    if trial.data.get("skipped"):
+                        skipped.append(trial)
+                        continue
                     trials.append(trial)
                     print(f"{'pass' if trial.passed else 'FAIL'}  {trial.kind}: {trial.name}"
                           + ("" if trial.passed else f"  — {'; '.join(trial.notes[:2])}"), flush=True)
     summary = summarise(trials, args, attack, time.perf_counter() - began)
+    summary["skipped"] = [t.name for t in skipped]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")

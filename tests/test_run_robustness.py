@@ -377,3 +377,12 @@ def test_a_malicious_pickle_checkpoint_is_refused_without_running_it(tmp_path):
         load_checkpoint(tmp_path / "step_0000001.pt")
     assert "refuses to load it" in str(err.value) and "weights_only" not in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage that is no zip", b"PK\x03\x04 truncated zip"])
+def test_empty_random_and_truncated_checkpoints_are_a_checkpoint_error(tmp_path, content):
+    path = tmp_path / "step_0000001.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is corrupt or not a carv3d checkpoint") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
