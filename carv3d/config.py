@@ -8,11 +8,16 @@ The estimator preset (``estimator.preset``: ``carv`` or ``sds``) is a layer of i
 user's explicit ``estimator.*`` and ``camera.stratified`` keys always win over the preset's values.
 
 Errors are :class:`carv3d.errors.ConfigError` with the offending key, the nearest valid keys and
-the expected type.
+the expected type. Every numeric key states its valid range next to its default, as field metadata
+(``between(1, MAX_STEPS, 10)``, see :mod:`carv3d.config_ranges`); :func:`load_config` checks every
+value against it (NaN and ±inf are never valid) and the checks across keys follow in ``_validate``.
+Library classes handed a section built by hand check it with :func:`check_section`, against the
+same metadata.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -22,7 +27,23 @@ from typing import Any, List, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from carv3d.config_ranges import KeySpec, Range, between, check_value, fraction, rows, walk_specs
 from carv3d.errors import ConfigError
+
+
+# Bounds shared by several keys. Each exists to turn a typo into a clear error before any work is
+# done, not to forbid a real experiment: every one is far above what a run of carv3d uses.
+MAX_STEPS = 10**8  # 10^8 steps: months of training at 10 steps/s. Also caps every "every N steps" key.
+MAX_IMAGE_SIZE = 4096  # pixels per side of a render, a validation sheet or a turntable frame
+MAX_NOISE_DRAWS = 10**4  # K per render: 10^4 teacher evaluations per render is already a variance study
+MAX_SEED = 2**63 - 2  # seed + 1 seeds the device generator; torch takes seeds up to 2^63 - 1 as signed
+# Export: the fine grid takes 4 bytes per node (4 GiB at 1024³); coarse-to-fine refinement and marching
+# cubes add as much again, so a larger grid is a typo or a crash after minutes of work. A closed
+# surface needs at least 4 triangles (a tetrahedron); a texture is a power of two up to 8192.
+# (carv3d.export.pipeline states the same numbers as MIN_RESOLUTION, MAX_RESOLUTION, MIN_FACES, MAX_TEXTURE_SIZE.)
+EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION = 8, 1024
+EXPORT_MIN_FACES = 4
+EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE = 16, 8192
 
 
 @dataclass
@@ -30,11 +51,11 @@ class HashGridConfig:
     """Multiresolution hash encoding (threestudio's `implicit-volume` defaults)."""
 
     backend: str = "auto"  # auto | torch | tcnn
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    per_level_scale: float = 1.447269
+    n_levels: int = between(1, 64, 16)
+    n_features_per_level: int = between(1, 32, 2)  # the tcnn backend takes 1, 2, 4 or 8 (checked there)
+    log2_hashmap_size: int = between(3, 30, 19)  # 2^30 rows is 8 GiB of float32 features at F = 2
+    base_resolution: int = between(2, 4096, 16)
+    per_level_scale: float = between(1.0, 16.0, 1.447269)  # b >= 1: each level finer than the last
 
 
 @dataclass
@@ -42,7 +63,7 @@ class SceneConfig:
     """Keys every scene type has; ``type`` picks the implementation (``SCENE_TYPES``)."""
 
     type: str = "nerf"
-    radius: float = 1.0  # the scene is the box [-radius, radius]^3
+    radius: float = between(0.0, 1000.0, 1.0, low_open=True)  # the scene is the box [-radius, radius]^3
 
 
 @dataclass
@@ -50,44 +71,46 @@ class NeRFSceneConfig(SceneConfig):
     """``scene.type: nerf`` — hash-grid NeRF (carv3d.scene.nerf); rendered with the ``render`` section."""
 
     grid: HashGridConfig = field(default_factory=HashGridConfig)
-    mlp_width: int = 64
-    mlp_hidden_layers: int = 1
+    mlp_width: int = between(1, 4096, 64)
+    mlp_hidden_layers: int = between(0, 64, 1)
     density_activation: str = "softplus"  # softplus | exp
     density_bias: str = "blob"  # blob | none
-    blob_density: float = 10.0  # blob bias: blob_density * (1 - |x| / blob_radius)
-    blob_radius: float = 0.5
-    normal_epsilon: float = 0.01  # finite-difference step for density normals, in scene units
+    # blob bias: blob_density * (1 - |x| / blob_radius); a negative density would carve the centre out
+    blob_density: float = between(0.0, 1000.0, 10.0)
+    blob_radius: float = between(0.0, 1000.0, 0.5, low_open=True)
+    # finite-difference step for density normals, in scene units
+    normal_epsilon: float = between(0.0, 10.0, 0.01, low_open=True)
 
 
 @dataclass
 class CameraConfig:
-    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])  # degrees
-    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])  # degrees; 0 = front (+Z)
-    # Defaults match the embedded teacher's training cameras; the SD presets use threestudio's
-    # [1.0, 1.5] and [40, 70].
-    # The embedded teacher's camera (carv3d.world.WorldCameraRanges); SD configs set their own ranges.
-    distance_range: List[float] = field(default_factory=lambda: [1.55, 1.55])
-    fovy_range: List[float] = field(default_factory=lambda: [50.0, 50.0])  # degrees
+    elevation_range: List[float] = between(-90.0, 90.0, [-10.0, 90.0], pair=True)  # degrees
+    azimuth_range: List[float] = between(-360.0, 360.0, [-180.0, 180.0], pair=True)  # degrees; 0 = front (+Z)
+    # Defaults match the embedded teacher's training cameras (carv3d.world.WorldCameraRanges); the SD
+    # presets use threestudio's [1.0, 1.5] and [40, 70].
+    distance_range: List[float] = between(0.0, 1000.0, [1.55, 1.55], low_open=True, pair=True)
+    fovy_range: List[float] = between(0.0, 180.0, [50.0, 50.0], low_open=True, high_open=True, pair=True)  # degrees
     stratified: bool = False  # stratify azimuth across the renders of a step and consecutive steps
-    front_half_angle: float = 45.0  # |azimuth| < this is "front"; > 180 - this is "back"
-    overhead_elevation: float = 60.0  # elevation above this is "overhead"
+    # |azimuth| < this is "front"; > 180 - this is "back" (above 90 the two would overlap)
+    front_half_angle: float = between(0.0, 90.0, 45.0)
+    overhead_elevation: float = between(-90.0, 90.0, 60.0)  # elevation above this is "overhead"
 
 
 @dataclass
 class RenderConfig:
-    width: int = 64
-    height: int = 64
-    samples_per_ray: int = 64
+    width: int = between(1, MAX_IMAGE_SIZE, 64)
+    height: int = between(1, MAX_IMAGE_SIZE, 64)
+    samples_per_ray: int = between(1, 4096, 64)
     sampler: str = "auto"  # auto | stratified | occupancy_grid (CUDA only)
-    occupancy_resolution: int = 64
-    occupancy_update_every: int = 16
-    occupancy_threshold: float = 0.01
+    occupancy_resolution: int = between(1, 1024, 64)  # nerfacc's grid: resolution³ cells
+    occupancy_update_every: int = between(1, MAX_STEPS, 16)
+    occupancy_threshold: float = fraction(0.01)  # on σ·Δt, an opacity-like number: above 1 every cell is empty
     shading: str = "albedo"  # albedo | lambertian | textureless | random (DreamFusion-style; SD presets)
-    albedo_probability: float = 0.5  # with shading=random: albedo, else lambertian/textureless 50/50
-    ambient: float = 0.1
-    light_jitter: float = 0.5  # std of the random offset added to the unit camera direction for the light
+    albedo_probability: float = fraction(0.5)  # with shading=random: albedo, else lambertian/textureless 50/50
+    ambient: float = fraction(0.1)  # k of the shading formula: light = k + (1 - k)·max(0, n·l)
+    light_jitter: float = between(0.0, 100.0, 0.5)  # std of the random offset added to the unit camera direction for the light
     background: str = "white"  # white | random | learned
-    near: float = 0.05
+    near: float = between(0.0, 1000.0, 0.05)
 
 
 @dataclass
@@ -95,7 +118,8 @@ class TeacherConfig:
     """Keys every teacher type has; ``type`` picks the implementation (``TEACHER_TYPES``)."""
 
     type: str = "diffusers"
-    guidance_scale: float = 7.5  # classifier-free guidance s: ε_u + s·(ε_c − ε_u)
+    # classifier-free guidance s: ε_u + s·(ε_c − ε_u). DreamFusion uses 100; 1000 is far past any use.
+    guidance_scale: float = between(0.0, 1000.0, 7.5)
     negative_prompt: str = ""
     view_dependent_prompting: bool = True
 
@@ -105,9 +129,10 @@ class DiffusersTeacherConfig(TeacherConfig):
     """``teacher.type: diffusers`` — a diffusers folder: latent (with vae/, Stable Diffusion) or pixel space."""
 
     pretrained: str = "embedded"  # embedded | a diffusers folder | a Hugging Face repo id in the local cache
-    resolution: int = 0  # image size fed to encode(); 0 = the teacher's native size
+    # image size fed to encode(); 0 = the teacher's native size (a multiple of the VAE's factor: checked at load)
+    resolution: int = between(8, MAX_IMAGE_SIZE, 0, off=0)
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    max_batch: int = 32  # largest U-Net batch per call (CFG doubles it)
+    max_batch: int = between(1, 4096, 32)  # largest U-Net batch per call (CFG doubles it)
     # Fast paths (carv3d/teacher/fast.py). CUDA only: on other devices they are skipped and logged.
     cuda_graph: str = "auto"  # auto (on for CUDA) | on | off: replay the guided U-Net call as a CUDA graph per batch shape
     # NHWC for the U-Net and VAE: off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm
@@ -142,66 +167,77 @@ class EstimatorConfig:
     """Score-distillation gradient estimator; see carv3d.estimator for the formulas."""
 
     preset: str = "carv"  # carv | sds | none (none: only the keys below)
-    upstream_samples: int = 1  # R: renders per step (the carv preset sets 2)
-    noise_draws: Union[int, str] = 1  # K per render, or "auto"
+    upstream_samples: int = between(1, 1024, 1)  # R: renders per step (the carv preset sets 2)
+    noise_draws: Union[int, str] = between(1, MAX_NOISE_DRAWS, 1, words=("auto",))  # K per render, or "auto"
     proposal: str = "uniform"  # uniform | teacher-weight | adaptive
     stratified: bool = False
     weighting: str = "sds"  # sds | uniform | fantasia3d
-    t_min: float = 0.02  # fraction of the teacher's timesteps
-    t_max: float = 0.98
-    t_max_schedule: List[List[float]] = field(default_factory=list)  # [[step, t_max], ...] piecewise linear
-    gradient_clip: float = 0.0  # clip the latent gradient elementwise to ±value; 0 = off
-    min_noise_draws: int = 2  # auto-K bounds; auto needs K >= 2 to measure the within-render variance
-    max_noise_draws: int = 16
-    auto_every: int = 50  # auto-K changes K at most every this many steps
-    auto_smoothing: float = 0.9  # exponential smoothing of the ANOVA variances
-    adaptive_bins: int = 20
-    adaptive_refresh_every: int = 50
-    adaptive_defensive_mixture: float = 0.3  # weight of the teacher-weight proposal in the mixture
+    t_min: float = fraction(0.02)  # fraction of the teacher's timesteps; t_min < t_max
+    t_max: float = fraction(0.98)
+    # [[step, t_max], ...] piecewise linear; steps non-decreasing, each t_max above t_min
+    t_max_schedule: List[List[float]] = rows([], step=Range(0, MAX_STEPS), t_max=Range(0.0, 1.0))
+    gradient_clip: float = between(0.0, 1e6, 0.0)  # clip the latent gradient elementwise to ±value; 0 = off
+    # auto-K bounds, min <= max; auto needs K >= 2 to measure the within-render variance (a lower
+    # min_noise_draws is raised to 2 with a log line: K = 1 stays valid for a fixed K)
+    min_noise_draws: int = between(1, MAX_NOISE_DRAWS, 2)
+    max_noise_draws: int = between(1, MAX_NOISE_DRAWS, 16)
+    auto_every: int = between(1, MAX_STEPS, 50)  # auto-K changes K at most every this many steps
+    auto_smoothing: float = fraction(0.9, high_open=True)  # exponential smoothing of the ANOVA variances
+    adaptive_bins: int = between(1, 1000, 20)  # at most the teacher's timesteps (1000 for SD and the embedded one; checked there)
+    adaptive_refresh_every: int = between(1, MAX_STEPS, 50)
+    adaptive_defensive_mixture: float = fraction(0.3, low_open=True)  # weight of the teacher-weight proposal in the mixture
 
 
 @dataclass
 class OptimConfig:
-    lr_grid: float = 0.01
-    lr_mlp: float = 0.001
-    lr_background: float = 0.001
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
-    eps: float = 1e-15
-    sparsity_weight: float = 0.0  # mean opacity penalty
-    orientation_weight: float = 0.0  # normals facing away from the camera (DreamFusion)
-    opacity_entropy_weight: float = 0.0
+    # Learning rates of Adam, whose step per parameter is about lr: hash-grid features start near 1e-4
+    # and MLP weights near 1, so lr = 1 already diverges and 10 is far past any sane run. The bound
+    # turns a typo (1e3, 1e30) into an error instead of a run that "finishes" with garbage. 0 freezes
+    # that group (e.g. a fixed background).
+    lr_grid: float = between(0.0, 10.0, 0.01)
+    lr_mlp: float = between(0.0, 10.0, 0.001)
+    lr_background: float = between(0.0, 10.0, 0.001)
+    betas: List[float] = between(0.0, 1.0, [0.9, 0.99], high_open=True, length=2)  # Adam's (β1, β2), each in [0, 1)
+    eps: float = between(0.0, 1.0, 1e-15, low_open=True)
+    # loss weights; 1e6 is far past threestudio's largest (lambda_orient up to 1e3)
+    sparsity_weight: float = between(0.0, 1e6, 0.0)  # mean opacity penalty
+    orientation_weight: float = between(0.0, 1e6, 0.0)  # normals facing away from the camera (DreamFusion)
+    opacity_entropy_weight: float = between(0.0, 1e6, 0.0)
 
 
 @dataclass
 class ExportConfig:
     formats: List[str] = field(default_factory=lambda: ["glb", "ply", "obj"])
-    resolution: int = 128  # density grid nodes per axis
-    threshold: Union[float, int, str] = "auto"  # density isosurface level, or "auto" (best silhouette IoU vs the NeRF)
-    min_component_fraction: float = 0.05  # drop components below this fraction of the largest (by area)
-    max_hole_edges: int = 32  # close boundary loops of at most this many edges; 0 = off
-    faces: int = 50000  # face budget (quadric decimation); 0 = keep every face
-    texture_size: int = 1024  # baked albedo texture for glb/obj, a power of two; 0 = vertex colours only
-    silhouette_views: int = 8  # views of the automatic threshold search
-    silhouette_size: int = 96  # image size of the threshold search when the grid's own opacity is used
-    refine_from: int = 64  # coarse grid for coarse-to-fine sampling near the surface; 0 = sample every node
+    resolution: int = between(EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION, 128)  # density grid nodes per axis
+    # density isosurface level (densities are >= 0), or "auto" (best silhouette IoU vs the NeRF)
+    threshold: Union[float, int, str] = between(0.0, 1e6, "auto", words=("auto",))
+    min_component_fraction: float = fraction(0.05)  # drop components below this fraction of the largest (by area)
+    max_hole_edges: int = between(0, 10**6, 32)  # close boundary loops of at most this many edges; 0 = off
+    faces: int = between(EXPORT_MIN_FACES, MAX_STEPS, 50000, off=0)  # face budget (quadric decimation); 0 = keep every face
+    # baked albedo texture for glb/obj, a power of two; 0 = vertex colours only
+    texture_size: int = between(EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE, 1024, off=0, power_of_two=True)
+    silhouette_views: int = between(1, 1024, 8)  # views of the automatic threshold search
+    silhouette_size: int = between(8, MAX_IMAGE_SIZE, 96)  # image size of the threshold search when the grid's own opacity is used
+    # coarse grid for coarse-to-fine sampling near the surface (used when below resolution); 0 = sample every node
+    refine_from: int = between(2, EXPORT_MAX_RESOLUTION, 64, off=0)
     at_end: bool = True
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    seed: int = 0
+    steps: int = between(0, MAX_STEPS, 1000)  # 0: no step (outputs of the initial scene)
+    seed: int = between(0, MAX_SEED, 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto (on for CUDA) | on | off. On: a step never waits for the GPU — a non-finite step is skipped
     # on the device (fused Adam's found_inf) and the skip counters are read on log/checkpoint steps.
     sync_free: str = "auto"
-    log_every: int = 10
-    val_every: int = 250
-    checkpoint_every: int = 250
-    turntable_frames: int = 60  # 0 = no turntable video
-    turntable_fps: int = 24
-    val_resolution: int = 128
-    max_nonfinite_steps: int = 20
+    log_every: int = between(1, MAX_STEPS, 10)
+    val_every: int = between(0, MAX_STEPS, 250)  # 0 = no validation sheets during the run
+    checkpoint_every: int = between(0, MAX_STEPS, 250)  # 0 = a checkpoint at the end only
+    turntable_frames: int = between(0, 10**4, 60)  # 0 = no turntable video
+    turntable_fps: int = between(1, 240, 24)
+    val_resolution: int = between(1, MAX_IMAGE_SIZE, 128)  # validation sheet and turntable frame size
+    max_nonfinite_steps: int = between(1, MAX_STEPS, 20)  # stop after this many non-finite steps in a row (0 would stop a healthy run)
     output_dir: str = "runs"
     run_name: str = ""  # default: prompt slug + timestamp
     progress: bool = True
@@ -367,6 +403,37 @@ def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"invalid config{where}: {str(err).splitlines()[0]}")
 
 
+def _requested_preset(layers: Sequence[tuple[Any, str]]) -> str:
+    """``estimator.preset`` as the layers set it (later wins), checked against the presets."""
+    preset = EstimatorConfig.preset
+    for layer, _ in layers:
+        try:
+            value = OmegaConf.select(layer, "estimator.preset", default=None)
+        except OmegaConfBaseException:  # a malformed layer: the merge names the problem
+            value = None
+        if value is not None:
+            preset = value
+    if preset not in ESTIMATOR_PRESETS:
+        raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
+    return str(preset)
+
+
+@functools.lru_cache(maxsize=16)
+def _preset_schema(types: Types, preset: Optional[str]) -> DictConfig:
+    """The schema with the estimator preset's layer merged in (None: no preset, for ``--resume``);
+    cached, so a load is one copy and the user's layers. Never mutate the result: copy it."""
+    schema = _schema(types)
+    return schema if preset is None else _merge(schema, ESTIMATOR_PRESETS[preset], f"preset {preset}")
+
+
+def _merge_into(cfg: DictConfig, layer: Any, source: str) -> None:
+    """Merge ``layer`` into ``cfg`` in place (``cfg`` is a fresh copy; the layer is not reused)."""
+    try:
+        OmegaConf.unsafe_merge(cfg, layer)
+    except OmegaConfBaseException as err:
+        raise _translate(err, source) from None
+
+
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
@@ -405,7 +472,72 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 _ABSENT = object()
 
 
-def _validate(cfg: DictConfig) -> None:
+@functools.lru_cache(maxsize=8)
+def _numeric_specs(types: Types) -> tuple[KeySpec, ...]:
+    chosen = dict(types)
+
+    def choose(key: str, declared: type) -> type:
+        return SEAMS[key][chosen[key]] if key in SEAMS else declared
+
+    return tuple(walk_specs(Config, choose=choose))
+
+
+def numeric_keys(**types: str) -> dict[str, KeySpec]:
+    """Every numeric key of the schema (for the given seam types) with its range and default,
+    e.g. ``numeric_keys()["train.log_every"].spec.describe()`` → ``an integer in [1, 100000000]``."""
+    return {item.key: item for item in _numeric_specs(_types(**types))}
+
+
+def _check_ranges(cfg: Any, items: Sequence[KeySpec], prefix: str = "") -> None:
+    """Each key's value against its range (the field metadata); a numeric string becomes its number.
+
+    ``cfg`` is a DictConfig (read as plain data: attribute access on OmegaConf nodes is slow) or a
+    config dataclass.
+    """
+    data = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    for item in items:
+        key = item.key[len(prefix):]
+        value: Any = data
+        for part in key.split("."):
+            value = value.get(part, _ABSENT) if isinstance(value, dict) else getattr(value, part, _ABSENT)
+            if value is _ABSENT:  # a key of another seam type
+                break
+        if value is _ABSENT:
+            continue
+        checked = check_value(item.key, value, item.spec, item.default)
+        if checked is not value and isinstance(value, str):  # "8" from a sweep file or the command line → 8
+            if isinstance(cfg, DictConfig):
+                OmegaConf.update(cfg, key, checked)
+            else:
+                parent_key, _, name = key.rpartition(".")
+                parent = cfg
+                for part in parent_key.split(".") if parent_key else ():
+                    parent = getattr(parent, part)
+                setattr(parent, name, checked)
+
+
+def check_section(section: Any, prefix: str) -> None:
+    """Check one section (a DictConfig node or a config dataclass, e.g. ``scene_cfg`` with
+    ``prefix="scene"``) against the schema's choices and ranges, for a library class handed a
+    section that did not come from :func:`load_config`.
+
+    Raises:
+        ConfigError: the same one-line message as :func:`load_config`.
+    """
+    seam_type = getattr(section, "type", None) if prefix in SEAMS else None
+    types = _types(**{prefix: str(seam_type)}) if seam_type in SEAMS.get(prefix, {}) else _types()
+    items = [item for item in _numeric_specs(types) if item.key.startswith(prefix + ".")]
+    for key, choices in CHOICES.items():
+        if key.startswith(prefix + "."):
+            value = section
+            for part in key[len(prefix) + 1:].split("."):
+                value = getattr(value, part, _ABSENT)
+            if value is not _ABSENT and value not in choices:
+                raise ConfigError(f"config key '{key}' is '{value}'; expected one of: {', '.join(choices)}.")
+    _check_ranges(section, items, prefix + ".")
+
+
+def _validate(cfg: DictConfig, types: Optional[Types] = None) -> None:
     _normalise_switches(cfg)
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
@@ -413,27 +545,28 @@ def _validate(cfg: DictConfig) -> None:
             continue
         if value not in choices:
             raise ConfigError(f"config key '{key}' is '{value}'; expected one of: {', '.join(choices)}.")
-    k = cfg.estimator.noise_draws
-    if isinstance(k, str) and k.strip().isdigit():  # "8" from a sweep file or the command line
-        cfg.estimator.noise_draws = k = int(k)
-    if isinstance(k, str) and k != "auto" or isinstance(k, int) and k < 1:
-        raise ConfigError(f"estimator.noise_draws is '{k}'; expected a positive integer or 'auto'.")
-    if cfg.estimator.upstream_samples < 1:
-        raise ConfigError("estimator.upstream_samples must be at least 1.")
-    if not 0.0 <= cfg.estimator.t_min < cfg.estimator.t_max <= 1.0:
-        raise ConfigError("estimator.t_min and t_max must satisfy 0 <= t_min < t_max <= 1 (fractions of the teacher's timesteps).")
     for fmt in cfg.export.formats:
         if fmt not in ALLOWED_EXPORT_FORMATS:
             raise ConfigError(f"export.formats has '{fmt}'; expected some of: {', '.join(ALLOWED_EXPORT_FORMATS)}.")
-    for key in ("camera.elevation_range", "camera.azimuth_range", "camera.distance_range", "camera.fovy_range"):
-        lo_hi = OmegaConf.select(cfg, key)
-        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
-            raise ConfigError(f"config key '{key}' must be [low, high] with low <= high, not {list(lo_hi)}.")
-    if cfg.train.steps < 0:
-        raise ConfigError("train.steps must be non-negative.")
-    for key in ("render.width", "render.height", "render.samples_per_ray", "export.resolution"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}' must be a positive integer.")
+    if types is None:
+        types = _types(**{seam: str(cfg[seam].type) for seam in SEAMS})
+    _check_ranges(cfg, _numeric_specs(types))  # every numeric key: its range, stated next to its default
+    # Checks across keys (each key's own range is checked above).
+    est = cfg.estimator
+    if not est.t_min < est.t_max:
+        raise ConfigError(f"estimator.t_min and t_max must satisfy 0 <= t_min < t_max <= 1 (fractions of the teacher's "
+                          f"timesteps), not estimator.t_min = {est.t_min}, estimator.t_max = {est.t_max}.")
+    if est.min_noise_draws > est.max_noise_draws:
+        raise ConfigError(f"estimator.min_noise_draws ({est.min_noise_draws}) is above estimator.max_noise_draws "
+                          f"({est.max_noise_draws}); the auto-K bounds need min <= max.")
+    schedule = [list(point) for point in est.t_max_schedule]
+    for i, (step, t_max) in enumerate(schedule):
+        if i and step < schedule[i - 1][0]:
+            raise ConfigError(f"estimator.t_max_schedule is {schedule}; its steps must be non-decreasing "
+                              f"([[step, t_max], ...] in step order).")
+        if not t_max > est.t_min:
+            raise ConfigError(f"estimator.t_max_schedule is {schedule}; each t_max must be above estimator.t_min "
+                              f"({est.t_min}).")
 
 
 def load_config(
@@ -464,17 +597,11 @@ def load_config(
         layers.append((OmegaConf.create({"prompt": prompt}), "--prompt"))
 
     types = _seam_types(layers)
-    cfg = _schema(types).copy()
-    for layer, source in layers:  # first pass: find the preset the user asked for, check keys/types
-        cfg = _merge(cfg, layer, source)
-    if base is None:
-        preset = cfg.estimator.preset
-        if preset not in ESTIMATOR_PRESETS:
-            raise ConfigError(f"estimator.preset is '{preset}'; expected one of: {', '.join(ESTIMATOR_PRESETS)}.")
-        cfg = _merge(_schema(types).copy(), ESTIMATOR_PRESETS[preset], f"preset {preset}")
-        for layer, source in layers:
-            cfg = _merge(cfg, layer, source)
-    _validate(cfg)
+    preset = None if base is not None else _requested_preset(layers)
+    cfg = copy.deepcopy(_preset_schema(types, preset))
+    for layer, source in layers:
+        _merge_into(cfg, layer, source)
+    _validate(cfg, types)
     return cfg
 
 

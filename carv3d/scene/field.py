@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carv3d.errors import ConfigError
+from carv3d.config import check_section
 from carv3d.scene.hashgrid import Device, make_hash_encoding
 
 TRUNC_EXP_GRAD_CLAMP = 15.0  # threestudio/torch-ngp: the backward uses exp(min(x, 15))
@@ -75,8 +75,6 @@ def build_mlp(
 
     With ``hidden_layers = 0`` it is a single linear map. Built where ``generator`` lives.
     """
-    if hidden_layers < 0 or width < 1:
-        raise ConfigError(f"scene.mlp_hidden_layers ({hidden_layers}) must be >= 0 and scene.mlp_width ({width}) >= 1.")
     device = generator.device if generator is not None else torch.device("cpu")
     sizes = [n_inputs] + [width] * hidden_layers + [n_outputs]
     layers: list[nn.Module] = []
@@ -106,22 +104,15 @@ class NeRFField(nn.Module):
 
     def __init__(self, scene_cfg: Any, device: Device = "cpu", generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
+        # The one statement of the valid values is the typed config (carv3d.config); a section built
+        # by hand (not through load_config) is checked against it here.
+        check_section(scene_cfg, "scene")
         self.radius = float(scene_cfg.radius)
-        if not self.radius > 0:
-            raise ConfigError(f"scene.radius is {self.radius}; it must be positive.")
         self.density_activation = str(scene_cfg.density_activation)
-        if self.density_activation not in ("softplus", "exp"):
-            raise ConfigError(f"scene.density_activation is '{self.density_activation}'; expected softplus or exp.")
         self.density_bias = str(scene_cfg.density_bias)
-        if self.density_bias not in ("blob", "none"):
-            raise ConfigError(f"scene.density_bias is '{self.density_bias}'; expected blob or none.")
         self.blob_density = float(scene_cfg.blob_density)
         self.blob_radius = float(scene_cfg.blob_radius)
-        if self.density_bias == "blob" and not self.blob_radius > 0:
-            raise ConfigError(f"scene.blob_radius is {self.blob_radius}; it must be positive.")
         self.normal_epsilon = float(scene_cfg.normal_epsilon)
-        if not self.normal_epsilon > 0:
-            raise ConfigError(f"scene.normal_epsilon is {self.normal_epsilon}; it must be positive.")
 
         self.encoding, self.encoding_backend = make_hash_encoding(scene_cfg.grid, device, generator=generator)
         n_encoded = int(scene_cfg.grid.n_levels) * int(scene_cfg.grid.n_features_per_level)
