@@ -40,7 +40,7 @@ MAX_SEED = 2**63 - 2  # seed + 1 seeds the device generator; torch takes seeds u
 # Export: the fine grid takes 4 bytes per node (4 GiB at 1024³); coarse-to-fine refinement and marching
 # cubes add as much again, so a larger grid is a typo or a crash after minutes of work. A closed
 # surface needs at least 4 triangles (a tetrahedron); a texture is a power of two up to 8192.
-# (carv3d.export.pipeline states the same numbers as MIN_RESOLUTION, MAX_RESOLUTION, MIN_FACES, MAX_TEXTURE_SIZE.)
+# carv3d.export.pipeline checks export options against these names.
 EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION = 8, 1024
 EXPORT_MIN_FACES = 4
 EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE = 16, 8192

@@ -23,6 +23,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from carv3d.config import (EXPORT_MAX_RESOLUTION, EXPORT_MAX_TEXTURE_SIZE, EXPORT_MIN_FACES, EXPORT_MIN_RESOLUTION,
+                           EXPORT_MIN_TEXTURE_SIZE, ExportConfig)
 from carv3d.errors import ConfigError, OutputPathError
 from carv3d.export.cleanup import (decimate, fill_small_holes, make_mesh, orient_outward,
                                    remove_small_components)
@@ -38,24 +40,10 @@ from carv3d.cameras import Cameras
 
 FORMATS = ("glb", "ply", "obj")
 TEXTURED_FORMATS = ("glb", "obj")
-MAX_TEXTURE_SIZE = 8192
-MIN_RESOLUTION = 8
-# The fine grid takes 4 bytes per node (4 GiB at 1024³); coarse-to-fine refinement (a bool mask per
-# node and cell) and marching cubes (a padded float32 copy) add as much again. Beyond 1024 that is
-# tens of GiB: a larger value is a typo or a crash after minutes of work, so it is refused up front.
-MAX_RESOLUTION = 1024
-# A closed surface needs at least 4 triangles (a tetrahedron); below that quadric decimation
-# collapses the mesh to a flat sliver or to nothing, which cannot be unwrapped or written.
-MIN_FACES = 4
-
-_DEFAULTS = dict(formats=list(FORMATS), resolution=128, threshold="auto", min_component_fraction=0.05,
-                 max_hole_edges=32, faces=50000, texture_size=1024, silhouette_views=8, silhouette_size=96,
-                 refine_from=64)
-
-
-def _option(cfg: Any, name: str) -> Any:
-    """``cfg.name`` for an ExportConfig / DictConfig / namespace, with the schema default if absent."""
-    return getattr(cfg, name, _DEFAULTS[name]) if cfg is not None else _DEFAULTS[name]
+# Bounds stated once, in the typed config (see ExportConfig there for why they are what they are).
+MIN_RESOLUTION, MAX_RESOLUTION = EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION
+MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE
+MIN_FACES = EXPORT_MIN_FACES
 
 
 @dataclass
@@ -113,8 +101,8 @@ def check_options(formats: Sequence[str], texture_size: int, resolution: Optiona
     if unknown or not formats:
         raise ConfigError(f"unknown export format(s) {unknown or '(none given)'}; expected some of: "
                           f"{', '.join(FORMATS)} (e.g. --format glb,obj).")
-    if texture_size != 0 and not (is_power_of_two(texture_size) and 16 <= texture_size <= MAX_TEXTURE_SIZE):
-        raise ConfigError(f"texture size {texture_size} is not a power of two between 16 and {MAX_TEXTURE_SIZE}; "
+    if texture_size != 0 and not (is_power_of_two(texture_size) and MIN_TEXTURE_SIZE <= texture_size <= MAX_TEXTURE_SIZE):
+        raise ConfigError(f"texture size {texture_size} is not a power of two between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}; "
                           f"use e.g. 512, 1024 or 2048 (0 for vertex colours only).")
     if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
         raise ConfigError(f"export resolution {resolution} is out of range; use {MIN_RESOLUTION} to "
@@ -175,6 +163,7 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
     threshold is chosen on it, and only the nodes near that level are evaluated at ``resolution``
     (:func:`carv3d.export.sparse_grid.refine_grid`).
     """
+    export_cfg = export_cfg if export_cfg is not None else ExportConfig()  # its defaults, stated once
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -184,10 +173,10 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
         timings[name] = round(now - clock, 4)
         clock = now
 
-    threshold = parse_threshold(_option(export_cfg, "threshold"))
-    texture_size = int(_option(export_cfg, "texture_size")) if textured else 0
-    resolution = int(_option(export_cfg, "resolution"))
-    coarse_resolution = int(_option(export_cfg, "refine_from"))
+    threshold = parse_threshold(export_cfg.threshold)
+    texture_size = int(export_cfg.texture_size) if textured else 0
+    resolution = int(export_cfg.resolution)
+    coarse_resolution = int(export_cfg.refine_from)
     sparse = grid is None and 2 <= coarse_resolution < resolution
     if grid is None:
         grid = density_grid(field, coarse_resolution if sparse else resolution)
@@ -195,8 +184,8 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
     search = None
     if threshold == "auto":
         search = auto_threshold(field, nerf_opacity, grid=grid, cameras=cameras,
-                                n_views=int(_option(export_cfg, "silhouette_views")),
-                                image_size=int(_option(export_cfg, "silhouette_size")))
+                                n_views=int(export_cfg.silhouette_views),
+                                image_size=int(export_cfg.silhouette_size))
         threshold = search.threshold
     lap("threshold")
     if sparse:
@@ -206,9 +195,9 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
         lap("refine_grid")
     vertices, faces = extract_isosurface(grid, float(threshold), float(field.radius))
     lap("marching_cubes")
-    mesh = remove_small_components(make_mesh(vertices, faces), float(_option(export_cfg, "min_component_fraction")))
-    mesh, _ = fill_small_holes(mesh, int(_option(export_cfg, "max_hole_edges")))
-    mesh = orient_outward(decimate(mesh, int(_option(export_cfg, "faces"))))
+    mesh = remove_small_components(make_mesh(vertices, faces), float(export_cfg.min_component_fraction))
+    mesh, _ = fill_small_holes(mesh, int(export_cfg.max_hole_edges))
+    mesh = orient_outward(decimate(mesh, int(export_cfg.faces)))
     vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
     if len(faces) < MIN_FACES:  # nothing a UV unwrap or a file writer can use
         raise EmptyMeshError(f"the mesh has {len(faces)} faces after cleanup (at threshold {float(threshold):.4g}); "
@@ -312,10 +301,11 @@ def export_mesh(field: Any, out_dir: Union[str, Path], export_cfg: Any = None, f
         EmptyMeshError: no surface at the threshold (the message gives the largest density), or
             fewer than 4 faces left after cleanup.
     """
-    formats = check_options(list(formats or _option(export_cfg, "formats")), int(_option(export_cfg, "texture_size")),
-                            resolution=int(_option(export_cfg, "resolution")), faces=int(_option(export_cfg, "faces")))
-    parse_threshold(_option(export_cfg, "threshold"))
-    textured = int(_option(export_cfg, "texture_size")) > 0 and any(f in TEXTURED_FORMATS for f in formats)
+    export_cfg = export_cfg if export_cfg is not None else ExportConfig()  # its defaults, stated once
+    formats = check_options(list(formats or export_cfg.formats), int(export_cfg.texture_size),
+                            resolution=int(export_cfg.resolution), faces=int(export_cfg.faces))
+    parse_threshold(export_cfg.threshold)
+    textured = int(export_cfg.texture_size) > 0 and any(f in TEXTURED_FORMATS for f in formats)
     check_targets(planned_files(Path(out_dir), formats, textured), overwrite)
     mesh = build_mesh(field, export_cfg, textured=textured, nerf_opacity=nerf_opacity, cameras=cameras)
     files = write_mesh(mesh, out_dir, formats, overwrite=overwrite)
