@@ -219,3 +219,15 @@ def test_step_timer_events_agree_with_a_synchronised_clock():
         clock += time.perf_counter() - started
     assert events.use_events
     assert events.seconds("matmul") == pytest.approx(clock, rel=0.2)
+
+
+def test_branch_predictions_through_the_cuda_graph_match_eager(teachers):
+    """CSD's teacher call (predict_noise_branches) replays the same captured U-Net as SDS's guided one."""
+    eager, fast = teachers
+    for n, seed in ((3, 10), (3, 11)):
+        x_t, t, cond = _inputs(eager, n, seed)
+        want_u, want_c = eager.predict_noise_branches(x_t, t, cond)
+        got_u, got_c = fast.predict_noise_branches(x_t, t, cond)
+        assert _relative_error(got_u, want_u) < 1e-2 and _relative_error(got_c, want_c) < 1e-2
+        guided = fast.predict_noise(x_t, t, cond, guidance_scale=7.5)
+        assert _relative_error(guided, got_u + 7.5 * (got_c - got_u)) < 1e-2

@@ -430,3 +430,43 @@ def test_cuda_teacher_runs_in_fp16_and_agrees_with_fp32(tiny_sd_path: Path, tiny
         error = relative_error(eps, reference)
         print(f"fp16 vs fp32 relative error at s={scale}: {error:.2e}")
         assert error < (1e-2 if scale == 1.0 else (1 + 2 * scale) * 5e-3)
+
+
+# ------------------------------------------------------------------ the teacher seam: branches, channels
+def test_guided_prediction_is_the_guidance_of_the_branches(tiny_teacher):
+    """predict_noise = ε_u + s·(ε_c − ε_u) of predict_noise_branches' two predictions (one call each)."""
+    embedding = tiny_teacher.embed("a red cube")
+    cond = tiny_teacher.conditioning(embedding, ["front", "side", "back"])
+    x_t = torch.randn(3, *tiny_teacher.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([50, 400, 900])
+    uncond, conditional = tiny_teacher.predict_noise_branches(x_t, t, cond)
+    guided = tiny_teacher.predict_noise(x_t, t, cond, 7.5)
+    torch.testing.assert_close(guided, uncond + 7.5 * (conditional - uncond), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(uncond, conditional)  # the text changes the prediction
+    torch.testing.assert_close(tiny_teacher.predict_noise(x_t, t, cond, 1.0), conditional)
+
+
+def test_conditioning_carries_camera_poses_row_by_row(tiny_teacher):
+    embedding = tiny_teacher.embed("a red cube")
+    poses = torch.arange(2 * 16, dtype=torch.float32).view(2, 4, 4)
+    cond = tiny_teacher.conditioning(embedding, ["front", "back"], poses)
+    picked = cond.select(torch.tensor([1, 1, 0]))
+    assert torch.equal(picked.cameras, poses[[1, 1, 0]])
+    assert torch.equal(picked.cond, cond.cond[[1, 1, 0]])
+
+
+def test_a_teacher_that_also_predicts_its_variance_returns_the_noise_half(tmp_path):
+    """DeepFloyd IF's U-Net outputs 2·C channels (ε, then the variance): ε̂ keeps x's C channels,
+    equal to the first C channels of the raw U-Net output."""
+    from carv3d.testing.tiny_teachers import build_tiny_pixel_teacher
+
+    folder = build_tiny_pixel_teacher(tmp_path / "if_like", seed=0, image_size=16, out_channels=6)
+    teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(folder)), device="cpu")
+    assert teacher.unet.config.out_channels == 6 and teacher.latent_shape == (3, 16, 16)
+    cond = teacher.conditioning(teacher.embed("a red cube"), ["front"])
+    x_t = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([300])
+    eps = teacher.predict_noise(x_t, t, cond, 1.0)
+    raw = teacher.unet(x_t, t, encoder_hidden_states=cond.cond).sample
+    assert eps.shape == x_t.shape
+    torch.testing.assert_close(eps, raw[:, :3])

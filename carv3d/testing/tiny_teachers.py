@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -56,10 +56,11 @@ def make_tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def make_tiny_unet(channels: int, sample_size: int) -> UNet2DConditionModel:
-    """A two-level conditional U-Net (block channels 32, 64; cross-attention at the coarse level)."""
+def make_tiny_unet(channels: int, sample_size: int, out_channels: Optional[int] = None) -> UNet2DConditionModel:
+    """A two-level conditional U-Net (block channels 32, 64; cross-attention at the coarse level).
+    ``out_channels`` = 2·channels makes a model that also predicts its variance (DeepFloyd IF's layout)."""
     return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        sample_size=sample_size, in_channels=channels, out_channels=out_channels or channels, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=8, norm_num_groups=32,
@@ -107,9 +108,11 @@ def build_tiny_stable_diffusion(directory: Union[str, Path], seed: int = 0) -> P
 
 
 def build_tiny_pixel_teacher(
-    directory: Union[str, Path], seed: int = 0, image_size: int = 16, words: Sequence[str] = TINY_WORDS
+    directory: Union[str, Path], seed: int = 0, image_size: int = 16, words: Sequence[str] = TINY_WORDS,
+    out_channels: Optional[int] = None,
 ) -> Path:
     """Save a tiny pixel-space teacher (``unet/`` on 3 channels, no ``vae/``) and return the folder.
+    ``out_channels=6``: the U-Net also predicts its variance, as DeepFloyd IF's does.
 
     Shapes: images (N, 3, image_size, image_size) are the diffusion variable; text (N, 77, 32).
     """
@@ -117,7 +120,7 @@ def build_tiny_pixel_teacher(
     tokenizer = write_word_level_clip_tokenizer(words, directory / "tokenizer")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = make_tiny_unet(channels=3, sample_size=image_size)
+        unet = make_tiny_unet(channels=3, sample_size=image_size, out_channels=out_channels)
         text_encoder = make_tiny_text_encoder(tokenizer)
     unet.save_pretrained(directory / "unet", safe_serialization=True)
     text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
