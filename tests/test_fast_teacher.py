@@ -165,7 +165,7 @@ def test_training_step_gradient_fast_matches_eager(tiny_sd_path, tmp_path, teach
     # differences in near-zero gradients, not the fast paths. .grad holds the step's gradient.
     eager.train_step()
     fast.train_step()
-    for (name, a), (_, b) in zip(eager.field.named_parameters(), fast.field.named_parameters()):
+    for (name, a), (_, b) in zip(eager.scene.named_parameters(), fast.scene.named_parameters()):
         ga, gb = a.grad.flatten().float(), b.grad.flatten().float()
         cosine = float(torch.nn.functional.cosine_similarity(ga, gb, dim=0))
         # The teacher runs in fp16 and guidance 7.5 multiplies the rounding differences of ε_c − ε_u:
@@ -173,7 +173,7 @@ def test_training_step_gradient_fast_matches_eager(tiny_sd_path, tmp_path, teach
         # over every sample) to 0.996.
         assert cosine > 0.99, (name, cosine)
         assert abs(float(gb.norm() / ga.norm()) - 1.0) < 0.05, name
-    assert fast.nonfinite_total == eager.nonfinite_total == 0
+    assert fast.guard.total() == eager.guard.total() == 0
 
 
 def test_sync_free_step_does_not_synchronise(tiny_sd_path, tmp_path, teachers):
