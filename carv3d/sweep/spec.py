@@ -26,9 +26,9 @@ Everything is checked here, before any run starts: the YAML (errors name the lin
 every section, every axis (non-empty, no repeated values, zip lists of one length) and every run's
 full config through :func:`carv3d.config.load_config`, so unknown keys and wrong types are caught
 with the line they come from and the nearest valid keys; then every prompt against a
-closed-vocabulary teacher's words (:mod:`carv3d.sweep.checks`). Resolving a config costs 20-30 ms
-(OmegaConf copies the whole tree several times), so a sweep with more than ``max_runs`` runs
-(default 1000) is refused before any of that, and a big one shows a progress bar while it is checked.
+closed-vocabulary teacher's words (:mod:`carv3d.sweep.checks`). Resolving a config costs about
+7 ms, so a sweep with more than ``max_runs`` runs (default 1000) is refused before any of that, in
+well under a second, and a big one shows a progress bar while it is checked.
 """
 
 from __future__ import annotations
