@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
 from carv3d.commands import COMMANDS
 from carv3d.errors import UserError
+
+INTERRUPTED = 130  # the exit code of a Ctrl-C, as shells report it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,21 +28,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from carv3d.log import setup_logging
-
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # carv3d never downloads weights at run time
-    handlers = {command.NAME: command.run for command in COMMANDS}
+    # Ctrl-C can arrive anywhere, also while the parser's imports load torch: a clean exit 130 then.
+    command = "carv3d"
     try:
+        from carv3d.log import setup_logging
+
+        args = build_parser().parse_args(argv)
+        command = f"carv3d {args.command}"
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # carv3d never downloads weights at run time
+        handlers = {c.NAME: c.run for c in COMMANDS}
         return handlers[args.command](args)
     except UserError as err:
-        print(f"carv3d {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"carv3d {args.command}: interrupted", file=sys.stderr)
-        return 130
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the exit stays clean whatever arrives now
+        print(f"{command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def entry() -> None:
+    """The console script: :func:`main`'s exit code. After Ctrl-C the process ends with 130 at once:
+    CPython remembers an interrupt that passed through code it ran from C during an import (torch's)
+    even when :func:`main` handled it, and would otherwise end the process by SIGINT, not 130."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

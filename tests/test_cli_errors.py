@@ -177,3 +177,21 @@ def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tin
     code, err = run_cli(capsys, "render", str(tmp_path / "r"))  # the run's own turntable.mp4 exists
     assert_user_error(code, err, "already exists", "--overwrite")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5])
+def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(tmp_path, delay):
+    """Ctrl-C in the first seconds (torch still importing) printed a traceback and died by SIGINT."""
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "carv3d.cli", "train", "--prompt", "a red cube",
+               f"train.output_dir={tmp_path}", "train.steps=2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "Traceback" not in out and out.strip().splitlines()[-1].endswith("interrupted")
