@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from carv3d.cameras import orbit_cameras
-from carv3d.io import atomic_path
+from carv3d.io import atomic_path, reporting_full_disk
 from carv3d.log import logger
 from carv3d.render.turntable import image_grid, render_turntable, write_image, write_video
 
@@ -52,9 +52,11 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict[str, Any], **extra: float) -> dict[str, float]:
         row = {"step": step, **metrics_to_floats(metrics), **extra}
-        self._file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                     for k, v in row.items()}) + "\n")
-        self._file.flush()
+        with reporting_full_disk(self.path, f"Nothing is lost: the last checkpoint is intact. Free some space, then "
+                                 f"continue with `carv3d train --resume {self.path.parent}`."):
+            self._file.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                         for k, v in row.items()}) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -26,11 +26,11 @@ from carv3d import outputs
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from carv3d.config import check_prompt, to_yaml
 from carv3d.devices import resolve_device
-from carv3d.errors import CheckpointError, TrainingDivergedError
+from carv3d.errors import CheckpointError, TrainingDivergedError, UserError
 from carv3d.guard import NonFiniteGuard, gradient_norm
 from carv3d.io import atomic_write_text
 from carv3d.log import logger
-from carv3d.run_dir import create_run_dir, load_run_config, require_run_dir, run_lock, write_status
+from carv3d.run_dir import check_plain_name, create_run_dir, load_run_config, require_run_dir, run_lock, write_status
 from carv3d.step import DistillationStep
 from carv3d.teacher.base import Teacher
 
@@ -212,6 +212,9 @@ class Trainer:
         except TrainingDivergedError:
             self._write_diverged()
             raise
+        except UserError as err:  # a full disk, say: the last checkpoint stands, the run can resume
+            self._write_stopped(err)
+            raise
         finally:
             bar.close()
             writer.close()
@@ -220,6 +223,9 @@ class Trainer:
                 self.save()
         except TrainingDivergedError:
             self._write_diverged()
+            raise
+        except UserError as err:
+            self._write_stopped(err)
             raise
         failed = self._finish()
         write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
@@ -233,6 +239,15 @@ class Trainer:
     def _write_diverged(self) -> None:
         write_status(self.run_dir, status="diverged", step=self.step, elapsed_seconds=self.elapsed_seconds,
                      checkpoint=self._last_checkpoint.name if self._last_checkpoint else None)
+
+    def _write_stopped(self, err: Exception) -> None:
+        """run.json for a run stopped by a user-side error (it can be resumed once that is fixed)."""
+        try:
+            write_status(self.run_dir, status="stopped", step=self.step, elapsed_seconds=self.elapsed_seconds,
+                         checkpoint=self._last_checkpoint.name if self._last_checkpoint else None,
+                         error=str(err).splitlines()[0][:500])
+        except (OSError, UserError):  # the disk may still be full: the error itself is what matters
+            pass
 
     def _finish(self) -> list[str]:
         """The end-of-run outputs; a Ctrl-C or SIGTERM here skips the outputs not yet written."""
@@ -271,8 +286,10 @@ def ignore_stop_signals() -> Iterator[None]:
 
 def train(cfg: DictConfig) -> Path:
     """Train a new run from a resolved config; returns the run directory."""
-    # Everything that can fail on user input (teacher weights, prompt vocabulary, backends) fails
-    # here, before a run directory exists: a failed start leaves nothing behind.
+    # Everything that can fail on user input (the run name, teacher weights, prompt vocabulary,
+    # backends) fails here, before a run directory exists: a failed start leaves nothing behind.
+    if cfg.train.run_name:
+        check_plain_name(cfg.train.run_name)  # before the (slow) teacher load
     trainer = Trainer(cfg)
     trainer.run_dir = create_run_dir(cfg)
     logger.info("run directory %s", trainer.run_dir)

@@ -144,3 +144,32 @@ def test_an_existing_run_is_never_overwritten(tiny_sd_path, tmp_path):
     with pytest.raises(RunDirError):
         train(_cfg(tiny_sd_path, tmp_path, "once", steps=1))
     assert issubclass(RunDirError, UserError)
+
+
+def test_a_full_disk_stops_the_run_truthfully_and_it_resumes(tiny_sd_path, tmp_path, monkeypatch):
+    """A full disk while checkpointing: a one-line DiskFullError, run.json says `stopped` at the last
+    checkpoint (it used to keep saying `running`), and the run resumes once there is space."""
+    import errno
+
+    import carv3d.checkpoint as checkpoint
+    from carv3d.errors import DiskFullError
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def filling_disk(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", filling_disk)
+    cfg = _cfg(tiny_sd_path, tmp_path, "fulldisk", steps=6)
+    with pytest.raises(DiskFullError, match="step_0000004.pt"):
+        train(cfg)
+    run_dir = tmp_path / "fulldisk"
+    status = _status(run_dir)
+    assert status["status"] == "stopped" and status["checkpoint"] == "step_0000002.pt" and "disk" in status["error"]
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert resume(run_dir) == run_dir and _status(run_dir)["status"] == "finished"

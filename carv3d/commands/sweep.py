@@ -19,12 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address, e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001 "
                                                         "(default: a local Ray instance)")
     parser.add_argument("--dry-run", action="store_true", help="validate the file and print what each run would do")
+    parser.add_argument("--max-runs", type=int, default=1000, metavar="N",
+                        help="refuse a sweep of more runs than this, before any work (default 1000)")
 
 
 def run(args: argparse.Namespace) -> int:
     from carv3d.sweep import run_sweep
 
     outcome = run_sweep(args.file, backend=args.backend, max_parallel=args.max_parallel, address=args.address,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, max_runs=args.max_runs)
     print(outcome.report())
     return outcome.exit_code
