@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from carv3d.errors import OutputPathError, PromptError, UserError
-from carv3d.io import atomic_write_text, make_writable_folder
+from carv3d.io import make_writable_folder
 from carv3d.cameras import Cameras, make_cameras
 from carv3d.world.metrics import MeshLike, chamfer_to_world, front_back_check, masked_colour_error, psnr, silhouette_iou
 from carv3d.world.objects import COLOURS, OBJECT_NAMES, OBJECTS, material_albedo
