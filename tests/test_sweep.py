@@ -47,7 +47,7 @@ def tiny_sweep_overrides(teacher_path: Path, steps: int = 2) -> dict:
 # ---------------------------------------------------------------------------------------- the file format
 def test_grid_times_zip_gives_every_combination_with_resolved_configs(tmp_path, monkeypatch, tiny_sd_path):
     monkeypatch.chdir(tmp_path)  # output_dir is relative to the working directory
-    # An open-vocabulary teacher: the embedded one does not know "view" (sweeps check prompts up front).
+    # An open-vocabulary teacher (any prompt; sweeps check a closed vocabulary up front).
     path = write_sweep(tmp_path, f"""
 name: demo
 overrides: {{prompt: "a red cube, front view", train.steps: 7, teacher.pretrained: {tiny_sd_path}}}
@@ -90,7 +90,7 @@ def test_run_names_are_stable_readable_and_distinct(tmp_path):
 
 
 def test_axis_values_may_set_several_keys_and_strings_survive_as_written(tmp_path, tiny_sd_path):
-    # An open-vocabulary teacher: the embedded one does not know "view" or "it's" (checked up front).
+    # An open-vocabulary teacher: the embedded one does not know "it's" (checked up front).
     spec = load_sweep(write_sweep(tmp_path, f"overrides: {{teacher.pretrained: {tiny_sd_path}}}\n" + """
 grid:
   estimator:

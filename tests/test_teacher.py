@@ -230,7 +230,7 @@ def test_empty_prompt_is_a_prompt_error(tiny_teacher, prompt: str) -> None:
 def test_closed_vocabulary_lists_known_words(tiny_pixel_path: Path, tmp_path: Path) -> None:
     folder = tmp_path / "closed"
     shutil.copytree(tiny_pixel_path, folder)
-    vocabulary = {"objects": ["cube", "sphere"], "colours": ["red", "blue"], "views": ["front", "side", "view"]}
+    vocabulary = {"objects": ["cube", "sphere"], "colours": ["red", "blue"], "views": ["front", "side"]}
     (folder / VOCABULARY_FILE).write_text(json.dumps(vocabulary))
     teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(folder)), device="cpu")
 
@@ -242,6 +242,9 @@ def test_closed_vocabulary_lists_known_words(tiny_pixel_path: Path, tmp_path: Pa
         assert word in message
     with pytest.raises(PromptError, match="negative prompt.*blurry"):
         teacher.embed("a red cube", negative_prompt="blurry")
+    with pytest.raises(PromptError, match="'a red' names no object.*Known objects: cube, sphere"):
+        teacher.embed("a red")
+    assert teacher.embed("a red cube", negative_prompt="blue").negative_prompt == "blue"  # no object needed
 
 
 # -------------------------------------------------------------------------------- images

@@ -5,8 +5,12 @@ it), a mapping of word groups to lists of words or short phrases, for example::
 
     {"objects": ["cube", "sphere", ...], "colours": ["red", ...], "views": ["front", ...]}
 
-Every group that is a list of strings adds its words to the known set. A prompt is accepted when
-each of its words, lower-cased and ignoring punctuation and :data:`STOP_WORDS`, is known.
+Every group that is a list of strings adds its words to the known set, and so do the words of the view
+suffixes the teacher itself appends (:data:`carv3d.teacher.base.VIEW_SUFFIXES`: ``", front view"``):
+a teacher used view-dependently was trained on them, so ``"a red cube, front view"`` is accepted. A
+prompt is accepted when each of its words, lower-cased and ignoring punctuation and
+:data:`STOP_WORDS`, is known and, when the file has an ``"objects"`` group, it names at least one
+object (``"a red"`` is refused with the list of objects). A negative prompt needs no object.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from carv3d.errors import PromptError, TeacherWeightsError
+from carv3d.teacher.base import VIEW_SUFFIXES
 
 VOCABULARY_FILE = "carv3d_vocabulary.json"
 STOP_WORDS = frozenset({"a", "an", "the", "of"})
@@ -34,7 +40,8 @@ class PromptVocabulary:
 
     Attributes:
         groups: group name → its entries, as in the file ("objects", "colours", "views", …).
-        words: every known word (entries split into words), plus :data:`STOP_WORDS`.
+        words: every known word (entries split into words), the words of the view suffixes
+            (:data:`VIEW_SUFFIXES`), plus :data:`STOP_WORDS`.
     """
 
     groups: dict[str, tuple[str, ...]]
@@ -58,16 +65,37 @@ class PromptVocabulary:
             if isinstance(entries, list) and all(isinstance(entry, str) for entry in entries)
         }
         words = {word for entries in groups.values() for entry in entries for word in prompt_words(entry)}
+        words |= {word for suffix in VIEW_SUFFIXES.values() for word in prompt_words(suffix)}
         return cls(groups=groups, words=frozenset(words | STOP_WORDS))
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        """The ``"objects"`` group (empty when the file does not name objects)."""
+        return self.groups.get("objects", ())
+
+    def named_objects(self, text: str) -> list[str]:
+        """The object words (or phrases) of the vocabulary that ``text`` names, in vocabulary order."""
+        words = prompt_words(text)
+        found = []
+        for entry in self.objects:
+            parts = prompt_words(entry)
+            if parts and any(words[i:i + len(parts)] == parts for i in range(len(words) - len(parts) + 1)):
+                found.append(entry)
+        return found
 
     def unknown_words(self, text: str) -> list[str]:
         """Words of ``text`` that are not known, in order of appearance, without repeats."""
         return list(dict.fromkeys(w for w in prompt_words(text) if w not in self.words))
 
-    def check(self, text: str, what: str = "prompt", where: str = "") -> None:
-        """Raise :class:`PromptError` listing the known objects and colours if ``text`` has unknown words."""
+    def check(self, text: str, what: str = "prompt", where: str = "", needs_object: Optional[bool] = None) -> None:
+        """Raise :class:`PromptError` listing the known objects and colours if ``text`` has unknown
+        words, or (``needs_object``; default: when ``what`` is ``"prompt"``, not for a negative prompt)
+        names none of the vocabulary's objects."""
         unknown = self.unknown_words(text)
-        if not unknown:
+        if needs_object is None:
+            needs_object = what == "prompt"
+        missing_object = bool(needs_object and self.objects and text.strip() and not self.named_objects(text))
+        if not unknown and not missing_object:
             return
         objects = self.groups.get("objects", ())
         colours = self.groups.get("colours", self.groups.get("colors", ()))
@@ -76,8 +104,15 @@ class PromptVocabulary:
         others = {k: v for k, v in self.groups.items() if k not in ("objects", "colours", "colors")}
         if others:
             known.append("Other known words: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in others.items()) + ".")
-        example = f" Example: 'a {colours[0]} {objects[0]}'." if objects and colours else ""
+        views = self.groups.get("views", ())
+        view = f" or 'a {colours[0]} {objects[0]}{VIEW_SUFFIXES.get(views[0], '')}'" if views and objects and colours else ""
+        example = f" Example: 'a {colours[0]} {objects[0]}'{view}." if objects and colours else ""
         teacher = f"the teacher at {where}" if where else "this teacher"
+        if not unknown:
+            raise PromptError(
+                f"the {what} {text!r} names no object {teacher} knows; a prompt needs one. "
+                f"{' '.join(k for k in known if k)}{example}"
+            )
         raise PromptError(
             f"{teacher} understands only a small closed vocabulary, and the {what} {text!r} has unknown "
             f"word(s): {', '.join(unknown)}. {' '.join(k for k in known if k)}{example} For open-vocabulary "
