@@ -18,9 +18,16 @@ from carv3d.errors import UserError
 INTERRUPTED = 130  # the exit code of a Ctrl-C, as shells report it
 
 
+def _version() -> str:
+    from carv3d import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carv3d", description="Text-to-3D by score distillation with the CARV estimator.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_arguments(sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION))

@@ -27,7 +27,7 @@ from typing import Any, List, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from carv3d.config_ranges import KeySpec, Range, between, check_value, fraction, rows, walk_specs
+from carv3d.config_ranges import KeySpec, Range, between, check_value, described, fraction, rows, walk_help, walk_specs
 from carv3d.errors import ConfigError
 
 
@@ -50,20 +50,22 @@ EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE = 16, 8192
 class HashGridConfig:
     """Multiresolution hash encoding (threestudio's `implicit-volume` defaults)."""
 
-    backend: str = "auto"  # auto | torch | tcnn
-    n_levels: int = between(1, 64, 16)
-    n_features_per_level: int = between(1, 32, 2)  # the tcnn backend takes 1, 2, 4 or 8 (checked there)
-    log2_hashmap_size: int = between(3, 30, 19)  # 2^30 rows is 8 GiB of float32 features at F = 2
-    base_resolution: int = between(2, 4096, 16)
-    per_level_scale: float = between(1.0, 16.0, 1.447269)  # b >= 1: each level finer than the last
+    backend: str = described("auto", "hash-grid implementation: auto picks tcnn on CUDA when installed, else torch")
+    n_levels: int = between(1, 64, 16, help="resolution levels of the hash grid")
+    # the tcnn backend takes 1, 2, 4 or 8 (checked there)
+    n_features_per_level: int = between(1, 32, 2, help="features stored per level (tcnn: 1, 2, 4 or 8)")
+    # 2^30 rows is 8 GiB of float32 features at F = 2
+    log2_hashmap_size: int = between(3, 30, 19, help="log2 of the hash table's rows per level")
+    base_resolution: int = between(2, 4096, 16, help="grid resolution of the coarsest level")
+    per_level_scale: float = between(1.0, 16.0, 1.447269, help="resolution factor b between levels (each finer than the last)")
 
 
 @dataclass
 class SceneConfig:
     """Keys every scene type has; ``type`` picks the implementation (``SCENE_TYPES``)."""
 
-    type: str = "nerf"
-    radius: float = between(0.0, 1000.0, 1.0, low_open=True)  # the scene is the box [-radius, radius]^3
+    type: str = described("nerf", "scene implementation (nerf: hash-grid NeRF)")
+    radius: float = between(0.0, 1000.0, 1.0, low_open=True, help="the scene is the box [-radius, radius]^3")
 
 
 @dataclass
@@ -71,182 +73,201 @@ class NeRFSceneConfig(SceneConfig):
     """``scene.type: nerf`` — hash-grid NeRF (carv3d.scene.nerf); rendered with the ``render`` section."""
 
     grid: HashGridConfig = field(default_factory=HashGridConfig)
-    mlp_width: int = between(1, 4096, 64)
-    mlp_hidden_layers: int = between(0, 64, 1)
-    density_activation: str = "softplus"  # softplus | exp
-    density_bias: str = "blob"  # blob | none
-    # blob bias: blob_density * (1 - |x| / blob_radius); a negative density would carve the centre out
-    blob_density: float = between(0.0, 1000.0, 10.0)
-    blob_radius: float = between(0.0, 1000.0, 0.5, low_open=True)
-    # finite-difference step for density normals, in scene units
-    normal_epsilon: float = between(0.0, 10.0, 0.01, low_open=True)
+    mlp_width: int = between(1, 4096, 64, help="hidden width of the density/colour MLP")
+    mlp_hidden_layers: int = between(0, 64, 1, help="hidden layers of the MLP")
+    density_activation: str = described("softplus", "activation turning the raw density into σ >= 0")
+    density_bias: str = described("blob", "initial density bias: blob (a dense ball at the centre) or none")
+    # a negative density would carve the centre out
+    blob_density: float = between(0.0, 1000.0, 10.0, help="blob bias: blob_density * (1 - |x| / blob_radius) at the centre")
+    blob_radius: float = between(0.0, 1000.0, 0.5, low_open=True, help="radius of the blob bias, in scene units")
+    normal_epsilon: float = between(0.0, 10.0, 0.01, low_open=True, help="finite-difference step for density normals, in scene units")
 
 
 @dataclass
 class CameraConfig:
-    elevation_range: List[float] = between(-90.0, 90.0, [-10.0, 90.0], pair=True)  # degrees
-    azimuth_range: List[float] = between(-360.0, 360.0, [-180.0, 180.0], pair=True)  # degrees; 0 = front (+Z)
+    """Random training cameras: where they look from and how views are labelled."""
+
+    elevation_range: List[float] = between(-90.0, 90.0, [-10.0, 90.0], pair=True, help="camera elevation range, degrees")
+    azimuth_range: List[float] = between(-360.0, 360.0, [-180.0, 180.0], pair=True, help="camera azimuth range, degrees; 0 = front (+Z)")
     # Defaults match the embedded teacher's training cameras (carv3d.world.WorldCameraRanges); the SD
     # presets use threestudio's [1.0, 1.5] and [40, 70].
-    distance_range: List[float] = between(0.0, 1000.0, [1.55, 1.55], low_open=True, pair=True)
-    fovy_range: List[float] = between(0.0, 180.0, [50.0, 50.0], low_open=True, high_open=True, pair=True)  # degrees
-    stratified: bool = False  # stratify azimuth across the renders of a step and consecutive steps
-    # |azimuth| < this is "front"; > 180 - this is "back" (above 90 the two would overlap)
-    front_half_angle: float = between(0.0, 90.0, 45.0)
-    overhead_elevation: float = between(-90.0, 90.0, 60.0)  # elevation above this is "overhead"
+    distance_range: List[float] = between(0.0, 1000.0, [1.55, 1.55], low_open=True, pair=True,
+                                          help="camera distance from the centre, scene units")
+    fovy_range: List[float] = between(0.0, 180.0, [50.0, 50.0], low_open=True, high_open=True, pair=True,
+                                      help="vertical field of view, degrees")
+    stratified: bool = described(False, "stratify azimuth across the renders of a step and consecutive steps")
+    # above 90 the front and back regions would overlap
+    front_half_angle: float = between(0.0, 90.0, 45.0, help="|azimuth| below this is 'front', above 180 minus it 'back', degrees")
+    overhead_elevation: float = between(-90.0, 90.0, 60.0, help="elevation above this is 'overhead', degrees")
 
 
 @dataclass
 class RenderConfig:
-    width: int = between(1, MAX_IMAGE_SIZE, 64)
-    height: int = between(1, MAX_IMAGE_SIZE, 64)
-    samples_per_ray: int = between(1, 4096, 64)
-    sampler: str = "auto"  # auto | stratified | occupancy_grid (CUDA only)
-    occupancy_resolution: int = between(1, 1024, 64)  # nerfacc's grid: resolution³ cells
-    occupancy_update_every: int = between(1, MAX_STEPS, 16)
-    occupancy_threshold: float = fraction(0.01)  # on σ·Δt, an opacity-like number: above 1 every cell is empty
-    shading: str = "albedo"  # albedo | lambertian | textureless | random (DreamFusion-style; SD presets)
-    albedo_probability: float = fraction(0.5)  # with shading=random: albedo, else lambertian/textureless 50/50
-    ambient: float = fraction(0.1)  # k of the shading formula: light = k + (1 - k)·max(0, n·l)
-    light_jitter: float = between(0.0, 100.0, 0.5)  # std of the random offset added to the unit camera direction for the light
-    background: str = "white"  # white | random | learned
-    near: float = between(0.0, 1000.0, 0.05)
+    """Volume rendering of the training views (the NeRF's renderer)."""
+
+    width: int = between(1, MAX_IMAGE_SIZE, 64, help="training render width, pixels")
+    height: int = between(1, MAX_IMAGE_SIZE, 64, help="training render height, pixels")
+    samples_per_ray: int = between(1, 4096, 64, help="samples along each ray")
+    sampler: str = described("auto", "ray sampler: auto | stratified | occupancy_grid (CUDA only)")
+    occupancy_resolution: int = between(1, 1024, 64, help="nerfacc occupancy grid: resolution^3 cells")
+    occupancy_update_every: int = between(1, MAX_STEPS, 16, help="update the occupancy grid every this many steps")
+    # on σ·Δt, an opacity-like number: above 1 every cell is empty
+    occupancy_threshold: float = fraction(0.01, help="a cell is occupied above this opacity (σ·Δt)")
+    shading: str = described("albedo", "albedo | lambertian | textureless | random (DreamFusion-style; SD presets)")
+    albedo_probability: float = fraction(0.5, help="with shading=random: albedo, else lambertian/textureless 50/50")
+    ambient: float = fraction(0.1, help="ambient k of the shading: light = k + (1 - k)·max(0, n·l)")
+    light_jitter: float = between(0.0, 100.0, 0.5, help="std of the random offset added to the camera direction for the light")
+    background: str = described("white", "background colour: white | random | learned")
+    near: float = between(0.0, 1000.0, 0.05, help="near plane of the rays, scene units")
 
 
 @dataclass
 class TeacherConfig:
     """Keys every teacher type has; ``type`` picks the implementation (``TEACHER_TYPES``)."""
 
-    type: str = "diffusers"
-    # classifier-free guidance s: ε_u + s·(ε_c − ε_u). DreamFusion uses 100; 1000 is far past any use.
-    guidance_scale: float = between(0.0, 1000.0, 7.5)
-    negative_prompt: str = ""
-    view_dependent_prompting: bool = True
+    type: str = described("diffusers", "teacher implementation (diffusers: a diffusers folder)")
+    # DreamFusion uses 100; 1000 is far past any use.
+    guidance_scale: float = between(0.0, 1000.0, 7.5, help="classifier-free guidance s: ε_u + s·(ε_c − ε_u)")
+    negative_prompt: str = described("", "text of the unconditional branch of guidance (\"\" = unconditional)")
+    view_dependent_prompting: bool = described(True, "append ', front view' / ', side view' / ... by camera")
 
 
 @dataclass
 class DiffusersTeacherConfig(TeacherConfig):
     """``teacher.type: diffusers`` — a diffusers folder: latent (with vae/, Stable Diffusion) or pixel space."""
 
-    pretrained: str = "embedded"  # embedded | a diffusers folder | a Hugging Face repo id in the local cache
-    # image size fed to encode(); 0 = the teacher's native size (a multiple of the VAE's factor: checked at load)
-    resolution: int = between(8, MAX_IMAGE_SIZE, 0, off=0)
-    dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    max_batch: int = between(1, 4096, 32)  # largest U-Net batch per call (CFG doubles it)
+    pretrained: str = described("embedded", "embedded | a diffusers folder | a Hugging Face repo id in the local cache")
+    # a multiple of the VAE's factor: checked at load
+    resolution: int = between(8, MAX_IMAGE_SIZE, 0, off=0, help="image size fed to the teacher; 0 = its native size")
+    dtype: str = described("auto", "auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    max_batch: int = between(1, 4096, 32, help="largest U-Net batch per call (CFG doubles it)")
     # Fast paths (carv3d/teacher/fast.py). CUDA only: on other devices they are skipped and logged.
-    cuda_graph: str = "auto"  # auto (on for CUDA) | on | off: replay the guided U-Net call as a CUDA graph per batch shape
-    # NHWC for the U-Net and VAE: off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm
-    # has no fast NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
-    channels_last: str = "off"  # auto (on for CUDA) | on | off
-    compile: bool = False  # torch.compile the U-Net and VAE encoder (2-2.5 min of compiling at SD scale, then per K)
+    cuda_graph: str = described("auto", "replay the guided U-Net call as a CUDA graph per batch shape (auto: on for CUDA)")
+    # Off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast NHWC kernel:
+    # U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
+    channels_last: str = described("off", "NHWC memory format for the U-Net and VAE (auto: on for CUDA)")
+    compile: bool = described(False, "torch.compile the U-Net and VAE encoder (minutes of compiling at SD scale)")
 
 
 @dataclass
 class GuidanceConfig:
     """The residual each draw contributes; ``type`` picks it (``GUIDANCE_TYPES``, carv3d.estimator.guidance)."""
 
-    type: str = "sds"
+    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
 
 
 @dataclass
 class SDSGuidanceConfig(GuidanceConfig):
     """``guidance.type: sds`` — ε̂_guided − ε (DreamFusion)."""
 
-    type: str = "sds"
+    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
 
 
 @dataclass
 class CSDGuidanceConfig(GuidanceConfig):
     """``guidance.type: csd`` — ε̂_cond − ε̂_uncond (Classifier Score Distillation, Yu et al. 2023)."""
 
-    type: str = "csd"
+    type: str = described("csd", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
 
 
 @dataclass
 class EstimatorConfig:
     """Score-distillation gradient estimator; see carv3d.estimator for the formulas."""
 
-    preset: str = "carv"  # carv | sds | none (none: only the keys below)
-    upstream_samples: int = between(1, 1024, 1)  # R: renders per step (the carv preset sets 2)
-    noise_draws: Union[int, str] = between(1, MAX_NOISE_DRAWS, 1, words=("auto",))  # K per render, or "auto"
-    proposal: str = "uniform"  # uniform | teacher-weight | adaptive
-    stratified: bool = False
-    weighting: str = "sds"  # sds | uniform | fantasia3d
-    t_min: float = fraction(0.02)  # fraction of the teacher's timesteps; t_min < t_max
-    t_max: float = fraction(0.98)
-    # [[step, t_max], ...] piecewise linear; steps non-decreasing, each t_max above t_min
-    t_max_schedule: List[List[float]] = rows([], step=Range(0, MAX_STEPS), t_max=Range(0.0, 1.0))
-    gradient_clip: float = between(0.0, 1e6, 0.0)  # clip the latent gradient elementwise to ±value; 0 = off
-    # auto-K bounds, min <= max; auto needs K >= 2 to measure the within-render variance (a lower
-    # min_noise_draws is raised to 2 with a log line: K = 1 stays valid for a fixed K)
-    min_noise_draws: int = between(1, MAX_NOISE_DRAWS, 2)
-    max_noise_draws: int = between(1, MAX_NOISE_DRAWS, 16)
-    auto_every: int = between(1, MAX_STEPS, 50)  # auto-K changes K at most every this many steps
-    auto_smoothing: float = fraction(0.9, high_open=True)  # exponential smoothing of the ANOVA variances
-    adaptive_bins: int = between(1, 1000, 20)  # at most the teacher's timesteps (1000 for SD and the embedded one; checked there)
-    adaptive_refresh_every: int = between(1, MAX_STEPS, 50)
-    adaptive_defensive_mixture: float = fraction(0.3, low_open=True)  # weight of the teacher-weight proposal in the mixture
+    preset: str = described("carv", "carv | sds | none (none: only the keys below); explicit keys win over it")
+    upstream_samples: int = between(1, 1024, 1, help="R: renders per step (the carv preset sets 2)")
+    noise_draws: Union[int, str] = between(1, MAX_NOISE_DRAWS, 1, words=("auto",), help="K: noise draws per render, or auto")
+    proposal: str = described("uniform", "timestep proposal q(t): uniform | teacher-weight | adaptive")
+    stratified: bool = described(False, "stratified timesteps (inverse CDF) across the K draws")
+    weighting: str = described("sds", "timestep weighting w(t): sds | uniform | fantasia3d")
+    t_min: float = fraction(0.02, help="lowest timestep, a fraction of the teacher's timesteps; t_min < t_max")
+    t_max: float = fraction(0.98, help="highest timestep, a fraction of the teacher's timesteps")
+    # steps non-decreasing, each t_max above t_min
+    t_max_schedule: List[List[float]] = rows([], step=Range(0, MAX_STEPS), t_max=Range(0.0, 1.0),
+                                             help="piecewise linear t_max over training, [[step, t_max], ...]")
+    gradient_clip: float = between(0.0, 1e6, 0.0, help="clip the latent gradient elementwise to ±value; 0 = off")
+    # auto needs K >= 2 to measure the within-render variance (a lower min_noise_draws is raised to 2
+    # with a log line: K = 1 stays valid for a fixed K)
+    min_noise_draws: int = between(1, MAX_NOISE_DRAWS, 2, help="auto-K: smallest K (min <= max)")
+    max_noise_draws: int = between(1, MAX_NOISE_DRAWS, 16, help="auto-K: largest K")
+    auto_every: int = between(1, MAX_STEPS, 50, help="auto-K changes K at most every this many steps")
+    auto_smoothing: float = fraction(0.9, high_open=True, help="exponential smoothing of the ANOVA variances (auto-K)")
+    # at most the teacher's timesteps (1000 for SD and the embedded one; checked there)
+    adaptive_bins: int = between(1, 1000, 20, help="timestep bins of the adaptive proposal")
+    adaptive_refresh_every: int = between(1, MAX_STEPS, 50, help="refit the adaptive proposal every this many steps")
+    adaptive_defensive_mixture: float = fraction(0.3, low_open=True, help="weight of the teacher-weight proposal in the adaptive mixture")
 
 
 @dataclass
 class OptimConfig:
+    """Adam on the scene's parameter groups, and the loss's regularisers."""
+
     # Learning rates of Adam, whose step per parameter is about lr: hash-grid features start near 1e-4
     # and MLP weights near 1, so lr = 1 already diverges and 10 is far past any sane run. The bound
     # turns a typo (1e3, 1e30) into an error instead of a run that "finishes" with garbage. 0 freezes
     # that group (e.g. a fixed background).
-    lr_grid: float = between(0.0, 10.0, 0.01)
-    lr_mlp: float = between(0.0, 10.0, 0.001)
-    lr_background: float = between(0.0, 10.0, 0.001)
-    betas: List[float] = between(0.0, 1.0, [0.9, 0.99], high_open=True, length=2)  # Adam's (β1, β2), each in [0, 1)
-    eps: float = between(0.0, 1.0, 1e-15, low_open=True)
+    lr_grid: float = between(0.0, 10.0, 0.01, help="Adam learning rate of the hash-grid features (0 freezes them)")
+    lr_mlp: float = between(0.0, 10.0, 0.001, help="Adam learning rate of the MLP weights (0 freezes them)")
+    lr_background: float = between(0.0, 10.0, 0.001, help="Adam learning rate of a learned background (0 freezes it)")
+    betas: List[float] = between(0.0, 1.0, [0.9, 0.99], high_open=True, length=2, help="Adam's (β1, β2), each in [0, 1)")
+    eps: float = between(0.0, 1.0, 1e-15, low_open=True, help="Adam's ε")
     # loss weights; 1e6 is far past threestudio's largest (lambda_orient up to 1e3)
-    sparsity_weight: float = between(0.0, 1e6, 0.0)  # mean opacity penalty
-    orientation_weight: float = between(0.0, 1e6, 0.0)  # normals facing away from the camera (DreamFusion)
-    opacity_entropy_weight: float = between(0.0, 1e6, 0.0)
+    sparsity_weight: float = between(0.0, 1e6, 0.0, help="weight of the mean-opacity penalty")
+    orientation_weight: float = between(0.0, 1e6, 0.0, help="weight of the penalty on normals facing away from the camera (DreamFusion)")
+    opacity_entropy_weight: float = between(0.0, 1e6, 0.0, help="weight of the opacity entropy penalty (pushes opacity to 0 or 1)")
 
 
 @dataclass
 class ExportConfig:
-    formats: List[str] = field(default_factory=lambda: ["glb", "ply", "obj"])
-    resolution: int = between(EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION, 128)  # density grid nodes per axis
-    # density isosurface level (densities are >= 0), or "auto" (best silhouette IoU vs the NeRF)
-    threshold: Union[float, int, str] = between(0.0, 1e6, "auto", words=("auto",))
-    min_component_fraction: float = fraction(0.05)  # drop components below this fraction of the largest (by area)
-    max_hole_edges: int = between(0, 10**6, 32)  # close boundary loops of at most this many edges; 0 = off
-    faces: int = between(EXPORT_MIN_FACES, MAX_STEPS, 50000, off=0)  # face budget (quadric decimation); 0 = keep every face
-    # baked albedo texture for glb/obj, a power of two; 0 = vertex colours only
-    texture_size: int = between(EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE, 1024, off=0, power_of_two=True)
-    silhouette_views: int = between(1, 1024, 8)  # views of the automatic threshold search
-    silhouette_size: int = between(8, MAX_IMAGE_SIZE, 96)  # image size of the threshold search when the grid's own opacity is used
-    # coarse grid for coarse-to-fine sampling near the surface (used when below resolution); 0 = sample every node
-    refine_from: int = between(2, EXPORT_MAX_RESOLUTION, 64, off=0)
-    at_end: bool = True
+    """Mesh export (carv3d export, and at the end of a run)."""
+
+    formats: List[str] = field(default_factory=lambda: ["glb", "ply", "obj"],
+                               metadata={"help": "mesh files to write: some of glb, ply, obj"})
+    resolution: int = between(EXPORT_MIN_RESOLUTION, EXPORT_MAX_RESOLUTION, 128, help="density grid nodes per axis")
+    # densities are >= 0
+    threshold: Union[float, int, str] = between(0.0, 1e6, "auto", words=("auto",),
+                                                help="density isosurface level, or auto (best silhouette IoU vs the NeRF)")
+    min_component_fraction: float = fraction(0.05, help="drop components below this fraction of the largest (by area)")
+    max_hole_edges: int = between(0, 10**6, 32, help="close boundary loops of at most this many edges; 0 = off")
+    faces: int = between(EXPORT_MIN_FACES, MAX_STEPS, 50000, off=0, help="face budget (quadric decimation); 0 = keep every face")
+    texture_size: int = between(EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE, 1024, off=0, power_of_two=True,
+                                help="baked albedo texture for glb/obj, pixels per side; 0 = vertex colours only")
+    silhouette_views: int = between(1, 1024, 8, help="views of the automatic threshold search")
+    silhouette_size: int = between(8, MAX_IMAGE_SIZE, 96, help="image size of the threshold search (when the grid's own opacity is used)")
+    refine_from: int = between(2, EXPORT_MAX_RESOLUTION, 64, off=0,
+                               help="coarse grid for coarse-to-fine sampling near the surface; 0 = sample every node")
+    at_end: bool = described(True, "export a mesh at the end of training")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = between(0, MAX_STEPS, 1000)  # 0: no step (outputs of the initial scene)
-    seed: int = between(0, MAX_SEED, 0)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # auto (on for CUDA) | on | off. On: a step never waits for the GPU — a non-finite step is skipped
-    # on the device (fused Adam's found_inf) and the skip counters are read on log/checkpoint steps.
-    sync_free: str = "auto"
-    log_every: int = between(1, MAX_STEPS, 10)
-    val_every: int = between(0, MAX_STEPS, 250)  # 0 = no validation sheets during the run
-    checkpoint_every: int = between(0, MAX_STEPS, 250)  # 0 = a checkpoint at the end only
-    turntable_frames: int = between(0, 10**4, 60)  # 0 = no turntable video
-    turntable_fps: int = between(1, 240, 24)
-    val_resolution: int = between(1, MAX_IMAGE_SIZE, 128)  # validation sheet and turntable frame size
-    max_nonfinite_steps: int = between(1, MAX_STEPS, 20)  # stop after this many non-finite steps in a row (0 would stop a healthy run)
-    output_dir: str = "runs"
-    run_name: str = ""  # default: prompt slug + timestamp
-    progress: bool = True
-    tensorboard: bool = True
+    """The training loop: steps, device, logs, validation, checkpoints, outputs."""
+
+    steps: int = between(0, MAX_STEPS, 1000, help="optimisation steps (0: outputs of the initial scene)")
+    seed: int = between(0, MAX_SEED, 0, help="seed of every random source of the run")
+    device: str = described("auto", "auto | cpu | cuda | cuda:N")
+    # On: a non-finite step is skipped on the device (fused Adam's found_inf) and the skip counters
+    # are read on log/checkpoint steps.
+    sync_free: str = described("auto", "never wait for the GPU in a step (auto: on for CUDA) | on | off")
+    log_every: int = between(1, MAX_STEPS, 10, help="log metrics every this many steps")
+    val_every: int = between(0, MAX_STEPS, 250, help="validation sheet every this many steps; 0 = none during the run")
+    checkpoint_every: int = between(0, MAX_STEPS, 250, help="checkpoint every this many steps; 0 = at the end only")
+    turntable_frames: int = between(0, 10**4, 60, help="frames of the final turntable video; 0 = no video")
+    turntable_fps: int = between(1, 240, 24, help="frames per second of the turntable video")
+    val_resolution: int = between(1, MAX_IMAGE_SIZE, 128, help="validation sheet and turntable frame size, pixels")
+    # 0 would stop a healthy run
+    max_nonfinite_steps: int = between(1, MAX_STEPS, 20, help="stop after this many non-finite steps in a row")
+    output_dir: str = described("runs", "folder that holds the run directories")
+    run_name: str = described("", "run directory name; default: prompt slug + timestamp")
+    progress: bool = described(True, "show a progress bar while training")
+    tensorboard: bool = described(True, "write TensorBoard event files into the run directory")
 
 
 @dataclass
 class Config:
-    prompt: str = ""
+    """The whole configuration of a run."""
+
+    prompt: str = described("", "the text prompt, e.g. 'a red cube' (--prompt wins)")
     scene: SceneConfig = field(default_factory=NeRFSceneConfig)
     camera: CameraConfig = field(default_factory=CameraConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
@@ -602,6 +623,11 @@ def load_config(
     for layer, source in layers:
         _merge_into(cfg, layer, source)
     _validate(cfg, types)
+    # Which keys the user set (every layer but the defaults and the preset), for the automatic
+    # choices made once the device is known (carv3d.sizing: CPU-sized settings never override them).
+    from carv3d.sizing import record_explicit
+
+    record_explicit(cfg, [layer for layer, _ in layers])
     return cfg
 
 

@@ -8,7 +8,13 @@ default::
     faces: int = between(MIN_FACES, 10**8, 50000, off=0)  # 0 (off) or [4, 10^8]
     fovy_range: List[float] = between(0.0, 180.0, [50.0, 50.0], low_open=True, high_open=True, pair=True)
 
-The helper returns a :func:`dataclasses.field` whose ``metadata["range"]`` is a :class:`NumericSpec`;
+Every helper takes ``help=``, the key's one-line description (``carv3d train --help-config`` prints
+it with the range); a key that is not numeric states its description with :func:`described`::
+
+    device: str = described("auto", "where to train: auto | cpu | cuda | cuda:N")
+
+The helper returns a :func:`dataclasses.field` whose ``metadata["range"]`` is a :class:`NumericSpec`
+and ``metadata["help"]`` the description;
 :mod:`carv3d.config` walks the schema's dataclasses (with each seam's chosen implementation) and
 checks every value against it, raising :class:`carv3d.errors.ConfigError` with the key, the value,
 the allowed range and what to do. Every bound is finite and every value must be finite: NaN and ±inf
@@ -118,16 +124,24 @@ class NumericSpec:
         return f"{words} or {self.range.describe()}" if words else self.range.describe()
 
 
-def _field(default: Any, spec: NumericSpec) -> Any:
+def _field(default: Any, spec: Optional[NumericSpec], help: str = "") -> Any:
+    metadata: dict[str, Any] = {"help": help} if help else {}
+    if spec is not None:
+        metadata["range"] = spec
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: [list(v) if isinstance(v, list) else v for v in default],
-                                 metadata={"range": spec})
-    return dataclasses.field(default=default, metadata={"range": spec})
+                                 metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def described(default: Any, help: str) -> Any:
+    """A dataclass field with ``default`` and a one-line description (a key with no numeric range)."""
+    return _field(default, None, help)
 
 
 def between(low: Number, high: Number, default: Any, *, low_open: bool = False, high_open: bool = False,
             off: Optional[Number] = None, power_of_two: bool = False, pair: bool = False,
-            length: Optional[int] = None, words: Sequence[str] = ()) -> Any:
+            length: Optional[int] = None, words: Sequence[str] = (), help: str = "") -> Any:
     """A dataclass field with ``default`` whose value (each element, for a list) lies in ``[low, high]``.
 
     Args:
@@ -137,6 +151,7 @@ def between(low: Number, high: Number, default: Any, *, low_open: bool = False, 
         pair: the value is ``[low, high]`` with low <= high.
         length: the list must have exactly this many elements.
         words: strings also accepted (``"auto"``).
+        help: the key's one-line description.
     """
     sample = default[0] if isinstance(default, list) and default else default
     rng = Range(low, high, low_open, high_open, off, power_of_two,
@@ -147,25 +162,25 @@ def between(low: Number, high: Number, default: Any, *, low_open: bool = False, 
         spec = NumericSpec(rng, kind="list", length=length)
     else:
         spec = NumericSpec(rng, words=tuple(words))
-    return _field(default, spec)
+    return _field(default, spec, help)
 
 
-def positive(default: Number, high: Number) -> Any:
+def positive(default: Number, high: Number, *, help: str = "") -> Any:
     """An integer in [1, high] or a number in (0, high]."""
     if isinstance(default, int):
-        return between(1, high, default)
-    return between(0.0, high, default, low_open=True)
+        return between(1, high, default, help=help)
+    return between(0.0, high, default, low_open=True, help=help)
 
 
-def fraction(default: float, *, low_open: bool = False, high_open: bool = False) -> Any:
+def fraction(default: float, *, low_open: bool = False, high_open: bool = False, help: str = "") -> Any:
     """A number in [0, 1] (a probability, a weight of a mixture)."""
-    return between(0.0, 1.0, default, low_open=low_open, high_open=high_open)
+    return between(0.0, 1.0, default, low_open=low_open, high_open=high_open, help=help)
 
 
-def rows(default: list, **columns: Range) -> Any:
+def rows(default: list, *, help: str = "", **columns: Range) -> Any:
     """A list of rows ``[[a, b], ...]``, one column per keyword (its name and range), in order."""
     ranges = tuple(columns.values())
-    return _field(default, NumericSpec(ranges[0], kind="rows", columns=ranges, column_names=tuple(columns)))
+    return _field(default, NumericSpec(ranges[0], kind="rows", columns=ranges, column_names=tuple(columns)), help)
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -173,6 +188,27 @@ def rows(default: list, **columns: Range) -> Any:
 
 def spec_of(f: dataclasses.Field) -> Optional[NumericSpec]:
     return f.metadata.get("range")
+
+
+def help_of(f: dataclasses.Field) -> str:
+    """A field's one-line description ("" when it has none)."""
+    return f.metadata.get("help", "")
+
+
+def walk_help(cls: type, prefix: str = "", choose: Optional[Callable[[str, type], type]] = None
+              ) -> Iterator[tuple[str, str]]:
+    """``(dotted key, description)`` for every field of ``cls`` and its nested dataclasses, depth
+    first; a section's description is the first line of its class docstring."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if spec_of(f) is None and isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            sub = choose(key, hint) if choose else hint
+            yield key, (sub.__doc__ or "").strip().splitlines()[0] if sub.__doc__ else ""
+            yield from walk_help(sub, key + ".", choose)
+        else:
+            yield key, help_of(f)
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help='the text prompt, e.g. "a red cube"')
     parser.add_argument("--config", help="a YAML config file (see configs/)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config key with its value (after --config and overrides), its meaning and "
+                             "its valid range, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=500")
 
 
 def run(args: argparse.Namespace) -> int:
-    from carv3d.config import load_config, to_yaml
+    from carv3d.config import load_config
 
     if args.help_config:
-        print(to_yaml(load_config()))
+        from carv3d.config_help import commented_yaml
+
+        print(commented_yaml(load_config(args.config, args.overrides, args.prompt)), end="")
         return 0
     if args.resume:
         if args.prompt is not None or args.config is not None:

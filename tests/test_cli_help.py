@@ -1,0 +1,85 @@
+"""The CLI explains itself: a description for every config key, the resolved config, --version."""
+
+from __future__ import annotations
+
+import configparser
+import itertools
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+import carv3d
+from carv3d.cli import main
+from carv3d.config import SEAMS, all_keys, load_config
+from carv3d.config_help import commented_yaml, key_help
+
+ROOT = Path(__file__).resolve().parents[1]
+SEAM_CHOICES = [dict(zip(SEAMS, names)) for names in itertools.product(*(list(t) for t in SEAMS.values()))]
+
+
+@pytest.mark.parametrize("types", SEAM_CHOICES, ids=lambda t: "-".join(t.values()))
+def test_every_key_and_section_has_a_one_line_description(types: dict) -> None:
+    cfg = load_config(overrides=[f"{seam}.type={name}" for seam, name in types.items()])
+    descriptions = key_help(cfg)
+    keys = all_keys(cfg)
+    assert set(descriptions) == set(keys)
+    for key in keys:
+        text = descriptions[key]
+        assert text and "\n" not in text, f"{key} has no one-line description"
+        assert not text.startswith(type(cfg).__name__) and "Config(" not in text, f"{key}: {text}"
+
+
+def test_descriptions_carry_the_range_or_the_choices() -> None:
+    descriptions = key_help()
+    assert descriptions["train.log_every"] == "log metrics every this many steps (an integer in [1, 100000000])"
+    assert descriptions["render.sampler"].startswith("ray sampler")
+    assert "one of: auto, torch, tcnn" in descriptions["scene.grid.backend"]
+    assert "one of: sds, csd" in descriptions["guidance.type"]
+
+
+def test_the_commented_yaml_is_the_config_itself() -> None:
+    cfg = load_config(overrides=["train.steps=7", "estimator.t_max_schedule=[[0,0.9],[10,0.5]]"], prompt="a red cube")
+    text = commented_yaml(cfg)
+    assert yaml.safe_load(text) == OmegaConf.to_container(cfg, resolve=True)
+    leaves = [line for line in text.splitlines() if not line.strip().startswith("#") and not line.endswith(":")]
+    assert len(leaves) == len([k for k in all_keys(cfg) if not isinstance(OmegaConf.select(cfg, k), dict)
+                               and not OmegaConf.is_dict(OmegaConf.select(cfg, k))])
+    assert all("  # " in line for line in leaves)
+
+
+def test_help_config_applies_the_config_file_and_overrides(capsys, tmp_path: Path) -> None:
+    assert main(["train", "--help-config"]) == 0
+    default = capsys.readouterr().out
+    assert "  steps: 1000  # optimisation steps" in default
+    config = tmp_path / "mine.yaml"
+    config.write_text("train:\n  steps: 7\nrender:\n  width: 32\n")
+    assert main(["train", "--help-config", "--config", str(config), "render.height=48"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps: 7  # optimisation steps" in out and "  width: 32  #" in out and "  height: 48  #" in out
+
+
+def test_config_show_prints_the_resolved_yaml(capsys) -> None:
+    assert main(["config", "show", "--config", str(ROOT / "configs" / "demo_cpu.yaml"), "train.steps=11",
+                 "--prompt", "a blue cone"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    expected = OmegaConf.to_container(load_config(ROOT / "configs" / "demo_cpu.yaml", ["train.steps=11"], "a blue cone"))
+    assert shown == expected and shown["train"]["steps"] == 11 and shown["prompt"] == "a blue cone"
+    assert main(["config", "show", "--describe", "train.steps=11"]) == 0
+    assert "  steps: 11  # optimisation steps" in capsys.readouterr().out
+
+
+def test_config_show_speaks_like_train_on_a_bad_key(capsys) -> None:
+    assert main(["config", "show", "train.stepz=3"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_version(capsys) -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert carv3d.__version__ == cfg.get("metadata", "version")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"carv3d {carv3d.__version__}"
