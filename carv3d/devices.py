@@ -11,6 +11,12 @@ from carv3d.errors import ConfigError
 from carv3d.log import logger
 
 
+def _spelled(option: str, value: str) -> str:
+    """How the user writes ``option`` set to ``value``: ``--device cpu`` for a flag, ``train.device=cpu``
+    for a config key (the ``key=value`` override syntax)."""
+    return f"{option} {value}" if option.startswith("-") or " " in option else f"{option}={value}"
+
+
 def resolve_device(name: "str | torch.device", option: str = "train.device") -> torch.device:
     """``auto`` → the first CUDA device when there is one, else the CPU.
 
@@ -26,7 +32,8 @@ def resolve_device(name: "str | torch.device", option: str = "train.device") -> 
     except RuntimeError:
         raise ConfigError(f"{option} is '{name}'; expected auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option} asks for CUDA but this torch has no CUDA device; use {option} cpu or auto.")
+        raise ConfigError(f"{option} asks for CUDA but this torch has no CUDA device; use {_spelled(option, 'cpu')} "
+                          f"or {_spelled(option, 'auto')}.")
     return device
 
 

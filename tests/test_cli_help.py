@@ -83,3 +83,18 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"carv3d {carv3d.__version__}"
+
+
+@pytest.mark.parametrize("option, expected", [("train.device", "use train.device=cpu or train.device=auto"),
+                                              ("--device", "use --device cpu or --device auto")])
+def test_device_errors_speak_the_syntax_the_user_types(option: str, expected: str) -> None:
+    import torch
+
+    from carv3d.devices import resolve_device
+    from carv3d.errors import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda", option=option)
+    assert expected in str(err.value)
