@@ -277,6 +277,33 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+FEW_DRAWS = 32  # below this many gradients per estimator, variances, bias z-scores and the split are noise
+
+
+def mark_few_draws(report: dict[str, Any], threshold: int = FEW_DRAWS) -> dict[str, Any]:
+    """Flag estimates whose draws are too few to trust: ``"few_draws": true`` on each such row and on
+    the report (any row), with the threshold. Returns the report, changed in place."""
+    for row in report.get("rows", []):
+        row["few_draws"] = int(row["draws"]) < threshold
+    report["few_draws"] = any(row["few_draws"] for row in report.get("rows", []))
+    report["few_draws_threshold"] = threshold
+    return report
+
+
+def _split_line(split: dict[str, Any]) -> str:
+    """σ_b², σ_w² and the ECM bound; a negative variance or an infinite bound (what a fit to noisy
+    variances gives) is "n/a (too few draws)"."""
+    na = "n/a (too few draws)"
+
+    def variance(value: float) -> str:
+        return f"{value:.4g}" if math.isfinite(value) and value >= 0 else na
+
+    bound = split["ecm_bound_from_reuse"]
+    usable = math.isfinite(bound) and split["sigma_b2"] > 0 and split["sigma_w2"] >= 0
+    return (f"σ_b² ≈ {variance(split['sigma_b2'])}, σ_w² ≈ {variance(split['sigma_w2'])}, "
+            f"ECM bound from reuse alone ≈ {f'{bound:.2f}' if usable else na}")
+
+
 def format_table(report: dict[str, Any]) -> str:
     window = report.get("window")
     extra = f" W·Var, W = {window} |" if window else ""
@@ -291,6 +318,11 @@ def format_table(report: dict[str, Any]) -> str:
                      + cell)
     split = report.get("variance_split") or {}
     if split:
-        lines.append(f"\nσ_b² ≈ {split['sigma_b2']:.4g}, σ_w² ≈ {split['sigma_w2']:.4g}, "
-                     f"ECM bound from reuse alone ≈ {split['ecm_bound_from_reuse']:.2f}")
+        lines.append("\n" + _split_line(split))
+    few = [r for r in report["rows"] if r.get("few_draws")]
+    if few:
+        threshold = report.get("few_draws_threshold", FEW_DRAWS)
+        lines.append(f"\ncaveat: {min(int(r['draws']) for r in few)} draws per estimator (< {threshold}): Var, ECM, RE "
+                     f"and above all the bias z-scores and the σ split are too noisy to trust; rerun with "
+                     f"--draws {threshold} or more.")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from carv3d.cli import main
-from carv3d.variance import GradientStats, WindowMeans, variance_split
+from carv3d.variance import FEW_DRAWS, GradientStats, WindowMeans, format_table, mark_few_draws, variance_split
 
 
 def test_gradient_stats_match_torch():
@@ -66,6 +66,9 @@ def test_variance_command_writes_report_and_plot(capsys, tmp_path, tiny_sd_path)
         uniform = rows[("uniform", r["upstream_samples"], r["noise_draws"])]
         assert r["relative_efficiency"] == pytest.approx(uniform["variance"] / r["variance"])
     assert "| method |" in captured.out and "W·Var, W = 2" in captured.out
+    # 4 draws per estimator: flagged in the JSON and with a caveat under the table.
+    assert report["few_draws"] is True and all(r["few_draws"] for r in report["rows"])
+    assert "caveat: 4 draws per estimator (< 32)" in captured.out and "--draws 32" in captured.out
     # The report is never overwritten by accident.
     code = main(["variance", "--prompt", "a red cube", "--out", str(out), f"teacher.pretrained={tiny_sd_path}"])
     assert code == 2 and "already exists" in capsys.readouterr().err
@@ -94,3 +97,42 @@ def test_window_variance_sees_negative_correlation_between_consecutive_draws():
     assert independent.scaled_trace == pytest.approx(14.0, rel=0.1)
     assert per_draw.trace == pytest.approx(14.0, rel=0.05)
     assert WindowMeans(4).scaled_trace is None
+
+
+def _report(draws: int, split: dict) -> dict:
+    row = {"method": "uniform", "upstream_samples": 2, "noise_draws": 1, "draws": draws, "variance": 2.0,
+           "cost_seconds": 0.01, "ecm": 1.0, "relative_efficiency": 1.0, "bias_z": 108.0}
+    return mark_few_draws({"rows": [row], "variance_split": split, "window": None})
+
+
+def test_few_draws_are_flagged_and_a_meaningless_split_is_not_printed_as_a_number():
+    report = _report(8, {"sigma_b2": -0.5, "sigma_w2": 3.0, "ecm_bound_from_reuse": float("inf")})
+    table = format_table(report)
+    assert report["few_draws"] is True and report["rows"][0]["few_draws"] is True
+    assert report["few_draws_threshold"] == FEW_DRAWS == 32
+    assert "σ_b² ≈ n/a (too few draws), σ_w² ≈ 3, ECM bound from reuse alone ≈ n/a (too few draws)" in table
+    assert "caveat: 8 draws per estimator (< 32)" in table and "inf" not in table and "-0.5" not in table
+
+
+def test_enough_draws_print_numbers_and_no_caveat():
+    report = _report(64, {"sigma_b2": 0.5, "sigma_w2": 1.5, "ecm_bound_from_reuse": 4.0})
+    table = format_table(report)
+    assert report["few_draws"] is False and "caveat" not in table
+    assert "σ_b² ≈ 0.5, σ_w² ≈ 1.5, ECM bound from reuse alone ≈ 4.00" in table
+
+
+def test_variance_writes_into_the_run_directory_by_default(capsys, tmp_path, tiny_sd_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = [f"teacher.pretrained={tiny_sd_path}", "scene.grid.n_levels=2", "scene.grid.log2_hashmap_size=10",
+            "render.width=8", "render.height=8", "render.samples_per_ray=4"]
+    code = main(["train", "--prompt", "a red cube", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=r",
+                 "train.steps=1", "train.progress=false", "train.tensorboard=false", "train.turntable_frames=0",
+                 "train.val_resolution=8", "train.val_every=0", "export.at_end=false", *tiny])
+    assert code == 0, capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "r"
+    code = main(["variance", str(run_dir), "--draws", "2", "--pilot", "2", "--rk", "1x1", "--methods", "uniform",
+                 "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert (run_dir / "variance.json").is_file() and (run_dir / "variance.png").is_file()
+    assert not (tmp_path / "variance.json").exists()
+    assert json.loads((run_dir / "variance.json").read_text())["source"]["run_dir"] == str(run_dir)

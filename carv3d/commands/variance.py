@@ -31,11 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
     parser.add_argument("--window", type=int, default=0,
                         help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="variance.json", help="JSON report path (a PNG plot is written beside it)")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the initial scene)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the run's train.device)")
+    parser.add_argument("--out", default=None,
+                        help="JSON report path, a PNG plot is written beside it (default: RUN_DIR/variance.json with a "
+                             "run directory, else ./variance.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. estimator.t_min=0.05")
 
 
 def parse_rk(text: str) -> list[tuple[int, int]]:
@@ -60,7 +62,7 @@ def variance_command(args: argparse.Namespace) -> str:
     from carv3d.errors import OutputPathError
     from carv3d.io import atomic_write_text
     from carv3d.log import logger
-    from carv3d.variance import METHODS, FrozenScene, format_table, measure, plot
+    from carv3d.variance import METHODS, FrozenScene, format_table, mark_few_draws, measure, plot
 
     if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
         args.overrides = [args.run_dir, *args.overrides]  # argparse gave the first key=value to RUN_DIR
@@ -71,7 +73,7 @@ def variance_command(args: argparse.Namespace) -> str:
         raise ConfigError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
     if args.draws < 2:
         raise ConfigError("--draws must be at least 2 to estimate a variance.")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.run_dir or ".") / "variance.json"
     if out.exists() and not args.overwrite:
         raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
     scene_state = None
@@ -101,6 +103,7 @@ def variance_command(args: argparse.Namespace) -> str:
     report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
+    mark_few_draws(report)
     atomic_write_text(out, json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))
     logger.info("variance report: %s (plot %s)", out, out.with_suffix(".png"))
