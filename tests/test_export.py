@@ -280,3 +280,15 @@ def test_export_command_checks_sizes_and_output_folder_before_loading_the_scene(
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and fragment in err, (flags, err)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_export_says_each_stage_as_it_starts(tmp_path, caplog):
+    field = sphere_field(0.5)
+    cfg = ExportConfig(resolution=32, refine_from=16, threshold=field.surface_level, texture_size=0, faces=0,
+                       formats=["ply"])
+    with caplog.at_level("INFO", logger="carv3d"):
+        export_mesh(field, tmp_path, cfg)
+    stages = [r.getMessage() for r in caplog.records if r.getMessage().endswith("...")]
+    assert stages == ["export: sampling the density on a 16³ grid ...", "export: refining near the surface to 32³ ...",
+                      "export: marching cubes ...", "export: cleanup (small components, holes, decimation) ...",
+                      "export: vertex colours ...", "export: writing ply ..."]

@@ -113,3 +113,13 @@ def test_to_uint8_rounds_and_clamps():
     out = to_uint8(images)
     assert out.shape == (1, 1, 6, 3)
     np.testing.assert_array_equal(out[0, 0, :, 0], [0, 0, 128, 0, 1, 255])
+
+
+def test_turntable_progress_bar_counts_the_frames_and_changes_nothing(capsys):
+    scene = NeRFScene.from_parts(BlackSphere(0.4), VolumeRenderer(1.0, samples_per_ray=8, background="white"))
+    quiet = render_turntable(scene, n_frames=3, size=8)
+    assert capsys.readouterr().err == ""
+    shown = render_turntable(scene, n_frames=3, size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "turntable:" in err and "/3 [" in err and "frame" in err
+    np.testing.assert_array_equal(quiet, shown)

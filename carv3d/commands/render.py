@@ -12,20 +12,22 @@ DESCRIPTION = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
-    parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--fps", type=int, default=24)
+    parser.add_argument("run_dir", help="a run directory (its latest checkpoint is rendered)")
+    parser.add_argument("--frames", type=int, default=60, help="frames of the video (one turn)")
+    parser.add_argument("--resolution", type=int, default=256, help="frame size in pixels")
+    parser.add_argument("--fps", type=int, default=24, help="frames per second")
     parser.add_argument("--out", default=None, help="output .mp4 (default RUN_DIR/turntable.mp4)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing video")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: int = 24, out: Optional[str] = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, progress: bool = True) -> Path:
     """Check the output path (before the scene is loaded and rendered), then write the turntable."""
     from carv3d.errors import OutputPathError
     from carv3d.io import make_writable_folder
-    from carv3d.outputs import write_turntable
+    from carv3d.log import logger
+    from carv3d.render.turntable import render_turntable, write_video
     from carv3d.saved_scene import load_scene
     from carv3d.run_dir import require_run_dir
 
@@ -37,12 +39,13 @@ def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: i
     except OSError as err:
         raise OutputPathError(f"cannot write '{target}' ({err.strerror or err}); pass --out with a file in a "
                               f"writable folder.") from None
-    scene = load_scene(run_dir)
-    write_turntable(scene.scene, target, frames, resolution, fps)
-    return target
+    scene = load_scene(run_dir).scene
+    scene.eval()
+    logger.info("render: %d frames at %d px on %s", frames, resolution, scene.device)
+    return write_video(render_turntable(scene, n_frames=frames, size=resolution, progress=progress), target, fps=fps)
 
 
 def run(args: argparse.Namespace) -> int:
     print(render_command(args.run_dir, frames=args.frames, resolution=args.resolution, fps=args.fps, out=args.out,
-                         overwrite=args.overwrite))
+                         overwrite=args.overwrite, progress=args.progress))
     return 0

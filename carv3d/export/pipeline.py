@@ -173,28 +173,36 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
         timings[name] = round(now - clock, 4)
         clock = now
 
+    def stage(text: str) -> None:  # each stage says what it does as it starts (export can take minutes)
+        logger.info("export: %s ...", text)
+
     threshold = parse_threshold(export_cfg.threshold)
     texture_size = int(export_cfg.texture_size) if textured else 0
     resolution = int(export_cfg.resolution)
     coarse_resolution = int(export_cfg.refine_from)
     sparse = grid is None and 2 <= coarse_resolution < resolution
     if grid is None:
+        stage(f"sampling the density on a {coarse_resolution if sparse else resolution}³ grid")
         grid = density_grid(field, coarse_resolution if sparse else resolution)
     lap("density_grid")
     search = None
     if threshold == "auto":
+        stage(f"choosing the threshold from {int(export_cfg.silhouette_views)} silhouettes")
         search = auto_threshold(field, nerf_opacity, grid=grid, cameras=cameras,
                                 n_views=int(export_cfg.silhouette_views),
                                 image_size=int(export_cfg.silhouette_size))
         threshold = search.threshold
     lap("threshold")
     if sparse:
+        stage(f"refining near the surface to {resolution}³")
         grid, fraction = refine_grid(field, grid, resolution, float(threshold))
         logger.info("export: %d³ grid from a %d³ one, the field evaluated at %.1f%% of the nodes",
                     resolution, coarse_resolution, 100 * fraction)
         lap("refine_grid")
+    stage("marching cubes")
     vertices, faces = extract_isosurface(grid, float(threshold), float(field.radius))
     lap("marching_cubes")
+    stage("cleanup (small components, holes, decimation)")
     mesh = remove_small_components(make_mesh(vertices, faces), float(export_cfg.min_component_fraction))
     mesh, _ = fill_small_holes(mesh, int(export_cfg.max_hole_edges))
     mesh = orient_outward(decimate(mesh, int(export_cfg.faces)))
@@ -204,6 +212,7 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
                              f"a closed mesh needs at least {MIN_FACES}. Raise the face budget (--faces), or "
                              f"lower the threshold or raise the resolution to catch more of the surface.")
     lap("cleanup")
+    stage("vertex colours")
     colors = vertex_colors(field, vertices)
     lap("vertex_colors")
     result = ExportedMesh(vertices, faces, colors, float(threshold), search=search, timings=timings)
@@ -213,6 +222,7 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
                     result.threshold, result.silhouette_iou)
         lap("silhouette_check")
     if texture_size:
+        stage(f"UV unwrap and {texture_size}² texture bake")
         result.uv_mesh = unwrap(vertices, faces, texture_size)
         lap("uv_unwrap")
         result.texture = bake_albedo(field, result.uv_mesh, texture_size)
@@ -243,6 +253,7 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     files = planned_files(Path(out_dir), formats, textured)
     check_targets(files, overwrite)
     clock = time.perf_counter()
+    logger.info("export: writing %s ...", ", ".join(formats))
     uvm = mesh.uv_mesh
     staging = Path(tempfile.mkdtemp(prefix=".mesh.tmp-", dir=Path(out_dir)))
     try:

@@ -15,6 +15,7 @@ import imageio.v2 as imageio_v2
 import imageio.v3 as iio
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from carv3d.io import atomic_path
 from carv3d.cameras import orbit_cameras
@@ -37,6 +38,7 @@ def render_turntable(
     fovy: float = 50.0,
     shading: str = "albedo",
     chunk_rays: int = 16384,
+    progress: bool = False,
 ) -> np.ndarray:
     """Render a turntable of a scene (:class:`carv3d.scene.Scene`: ``render`` and ``device``).
 
@@ -52,6 +54,7 @@ def render_turntable(
         fovy: vertical field of view in degrees.
         shading: ``albedo`` | ``lambertian`` | ``textureless``.
         chunk_rays: rays rendered at a time.
+        progress: show a tqdm bar over the frames (on stderr).
 
     Returns:
         (n_frames, size, size, 3) uint8.
@@ -59,7 +62,7 @@ def render_turntable(
     cameras = orbit_cameras(n_frames, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=scene.device)
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
     with torch.no_grad():
-        for k in range(n_frames):
+        for k in tqdm(range(n_frames), desc="turntable", unit="frame", disable=not progress, leave=False):
             out = scene.render(cameras[k : k + 1], shading=shading, height=size, width=size, chunk_rays=chunk_rays)
             frames[k] = to_uint8(out.rgb)[0]
     return frames
