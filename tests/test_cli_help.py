@@ -98,3 +98,22 @@ def test_device_errors_speak_the_syntax_the_user_types(option: str, expected: st
     with pytest.raises(ConfigError) as err:
         resolve_device("cuda", option=option)
     assert expected in str(err.value)
+
+
+def test_every_flag_and_argument_of_every_command_has_help() -> None:
+    import argparse
+
+    from carv3d.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "carv3d")
+    assert missing == []

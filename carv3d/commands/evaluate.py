@@ -13,7 +13,7 @@ DESCRIPTION = ("Renders the run and the ground truth from fixed held-out views; 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run directory (its latest checkpoint)")
     parser.add_argument("--views", type=int, default=16, help="held-out views: a multiple of 4, at least 12 (default 16)")
     parser.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
     parser.add_argument("--out", default=None, help="output JSON (default RUN_DIR/evaluation.json)")

@@ -16,7 +16,7 @@ DESCRIPTION = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run directory (its latest checkpoint)")
     parser.add_argument("--format", default=None, help="comma-separated: glb,ply,obj (default: the run's export.formats)")
     parser.add_argument("--resolution", type=int, default=None, help="marching-cubes grid resolution")
     parser.add_argument("--threshold", default=None, help="density isosurface level: auto or a number")
