@@ -377,7 +377,7 @@ def test_hf_repo_ids_are_looked_up_only_in_the_local_cache(tmp_path: Path, tiny_
     with pytest.raises(TeacherWeightsError) as err:
         load_teacher(DiffusersTeacherConfig(pretrained="carv3d-test/not-cached"), device="cpu")
     message = str(err.value)
-    for needle in (str(cache), "HF_HOME", "huggingface-cli download carv3d-test/not-cached",
+    for needle in (str(cache), "HF_HOME", "hf download carv3d-test/not-cached",
                    "teacher.pretrained=/path/to/folder"):
         assert needle in message
 
@@ -473,3 +473,16 @@ def test_a_teacher_that_also_predicts_its_variance_returns_the_noise_half(tmp_pa
     raw = teacher.unet(x_t, t, encoder_hidden_states=cond.cond).sample
     assert eps.shape == x_t.shape
     torch.testing.assert_close(eps, raw[:, :3])
+
+
+def test_the_download_command_we_print_is_the_installed_huggingface_hub_cli() -> None:
+    from importlib.metadata import entry_points
+
+    from carv3d.teacher import folder
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("hf", "").startswith("huggingface_hub"), "huggingface_hub no longer installs `hf`"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for text in (loading._POINT_AT_WEIGHTS, folder._refetch_hint(), readme):
+        assert "huggingface-cli" not in text
+    assert "`hf download {repo}`" in loading._POINT_AT_WEIGHTS and "hf download stabilityai/" in readme

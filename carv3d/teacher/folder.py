@@ -54,7 +54,7 @@ def _layout_hint() -> str:
 
 def _refetch_hint() -> str:
     return ("The copy looks incomplete or corrupted: copy the folder again, or on a machine with internet "
-            "run `huggingface-cli download <repo>` and copy the cache entry into this machine's "
+            "run `hf download <repo>` and copy the cache entry into this machine's "
             "Hugging Face cache.")
 
 
@@ -69,7 +69,7 @@ def _weights_variant(sub: Path, stem: str) -> Optional[str]:
         raise TeacherWeightsError(
             f"{sub} has only pickled weights ({', '.join(pickles)}); carv3d loads safetensors weights "
             f"only, because pickles can run code when loaded. Get the .safetensors files of the same "
-            f"model (most Hugging Face repos have them: `huggingface-cli download <repo> --include "
+            f"model (most Hugging Face repos have them: `hf download <repo> --include "
             f"'*.safetensors' '*.json' '*.txt'`)."
         )
     raise TeacherWeightsError(f"{sub} has no weights file ({stem}.safetensors). {_refetch_hint()}")

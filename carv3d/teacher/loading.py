@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _POINT_AT_WEIGHTS = (
     "To point carv3d at weights: set teacher.pretrained=/path/to/folder (a diffusers folder with unet/, "
     "vae/, text_encoder/, tokenizer/, scheduler/), or put the repo into the local Hugging Face cache: on a "
-    "machine with internet run `huggingface-cli download {repo}` and copy its cache entry "
+    "machine with internet run `hf download {repo}` and copy its cache entry "
     "(models--{flat}) into {cache}, or set HF_HOME / HF_HUB_CACHE to a cache that has it."
 )
 
