@@ -117,3 +117,16 @@ def test_every_flag_and_argument_of_every_command_has_help() -> None:
 
     walk(build_parser(), "carv3d")
     assert missing == []
+
+
+def test_resume_says_what_it_replaces_and_deletes(monkeypatch, capsys, tmp_path: Path) -> None:
+    import carv3d.train
+
+    calls = []
+    monkeypatch.setattr(carv3d.train, "resume", lambda run_dir, overrides: calls.append((run_dir, overrides)) or run_dir)
+    assert main(["train", "--resume", str(tmp_path), "train.steps=20"]) == 0
+    assert calls == [(str(tmp_path), ["train.steps=20"])]
+    note = [line for line in capsys.readouterr().err.splitlines() if "--resume " in line]
+    assert len(note) == 1 and str(tmp_path) in note[0]
+    for words in ("turntable.mp4, mesh/", "replaced", "only the newest 3 checkpoints are kept", "deleted"):
+        assert words in note[0]

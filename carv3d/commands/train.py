@@ -9,12 +9,28 @@ from carv3d.errors import UserError
 NAME = "train"
 HELP = "train a scene from a prompt (or continue one with --resume)"
 DESCRIPTION = "Layers: defaults ← --config FILE ← key=value overrides ← --prompt."
+# What --resume does to a run's files, said before it starts (README: "Continuing a run").
+RESUME_NOTE = ("--resume %s: the run continues in place; at its end turntable.mp4, mesh/ and the last validation "
+               "sheet are replaced by the continued run's, and only the newest 3 checkpoints are kept (older "
+               "ones are deleted): copy them first to keep the shorter run's results.")
+
+
+def resume_note(run_dir: str) -> str:
+    """:data:`RESUME_NOTE` for ``run_dir``, with the number of checkpoints a run keeps."""
+    import inspect
+
+    from carv3d.checkpoint import save_checkpoint
+
+    keep = inspect.signature(save_checkpoint).parameters["keep"].default
+    return RESUME_NOTE.replace("newest 3", f"newest {keep}") % run_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help='the text prompt, e.g. "a red cube"')
     parser.add_argument("--config", help="a YAML config file (see configs/)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue a run from its latest checkpoint (replaces its turntable and mesh at the end; "
+                             "keeps the newest 3 checkpoints)")
     parser.add_argument("--help-config", action="store_true",
                         help="print every config key with its value (after --config and overrides), its meaning and "
                              "its valid range, and exit")
@@ -32,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.prompt is not None or args.config is not None:
             raise UserError("--resume continues a run with its own config; drop --prompt/--config (key=value overrides such as train.steps=2000 are allowed).")
+        from carv3d.log import logger
         from carv3d.train import resume
 
+        logger.info(resume_note(args.resume))
         run_dir = resume(args.resume, args.overrides)
     else:
         from carv3d.train import train
