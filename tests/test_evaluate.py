@@ -51,12 +51,11 @@ def renderer() -> VolumeRenderer:
 
 def export_ply(field: WorldField, out_dir) -> str:
     """The field's isosurface at its surface level through carv3d's exporter, as mesh.ply."""
-    from types import SimpleNamespace
-
+    from carv3d.config import ExportConfig
     from carv3d.export.pipeline import export_mesh
 
-    cfg = SimpleNamespace(threshold=field.surface_level, resolution=128, refine_from=64, texture_size=0,
-                          formats=["ply"])
+    cfg = ExportConfig(threshold=field.surface_level, resolution=128, refine_from=64, texture_size=0,
+                       formats=["ply"])
     return str(export_mesh(field, out_dir, cfg)["ply"])
 
 
