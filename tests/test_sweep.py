@@ -129,19 +129,19 @@ BAD_SWEEPS = [
     ("grid:\n  train.seed: [0, 1\n  prompt: [a]\n", [":3:", "not valid YAML", "started at line 2"]),
     ("prompt: a red cube\ngrid: {train.seed: [0]}\n", [":1:", "unknown sweep section 'prompt'"]),
     ("grd:\n  train.seed: [0]\n", [":1:", "unknown sweep section 'grd'", "Did you mean 'grid'"]),
-    ("overrides: {prompt: a}\ngrid:\n  train.seed: [0]\n  estimator.noise_draw: [1, 2]\n",
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0]\n  estimator.noise_draw: [1, 2]\n",
      [":4:", "unknown config key 'estimator.noise_draw'", "estimator.noise_draws"]),
-    ("overrides: {prompt: a}\ngrid:\n  train.seed:\n    - 0\n    - abc\n", [":5:", "wrong type", "train.seed", "int"]),
-    ("overrides: {prompt: a}\ngrid:\n  train.seed: []\n", [":3:", "axis 'train.seed' is empty"]),
-    ("overrides: {prompt: a}\ngrid:\n  train.seed: 3\n", [":3:", "must be a list"]),
-    ("overrides: {prompt: a}\nzip:\n  train.seed: [0, 1]\n  render.width: [8, 16, 32]\n",
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed:\n    - 0\n    - abc\n", [":5:", "wrong type", "train.seed", "int"]),
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: []\n", [":3:", "axis 'train.seed' is empty"]),
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: 3\n", [":3:", "must be a list"]),
+    ("overrides: {prompt: a red cube}\nzip:\n  train.seed: [0, 1]\n  render.width: [8, 16, 32]\n",
      [":2:", "same length", "train.seed: 2", "render.width: 3"]),
-    ("overrides: {prompt: a}\ngrid:\n  train.seed: [0, 1, 0]\n", [":3:", "lists 0 twice"]),
-    ("overrides:\n  prompt: a\n  train:\n    output_dir: elsewhere\n", [":4:", "'train.output_dir' is set by the sweep"]),
-    ("overrides: {prompt: a, train.seed: 1}\ngrid:\n  train.seed: [0, 1]\n", [":3:", "'train.seed' is set twice", ":1"]),
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0, 1, 0]\n", [":3:", "lists 0 twice"]),
+    ("overrides:\n  prompt: a red cube\n  train:\n    output_dir: elsewhere\n", [":4:", "'train.output_dir' is set by the sweep"]),
+    ("overrides: {prompt: a red cube, train.seed: 1}\ngrid:\n  train.seed: [0, 1]\n", [":3:", "'train.seed' is set twice", ":1"]),
     ("base: missing.yaml\ngrid: {train.seed: [0]}\n", [":1:", "missing.yaml", "relative to the sweep file"]),
     ("grid: {train.seed: [0, 1]}\n", ["empty prompt"]),
-    ("overrides: {prompt: a}\ngrid: {estimator.t_max: [0.9, 0.01]}\n", ["t_min and t_max", "t_max_0_01"]),
+    ("overrides: {prompt: a red cube}\ngrid: {estimator.t_max: [0.9, 0.01]}\n", ["t_min and t_max", "t_max_0_01"]),
     ("", ["sweep file is empty"]),
     ("- a\n- b\n", ["mapping with sections"]),
     ("name: ../escape\ngrid: {train.seed: [0]}\n", [":1:", "plain directory name"]),
@@ -161,7 +161,7 @@ def test_bad_sweep_files_fail_before_any_run_naming_the_line(tmp_path, capsys, t
 
 
 def test_cli_options_are_checked(tmp_path, capsys):
-    path = write_sweep(tmp_path, "overrides: {prompt: a}\ngrid: {train.seed: [0]}\n")
+    path = write_sweep(tmp_path, "overrides: {prompt: a red cube}\ngrid: {train.seed: [0]}\n")
     assert main(["sweep", str(path), "--address", "127.0.0.1:6379"]) == 2
     assert "use it with --backend ray" in capsys.readouterr().err
     assert main(["sweep", str(path), "--max-parallel", "0"]) == 2
@@ -170,7 +170,7 @@ def test_cli_options_are_checked(tmp_path, capsys):
 
 def test_dry_run_lists_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = write_sweep(tmp_path, "name: plan\noverrides: {prompt: a}\ngrid: {train.seed: [0, 1]}\n")
+    path = write_sweep(tmp_path, "name: plan\noverrides: {prompt: a red cube}\ngrid: {train.seed: [0, 1]}\n")
     assert main(["sweep", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 runs" in out and out.count("train    new") == 2 and "seed_0-" in out and "seed_1-" in out
@@ -191,7 +191,7 @@ def _fake_run_dir(spec, run, status=None, step=0, checkpoint=True, config=None):
 
 
 def test_plan_skips_finished_resumes_unfinished_restarts_without_checkpoint(tmp_path):
-    path = write_sweep(tmp_path, f"overrides: {{prompt: a, train.steps: 5}}\ngrid: {{train.seed: [0, 1, 2, 3, 4, 5]}}\n"
+    path = write_sweep(tmp_path, f"overrides: {{prompt: a red cube, train.steps: 5}}\ngrid: {{train.seed: [0, 1, 2, 3, 4, 5]}}\n"
                        f"output_dir: {tmp_path / 'out'}\n")
     spec = load_sweep(path)
     r = spec.runs
@@ -207,7 +207,7 @@ def test_plan_skips_finished_resumes_unfinished_restarts_without_checkpoint(tmp_
 
 
 def test_plan_refuses_run_dirs_made_with_another_config(tmp_path):
-    path = write_sweep(tmp_path, f"overrides: {{prompt: a}}\ngrid: {{train.seed: [0, 1]}}\noutput_dir: {tmp_path / 'out'}\n")
+    path = write_sweep(tmp_path, f"overrides: {{prompt: a red cube}}\ngrid: {{train.seed: [0, 1]}}\noutput_dir: {tmp_path / 'out'}\n")
     spec = load_sweep(path)
     other = spec.configs[spec.runs[0].name].copy()
     other.render.width = 99
@@ -303,7 +303,7 @@ def test_pack_and_unpack_replace_a_run_directory(tmp_path):
 
 # ---------------------------------------------------------------------------------------- the results table
 def test_summary_collects_status_metrics_evaluation_and_variance(tmp_path):
-    path = write_sweep(tmp_path, f"name: sum\noverrides: {{prompt: a}}\ngrid:\n  estimator.preset: [sds, carv]\n"
+    path = write_sweep(tmp_path, f"name: sum\noverrides: {{prompt: a red cube}}\ngrid:\n  estimator.preset: [sds, carv]\n"
                        f"  train.seed: [0, 1]\noutput_dir: {tmp_path / 'out'}\n")
     spec = load_sweep(path)
     by_axes = {(r.axes["estimator.preset"], r.axes["train.seed"]): r for r in spec.runs}
