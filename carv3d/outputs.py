@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -76,14 +76,23 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
+# Rays per renderer call of the end-of-run renders (sheets; the turntable and the export's silhouettes
+# use the same number): deterministic renders under torch.no_grad, so the chunking changes no pixel
+# (tests/test_memory.py), and it bounds their memory whatever the resolution: 4 views at 128 px in one
+# piece were 65,536 rays, 22.8 GB with the default config on a CPU.
+RENDER_CHUNK_RAYS = 16384
+
+
 @torch.no_grad()
 def validation_sheet(scene, resolution: int, n_views: int = 4, elevation: float = 15.0,
-                     distance: float = 2.0, fovy: float = 45.0) -> np.ndarray:
-    """Rows: albedo, shaded (lambertian), opacity — from ``n_views`` orbit cameras (front first)."""
+                     distance: float = 2.0, fovy: float = 45.0, chunk_rays: Optional[int] = RENDER_CHUNK_RAYS
+                     ) -> np.ndarray:
+    """Rows: albedo, shaded (lambertian), opacity — from ``n_views`` orbit cameras (front first),
+    rendered ``chunk_rays`` rays at a time (None: all at once)."""
     cameras = orbit_cameras(n_views, elevation_deg=elevation, distance=distance, fovy_deg=fovy, device=scene.device)
     # One render gives all three rows: the albedo composites from the lambertian render's samples.
     out = scene.render(cameras, generator=None, shading="lambertian", height=resolution, width=resolution,
-                       need_albedo=True)
+                       need_albedo=True, chunk_rays=chunk_rays)
     rows = [_to_uint8(out.albedo), _to_uint8(out.rgb), _to_uint8(out.opacity)]
     return image_grid(np.concatenate(rows), ncols=n_views)
 

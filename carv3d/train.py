@@ -30,6 +30,7 @@ from carv3d.errors import CheckpointError, TrainingDivergedError, UserError
 from carv3d.guard import NonFiniteGuard, gradient_norm
 from carv3d.io import atomic_write_text
 from carv3d.log import logger
+from carv3d.sizing import check_memory, size_for_device
 from carv3d.run_dir import check_plain_name, create_run_dir, load_run_config, require_run_dir, run_lock, write_status
 from carv3d.step import DistillationStep
 from carv3d.teacher.base import Teacher
@@ -59,6 +60,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device)
+        # Sized for the machine before anything is built: on a CPU, keys the user did not set take
+        # CPU-sized values (logged; written into the run's config.yaml, so --resume keeps them).
+        size_for_device(cfg, self.device)
+        check_memory(cfg, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

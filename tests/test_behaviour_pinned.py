@@ -37,6 +37,8 @@ def _overrides(teacher_path, out_dir, preset: str) -> list[str]:
         "scene.grid.n_levels": 4,
         "scene.grid.log2_hashmap_size": 12,
         "scene.grid.base_resolution": 8,
+        # Stated, so that CPU sizing (carv3d.sizing) keeps the values these runs were pinned with.
+        "scene.grid.per_level_scale": 1.447269,
         "scene.mlp_width": 16,
         "render.width": 16,
         "render.height": 16,
@@ -57,7 +59,8 @@ def _overrides(teacher_path, out_dir, preset: str) -> list[str]:
         "train.sync_free": "off",
     }
     if preset == "carv":  # auto-K follows measured wall clock: pin K so the run is deterministic
-        values.update({"estimator.noise_draws": 3, "estimator.adaptive_refresh_every": 2})
+        values.update({"estimator.noise_draws": 3, "estimator.adaptive_refresh_every": 2,
+                       "estimator.upstream_samples": 2})  # the preset's R, stated (CPU sizing would take 1)
     return [f"{k}={v}" for k, v in values.items()]
 
 

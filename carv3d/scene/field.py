@@ -32,6 +32,7 @@ from carv3d.config import check_section
 from carv3d.scene.hashgrid import Device, make_hash_encoding
 
 TRUNC_EXP_GRAD_CLAMP = 15.0  # threestudio/torch-ngp: the backward uses exp(min(x, 15))
+NO_GRAD_CHUNK = 2**17  # points per field evaluation without autograd (about 40 MB of temporaries at L = 16)
 
 
 class _TruncExp(torch.autograd.Function):
@@ -126,7 +127,14 @@ class NeRFField(nn.Module):
         return x.new_zeros(x.shape[0])
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3) world points → (N, 4) raw MLP outputs."""
+        """x: (N, 3) world points → (N, 4) raw MLP outputs.
+
+        Without autograd (validation sheets, turntables, export) the points go through the encoding
+        and the MLP :data:`NO_GRAD_CHUNK` at a time: the MLP's hidden activations of a whole render
+        (and of its 6 shifted copies for normals) would otherwise be resident at once.
+        """
+        if not torch.is_grad_enabled() and x.shape[0] > NO_GRAD_CHUNK:
+            return torch.cat([self._raw(part) for part in x.split(NO_GRAD_CHUNK)])
         unit = ((x / self.radius + 1.0) * 0.5).clamp(0.0, 1.0)  # u: (N, 3)
         return self.mlp(self.encoding(unit).to(x.dtype))
 

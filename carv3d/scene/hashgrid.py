@@ -71,6 +71,20 @@ def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index)
 
 
+def _interpolate_level(table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, y: torch.Tensor,
+                       level: int) -> None:
+    """Level ``level`` of the encoding into its columns of ``y``: ``Σ_c w_c · θ[index_c]``.
+
+    index: (8, N) rows, weights: (8, N) in the table's dtype, y: (N, L·F). The one statement of the
+    forward arithmetic, shared by the autograd path and the no-graph path (so they agree bit for bit).
+    """
+    n_features = table.shape[1]
+    n = index.shape[1]
+    rows = _gather_rows(table, index.reshape(-1)).view(8, n, n_features)
+    for f in range(n_features):  # Σ_c w_c · θ_c, feature by feature: contiguous (8, N) math
+        y[:, level * n_features + f] = (weights * rows[:, :, f]).sum(0)
+
+
 class _InterpolateTable(torch.autograd.Function):
     """``y_l = Σ_c w_lc · θ[index_lc]`` for every level, with a scatter backward; first-order only.
 
@@ -90,15 +104,12 @@ class _InterpolateTable(torch.autograd.Function):
     def forward(ctx: Any, table: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # table: (T, F), index: (L, 8, N) int64, weights: (L, 8, N) → y: (N, L·F)
         n_levels, _, n = index.shape
-        n_features = table.shape[1]
         ctx.n_rows, ctx.weights_dtype = table.shape[0], weights.dtype
         weights = weights.to(table.dtype)
         ctx.save_for_backward(table, index, weights)
-        y = table.new_empty((n, n_levels * n_features))
+        y = table.new_empty((n, n_levels * table.shape[1]))
         for level in range(n_levels):
-            rows = _gather_rows(table, index[level].view(-1)).view(8, n, n_features)
-            for f in range(n_features):  # Σ_c w_c · θ_c, feature by feature: contiguous (8, N) math
-                y[:, level * n_features + f] = (weights[level] * rows[:, :, f]).sum(0)
+            _interpolate_level(table, index[level], weights[level], y, level)
         return y
 
     @staticmethod
@@ -181,13 +192,15 @@ class HashGridEncoding(nn.Module):
         factors = [[1, v.resolution, v.resolution**2] if not v.hashed else list(PRIMES) for v in self.levels]
         self.register_buffer("factors", torch.tensor(factors, device=device).view(-1, 3, 1), persistent=False)
 
-    def level_corners(self, level: int, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def level_corners(self, level: int, x_t: torch.Tensor, out: torch.Tensor,
+                      weights_out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Table rows and trilinear weights of the 8 corners around each point, on one level.
 
         Args:
             level: l.
             x_t: (3, N) points in [0, 1], one row per axis.
             out: (8, N) int64, receives the rows (level offset included).
+            weights_out: (8, N), receives the weights (only where x needs no gradient).
 
         Returns:
             (8, N) weights Π_d (c_d ? f_d : 1 − f_d), differentiable in x.
@@ -205,15 +218,46 @@ class HashGridEncoding(nn.Module):
             _corners(sides, torch.add, out=out.view(2, 2, 2, -1))
             out.bitwise_and_(UINT32_MASK).remainder_(spec.table_size)
         out += spec.offset
-        return _corners(torch.stack((1 - frac, frac)), torch.mul)
+        into = None if weights_out is None else weights_out.view(2, 2, 2, -1)
+        return _corners(torch.stack((1 - frac, frac)), torch.mul, out=into)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode points. x: (N, 3) in [0, 1] → (N, L·F), level-major, in the table's dtype."""
+        """Encode points. x: (N, 3) in [0, 1] → (N, L·F), level-major, in the table's dtype.
+
+        Memory (N points, L levels): with a graph, the backward keeps each point's 8 corner rows per
+        level, in int32 where the table has fewer than 2^31 rows (4 bytes, else 8), and their
+        weights (8·L·(4 + 4) bytes a point: 512 at L = 16). Without a graph (``torch.no_grad`` or
+        nothing requires a gradient) the levels are computed one at a time and nothing is kept:
+        the same arithmetic, bit for bit, in (8, N) temporaries.
+        """
         x_t = x.t().contiguous()  # (3, N)
-        index = torch.empty((self.n_levels, 8, x.shape[0]), dtype=torch.int64, device=x.device)
-        weights = torch.stack([self.level_corners(level, x_t, index[level]) for level in range(self.n_levels)])
         table = self.params.view(-1, self.n_features_per_level)  # (ΣT_l, F)
+        n = x.shape[0]
+        corner = torch.empty((8, n), dtype=torch.int64, device=x.device)  # one level's rows, int64 arithmetic
+        if not (torch.is_grad_enabled() and (self.params.requires_grad or x.requires_grad)):
+            y = table.new_empty((n, self.n_output_dims))
+            for level in range(self.n_levels):
+                weights = self.level_corners(level, x_t, corner).to(table.dtype)
+                _interpolate_level(table, corner, weights, y, level)
+            return y
+        index = torch.empty((self.n_levels, 8, n), dtype=self._index_dtype(table), device=x.device)
+        if x.requires_grad:  # the weights carry a graph to x
+            levels = []
+            for level in range(self.n_levels):
+                levels.append(self.level_corners(level, x_t, corner))
+                index[level] = corner
+            weights = torch.stack(levels)
+        else:  # written in place: no list of levels beside the stacked copy
+            weights = torch.empty((self.n_levels, 8, n), dtype=x_t.dtype, device=x.device)
+            for level in range(self.n_levels):
+                self.level_corners(level, x_t, corner, weights_out=weights[level])
+                index[level] = corner
         return _InterpolateTable.apply(table, index, weights)  # (N, L·F)
+
+    @staticmethod
+    def _index_dtype(table: torch.Tensor) -> torch.dtype:
+        """int32 rows where they fit (half the memory the backward keeps), else int64."""
+        return torch.int32 if table.shape[0] < 2**31 else torch.int64
 
     def extra_repr(self) -> str:
         n_dense = sum(not level.hashed for level in self.levels)
