@@ -141,28 +141,31 @@ def size_for_device(cfg: DictConfig, device: Any) -> dict[str, tuple[Any, Any]]:
 
 # ------------------------------------------------------------------------------------ memory
 GIB = 2**30
-# Measured on a 2-core CPU (scripts/bench_memory.py, docs/BENCHMARKS.md): the process with torch,
-# diffusers and the embedded teacher loaded, before the first step.
-BASE_BYTES = 0.55 * GIB
+# Measured on a 2-core CPU (scripts/bench_memory.py, docs/memory_cpu_after.json): the process with
+# torch, diffusers and the embedded teacher loaded, before the first step (0.47-0.52 GB), and the
+# whole process of a CPU-sized run with its chunked end-of-run outputs (0.72-0.87 GB).
+BASE_BYTES = int(0.5 * GIB)
+OUTPUTS_BYTES = int(0.9 * GIB)
 
 
 def estimate_peak_bytes(cfg: DictConfig) -> int:
     """A rough upper estimate of a CPU run's peak resident memory (the embedded teacher).
 
-    The training step dominates: per render point the hash grid keeps 8 corner rows and weights per
-    level for the backward (8·L·8 bytes), the MLP its activations (≈ 3·width·4 bytes), the renderer
-    ≈ 400 bytes of per-sample tensors and their gradients. End-of-run renders are chunked and
-    bounded well below a training step of the default sizes.
+    The training step dominates: per render point the hash grid keeps 8 corner rows (int32) and
+    weights per level for the backward (8·L·8 bytes), the MLP its activations (≈ 3·width·4 bytes),
+    the renderer ≈ 1.2 kB of per-sample tensors, their gradients and the allocator's slack (fitted:
+    the default config's GPU sizes, 524,288 points, peak at 1.85 GB; this gives 2.0). End-of-run
+    renders are chunked, so they stay under :data:`OUTPUTS_BYTES`.
     """
     grid = cfg.scene.get("grid")
     levels = int(grid.n_levels) if grid is not None else 16
     width = int(cfg.scene.get("mlp_width", 64))
     points = (int(cfg.estimator.upstream_samples) * int(cfg.render.width) * int(cfg.render.height)
               * int(cfg.render.samples_per_ray))
-    per_point = 8 * levels * 8 + 3 * width * 4 + 400
+    per_point = 8 * levels * 8 + 3 * width * 4 + 1200
     if cfg.render.shading != "albedo" or float(cfg.optim.orientation_weight) > 0:
         per_point *= 7  # normals: 6 more density evaluations per sample, with their graph
-    return int(BASE_BYTES + points * per_point)
+    return max(OUTPUTS_BYTES, BASE_BYTES + points * per_point)
 
 
 def available_bytes() -> Optional[int]:

@@ -178,8 +178,9 @@ def test_memory_estimate_and_warning():
     gpu_sized = load_config(prompt="a red cube")
     cpu_sized = load_config(prompt="a red cube")
     size_for_device(cpu_sized, CPU)
-    assert estimate_peak_bytes(cpu_sized) < 2 * 2**30 < estimate_peak_bytes(gpu_sized) * 4
-    assert estimate_peak_bytes(cpu_sized) < estimate_peak_bytes(gpu_sized)
+    # measured (docs/memory_cpu_after.json): 0.80 GB CPU-sized, 1.81 GB with the GPU sizes
+    assert 0.8 * 2**30 < estimate_peak_bytes(cpu_sized) < 1.0 * 2**30
+    assert 1.8 * 2**30 < estimate_peak_bytes(gpu_sized) < 2.2 * 2**30
     message = check_memory(gpu_sized, CPU, available=estimate_peak_bytes(gpu_sized) - 1)
     assert message is not None and "needs about" in message and "estimator.upstream_samples=1" in message
     assert check_memory(cpu_sized, CPU, available=64 * 2**30) is None
