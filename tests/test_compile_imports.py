@@ -32,5 +32,5 @@ def test_writes_bytecode_for_carv3d_and_lazy_imports_even_with_pythondontwriteby
     done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     compiled = {p.name.split(".")[0] + "/" + p.parent.name for p in tmp_path.rglob("*.pyc")}
-    for module in ("train/carv3d", "command/export", "modeling_clip/clip", "load/exchange"):
+    for module in ("train/carv3d", "from_scene/export", "modeling_clip/clip", "load/exchange"):
         assert module in compiled, module
