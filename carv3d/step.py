@@ -96,7 +96,7 @@ class DistillationStep:
         self.host_generator = torch.Generator().manual_seed(seed)
         self.device_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.timer = timer if timer is not None else StepTimer(self.device)
-        self.embedding = teacher.embed(check_prompt(cfg.prompt), cfg.teacher.negative_prompt,
+        self.embedding = teacher.embed(cfg.prompt, cfg.teacher.negative_prompt,  # embed checks the prompt
                                        view_dependent=cfg.teacher.view_dependent_prompting)
 
     @classmethod

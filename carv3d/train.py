@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from carv3d import outputs
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from carv3d.config import check_prompt, to_yaml
+from carv3d.config import to_yaml
 from carv3d.devices import resolve_device
 from carv3d.errors import CheckpointError, TrainingDivergedError, UserError
 from carv3d.guard import NonFiniteGuard, gradient_norm
@@ -56,7 +56,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Optional[Path] = None, teacher: Optional[Teacher] = None):
-        check_prompt(cfg.prompt)
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.train.device)
