@@ -89,6 +89,34 @@ def record_explicit(cfg: DictConfig, layers: Iterable[Any]) -> None:
                 node._set_flag(EXPLICIT_FLAG, True)
 
 
+def restore_explicit(cfg: DictConfig, keys: Iterable[str]) -> None:
+    """Make ``keys`` (an earlier :func:`explicit_keys`) the record of ``cfg``, whatever it had.
+
+    A config rebuilt from a resolved YAML (a sweep's job on its worker) has every key in its one
+    layer; this puts back the record of the layers it was resolved from, so the worker still
+    sizes the keys the sweep's user did not set.
+    """
+
+    def clear(node: DictConfig) -> None:
+        for key in node.keys():
+            child = node._get_node(key)
+            child._set_flag(EXPLICIT_FLAG, None)
+            if isinstance(child, DictConfig):
+                clear(child)
+
+    clear(cfg)
+    cfg._set_flag(RECORDED_FLAG, True)
+    for key in keys:
+        node = _leaf_node(cfg, key)
+        if node is not None:
+            node._set_flag(EXPLICIT_FLAG, True)
+
+
+def sized_for_cpu(key: str, value: Any) -> bool:
+    """Whether ``value`` is what :func:`size_for_device` sets ``key`` to on a CPU."""
+    return key in CPU_SETTINGS and _plain(value) == CPU_SETTINGS[key]
+
+
 def explicit_keys(cfg: DictConfig) -> Optional[set[str]]:
     """The keys a layer of the user's set, or None when the config carries no record of them."""
     if not cfg._get_node_flag(RECORDED_FLAG):

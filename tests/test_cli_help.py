@@ -70,6 +70,22 @@ def test_config_show_prints_the_resolved_yaml(capsys) -> None:
     assert "  steps: 11  # optimisation steps" in capsys.readouterr().out
 
 
+def test_config_show_applies_the_cpu_sizing_a_run_would(capsys) -> None:
+    """Without --config on a CPU: the values the trainer would size, listed at the top, the
+    explicit key kept; the output is still YAML that `--config` reads back unchanged."""
+    from carv3d.sizing import size_for_device
+
+    assert main(["config", "show", "--prompt", "a red cube", "render.width=48", "train.device=cpu"]) == 0
+    out = capsys.readouterr().out
+    expected = load_config(None, ["render.width=48", "train.device=cpu"], "a red cube")
+    changes = size_for_device(expected, "cpu")
+    assert "render.samples_per_ray" in changes and "render.width" not in changes
+    assert out.startswith("# sized for this machine (cpu)")
+    assert "#   render.samples_per_ray: 64 → 32" in out
+    assert yaml.safe_load(out) == OmegaConf.to_container(expected)
+    assert yaml.safe_load(out)["render"]["width"] == 48
+
+
 def test_config_show_speaks_like_train_on_a_bad_key(capsys) -> None:
     assert main(["config", "show", "train.stepz=3"]) == 2
     assert "unknown config key 'train.stepz'" in capsys.readouterr().err

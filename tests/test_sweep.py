@@ -433,3 +433,44 @@ def test_several_gpus_get_one_worker_process_each(tiny_sd_path, tmp_path):
         log = (outcome.spec.directory / "logs" / f"{run.name}.log").read_text()
         devices.add(log.split("CUDA_VISIBLE_DEVICES=")[1].split()[0])
     assert devices == {"0", "1"}
+
+
+# ---------------------------------------------------------------------------------------- sized for the machine
+def test_a_sweep_run_is_sized_for_the_cpu_like_carv3d_train(tmp_path):
+    """The worker rebuilds the run's config from YAML (every key in one layer); the job carries the
+    keys the sweep set, so the worker sizes the others for a CPU exactly as `carv3d train` does, and
+    re-planning accepts the sized run directory as the same run."""
+    from carv3d.config import load_config
+    from carv3d.sizing import CPU_SETTINGS, size_for_device
+    from carv3d.sweep.jobs import config_from_yaml
+    from carv3d.sweep.runner import _job
+
+    path = write_sweep(tmp_path, f"overrides: {{prompt: a red cube, render.width: 48}}\ngrid: {{train.seed: [0, 1]}}\n"
+                       f"output_dir: {tmp_path / 'out'}\n")
+    spec = load_sweep(path)
+    run = spec.runs[1]
+    job = _job(spec, plan_runs(spec)[1])
+    assert {"prompt", "render.width", "train.seed", "train.progress"} <= set(job.explicit_keys)
+    assert "render.samples_per_ray" not in job.explicit_keys
+
+    worker_cfg = config_from_yaml(job.config_yaml, explicit=job.explicit_keys)
+    changes = size_for_device(worker_cfg, "cpu")
+    # The reference: the same layers through load_config, as `carv3d train` would resolve them.
+    train_cfg = load_config(overrides=[*run.overrides, "train.progress=false"])
+    assert changes == size_for_device(train_cfg, "cpu") and "render.width" not in changes
+    assert worker_cfg.render.samples_per_ray == CPU_SETTINGS["render.samples_per_ray"] != 64
+    assert worker_cfg.render.width == 48 and worker_cfg.train.seed == 1
+    # Without the record every key counts as set (the old behaviour, and --resume's): nothing sized.
+    assert size_for_device(config_from_yaml(job.config_yaml), "cpu") == {}
+
+    # The run directory holds the sized config: the next invocation of the sweep resumes it.
+    _fake_run_dir(spec, run, "interrupted", 3, config=worker_cfg)
+    assert plan_runs(spec)[1].action == "resume"
+    # A key the sweep sets is still compared: a stored value that differs is another run.
+    other = worker_cfg.copy()
+    other.render.width = CPU_SETTINGS["render.width"]
+    import shutil
+    shutil.rmtree(spec.run_dir(run))
+    _fake_run_dir(spec, run, "interrupted", 3, config=other)
+    with pytest.raises(SweepError, match=r"render.width: 32 → 48"):
+        plan_runs(spec)

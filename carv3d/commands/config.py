@@ -7,8 +7,9 @@ import argparse
 NAME = "config"
 HELP = "show the resolved config of a run before starting it"
 DESCRIPTION = ("`carv3d config show [--config FILE] [key=value ...]` prints the config a `carv3d train` with the "
-               "same arguments would run, as YAML (a valid --config file); --describe adds each key's meaning "
-               "and valid range.")
+               "same arguments would run on this machine, as YAML (a valid --config file): on a CPU the keys "
+               "you did not set take CPU-sized values, listed in a comment at the top. --describe adds each "
+               "key's meaning and valid range.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from carv3d.config import load_config, to_yaml
+    from carv3d.devices import resolve_device
+    from carv3d.sizing import size_for_device
 
     cfg = load_config(args.config, args.overrides, args.prompt)
+    device = resolve_device(cfg.train.device)
+    changes = size_for_device(cfg, device)  # as the trainer does before it builds anything
+    if changes:
+        print(f"# sized for this machine ({device.type}); set a key to keep its other value:")
+        for key, (old, new) in changes.items():
+            print(f"#   {key}: {old} → {new}")
     if args.describe:
         from carv3d.config_help import commented_yaml
 

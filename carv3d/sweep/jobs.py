@@ -39,6 +39,8 @@ class RunJob:
         run_dir: absolute path of the run directory.
         resume_overrides: ``key=value`` overrides for ``resume`` (e.g. a raised ``train.steps``).
         log_path: append the run's log here (None: log only to the process's handlers).
+        explicit_keys: the keys the sweep's layers set (its base file, overrides, axes); the
+            worker sizes the others for its device (:mod:`carv3d.sizing`). None: all are set.
     """
 
     name: str
@@ -47,6 +49,7 @@ class RunJob:
     run_dir: str
     resume_overrides: list[str] = field(default_factory=list)
     log_path: Optional[str] = None
+    explicit_keys: Optional[list[str]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,16 +59,23 @@ class RunJob:
         return cls(**data)
 
 
-def config_from_yaml(text: str, output_dir: Optional[str] = None):
-    """Rebuild a resolved config from its YAML text (validated against this machine's schema)."""
+def config_from_yaml(text: str, output_dir: Optional[str] = None, explicit: Optional[list[str]] = None):
+    """Rebuild a resolved config from its YAML text (validated against this machine's schema).
+
+    ``explicit``: the keys its user set (:attr:`RunJob.explicit_keys`); None counts every key as set.
+    """
     from omegaconf import OmegaConf
 
     from carv3d.config import Config, load_config
+    from carv3d.sizing import restore_explicit
 
     layer = OmegaConf.create(text)
     if output_dir is not None:
         layer.train.output_dir = output_dir
-    return load_config(base=OmegaConf.merge(OmegaConf.structured(Config), layer))
+    cfg = load_config(base=OmegaConf.merge(OmegaConf.structured(Config), layer))
+    if explicit is not None:
+        restore_explicit(cfg, explicit)
+    return cfg
 
 
 def execute_job(job: RunJob, output_dir: Optional[str] = None) -> RunResult:
@@ -94,7 +104,7 @@ def execute_job(job: RunJob, output_dir: Optional[str] = None) -> RunResult:
         if job.action == "resume":
             resume(run_dir, job.resume_overrides)
         elif job.action == "train":
-            train(config_from_yaml(job.config_yaml, output_dir))
+            train(config_from_yaml(job.config_yaml, output_dir, job.explicit_keys))
         else:
             raise ValueError(f"unknown job action {job.action!r}")
         status, error = read_status(run_dir).get("status", "finished"), ""

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from carv3d.config import to_yaml
 from carv3d.log import logger
 from carv3d.run_dir import read_status
+from carv3d.sizing import explicit_keys
 from carv3d.sweep.checks import MAX_RUNS
 from carv3d.sweep.jobs import RunJob
 from carv3d.sweep.spec import SweepError, SweepSpec, load_sweep
@@ -71,10 +72,13 @@ class SweepOutcome:
 
 def _job(spec: SweepSpec, planned: PlannedRun) -> RunJob:
     run = planned.run
+    cfg = spec.configs[run.name]
+    explicit = explicit_keys(cfg)
     return RunJob(name=run.name, action="resume" if planned.action == "resume" else "train",
-                  config_yaml=to_yaml(spec.configs[run.name]), run_dir=str(spec.run_dir(run)),
+                  config_yaml=to_yaml(cfg), run_dir=str(spec.run_dir(run)),
                   resume_overrides=list(planned.resume_overrides),
-                  log_path=str(spec.directory / "logs" / f"{run.name}.log"))
+                  log_path=str(spec.directory / "logs" / f"{run.name}.log"),
+                  explicit_keys=sorted(explicit) if explicit is not None else None)
 
 
 def run_sweep(path: str | Path, backend: str = "local", max_parallel: Optional[int] = None,

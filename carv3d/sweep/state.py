@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from carv3d.checkpoint import CHECKPOINT_DIR, LATEST_FILE
 from carv3d.io import FileLock, LockHeld, atomic_write_text
 from carv3d.run_dir import CONFIG_FILE, load_run_config, read_status
+from carv3d.sizing import explicit_keys, sized_for_cpu
 from carv3d.sweep.spec import RunSpec, SweepError, SweepSpec
 
 STATE_FILE = "sweep_state.json"
@@ -97,10 +98,13 @@ def _flat(cfg: DictConfig) -> dict[str, Any]:
 
 
 def config_differences(stored: DictConfig, wanted: DictConfig) -> list[str]:
-    """``["train.seed: 0 → 1", ...]``: keys whose values differ, ignoring :data:`VOLATILE_KEYS`."""
+    """``["train.seed: 0 → 1", ...]``: keys whose values differ, ignoring :data:`VOLATILE_KEYS`
+    and the keys the run sized for a CPU (:mod:`carv3d.sizing`) that the sweep does not set."""
     a, b = _flat(stored), _flat(wanted)
+    explicit = explicit_keys(wanted)  # None: a config without a record, nothing sized
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in VOLATILE_KEYS and a.get(k) != b.get(k)]
+            if k not in VOLATILE_KEYS and a.get(k) != b.get(k)
+            and not (explicit is not None and k not in explicit and sized_for_cpu(k, a.get(k)))]
 
 
 def plan_runs(spec: SweepSpec) -> list[PlannedRun]:
