@@ -474,3 +474,50 @@ def test_a_sweep_run_is_sized_for_the_cpu_like_carv3d_train(tmp_path):
     _fake_run_dir(spec, run, "interrupted", 3, config=other)
     with pytest.raises(SweepError, match=r"render.width: 32 → 48"):
         plan_runs(spec)
+
+
+# ---------------------------------------------------------------------------------------- per-run progress
+class _Bar:
+    def __init__(self):
+        self.postfix = ""
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+
+def test_the_sweep_bar_names_the_training_runs_and_their_steps(tmp_path):
+    from carv3d.sweep.progress import RunProgress, last_logged_step
+
+    def run_dir(name, status, steps_logged, partial=False):
+        path = tmp_path / name
+        path.mkdir()
+        if status:
+            (path / "run.json").write_text(json.dumps({"status": status}))
+        lines = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in steps_logged)
+        (path / "metrics.jsonl").write_text(lines + ('{"step": 99, "lo' if partial else ""))
+        return path
+
+    a = run_dir("a", "running", [10, 20, 30], partial=True)   # a line being written is not read
+    b = run_dir("b", "running", [])
+    c = run_dir("c", None, [])                                # not started yet
+    assert last_logged_step(a) == 30 and last_logged_step(b) is None and last_logged_step(tmp_path / "x") is None
+    # A long file: only its tail is read, and the step is still the last one.
+    (b / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "pad": "x" * 100}) + "\n" for s in range(1, 501)))
+    assert last_logged_step(b) == 500
+
+    bar = _Bar()
+    watcher = RunProgress(bar, {"a": (a, 300), "b": (b, 1000), "c": (c, 300)}, interval=0.01, failed=1)
+    watcher.refresh()
+    assert bar.postfix == "a 30/300, b 500/1000; 1 failed"
+    watcher.done("a")
+    watcher.done("b", failed=True)
+    assert bar.postfix == "2 failed"
+    many = {f"r{i}": (run_dir(f"r{i}", "running", [i]), 9) for i in range(5)}
+    watcher = RunProgress(bar, many)
+    watcher.refresh()
+    assert bar.postfix == "r0 0/9, r1 1/9, r2 2/9 (+2 training)"
+    with RunProgress(bar, {"a": (a, 300)}, interval=0.01) as live:  # the thread refreshes by itself
+        deadline = time.time() + 5
+        while bar.postfix != "a 30/300" and time.time() < deadline:
+            time.sleep(0.01)
+    assert bar.postfix == "a 30/300" and not live._thread.is_alive()

@@ -6,6 +6,7 @@
     plan_runs(spec)         train | resume | restart | skip, from the run directories
     [ray: the address answers]                              ── nothing has run before this line
     for each finished run:  sweep_state.json rewritten, progress bar advanced
+    while runs train:       the bar names them with their steps (carv3d.sweep.progress)
     summary.csv / summary.md / summary_<axis>.png          (also after Ctrl-C)
 """
 
@@ -25,6 +26,7 @@ from carv3d.run_dir import read_status
 from carv3d.sizing import explicit_keys
 from carv3d.sweep.checks import MAX_RUNS
 from carv3d.sweep.jobs import RunJob
+from carv3d.sweep.progress import RunProgress
 from carv3d.sweep.spec import SweepError, SweepSpec, load_sweep
 from carv3d.sweep.state import PlannedRun, RunResult, abandon, plan_runs, read_state, sweep_lock, write_state
 
@@ -154,25 +156,31 @@ def _run(spec: SweepSpec, planned: list[PlannedRun], outcome: SweepOutcome, back
 
         bar = tqdm(total=len(spec.runs), initial=len(spec.runs) - len(jobs), desc=f"sweep {spec.name}",
                    unit="run", dynamic_ncols=True)
+        # The runs' own bars are off (train.progress=false): the sweep's bar names the training runs
+        # and their steps, read from their metrics.jsonl.
+        watcher = RunProgress(bar, {job.name: (Path(job.run_dir), int(spec.configs[job.name].train.steps))
+                                    for job in jobs},
+                              failed=sum(r.status == "failed" for r in results.values()))
 
         def on_result(result: RunResult) -> None:
             results[result.name] = result
             write_state(spec, results)
             bar.update(1)
-            bar.set_postfix(failed=sum(r.status == "failed" for r in results.values()))
+            watcher.done(result.name, failed=result.status == "failed")
             if result.status != "finished":
                 bar.write(f"[carv3d] sweep run {result.name}: {result.status}"
                           + (f": {result.error.splitlines()[0]}" if result.error else ""))
 
         try:
-            if backend == "ray":
-                from carv3d.sweep.ray_backend import run_ray
+            with watcher:
+                if backend == "ray":
+                    from carv3d.sweep.ray_backend import run_ray
 
-                run_ray(ray, jobs, on_result, directory, max_parallel=max_parallel)
-            else:
-                from carv3d.sweep.local import run_local
+                    run_ray(ray, jobs, on_result, directory, max_parallel=max_parallel)
+                else:
+                    from carv3d.sweep.local import run_local
 
-                run_local(jobs, on_result, max_parallel=max_parallel, gpus=gpus)
+                    run_local(jobs, on_result, max_parallel=max_parallel, gpus=gpus)
         finally:
             bar.close()
             write_state(spec, results)
