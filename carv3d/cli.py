@@ -34,13 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Parse, accepting ``key=value`` overrides on both sides of the options.
+
+    argparse gives a positional list only its first run of values: ``carv3d train --config F a=1
+    --prompt P b=2`` would reject ``b=2``. The overrides after an option join the earlier ones, in
+    the order typed (a later value of a key wins); anything else unknown is the usual error.
+    """
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in rest):
+            args.overrides = [*(args.overrides or []), *rest]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Ctrl-C can arrive anywhere, also while the parser's imports load torch: a clean exit 130 then.
     command = "carv3d"
     try:
         from carv3d.log import setup_logging
 
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(build_parser(), argv)
         command = f"carv3d {args.command}"
         setup_logging(logging.DEBUG if args.verbose else logging.INFO)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # carv3d never downloads weights at run time

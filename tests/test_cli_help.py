@@ -146,3 +146,14 @@ def test_resume_says_what_it_replaces_and_deletes(monkeypatch, capsys, tmp_path:
     assert len(note) == 1 and str(tmp_path) in note[0]
     for words in ("turntable.mp4, mesh/", "replaced", "only the newest 3 checkpoints are kept", "deleted"):
         assert words in note[0]
+
+
+def test_overrides_may_follow_options_and_keep_their_order(capsys) -> None:
+    """`carv3d train --config F a=1 --prompt P b=2`, as README lines are written: both apply, and a
+    key given twice takes its last value; a stray non-override is still refused."""
+    assert main(["config", "show", "train.steps=11", "--prompt", "a blue cone", "train.seed=5", "train.steps=12"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["train"]["steps"], shown["train"]["seed"], shown["prompt"]) == (12, 5, "a blue cone")
+    with pytest.raises(SystemExit) as exit_:
+        main(["config", "show", "train.seed=5", "--prompt", "a blue cone", "stray"])
+    assert exit_.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err

@@ -95,6 +95,11 @@ def variance_command(args: argparse.Namespace) -> str:
             raise ConfigError("carv3d variance needs a run directory or a prompt (--prompt or prompt=...).")
         source = {"initial_scene": True, "config": args.config}
     device = resolve_device(args.device if args.device != "auto" else cfg.train.device)
+    # The initial scene of a config is sized for the machine as `carv3d train` would size it (a run's
+    # own config has every key set, so a run directory is measured as it trained).
+    from carv3d.sizing import size_for_device
+
+    size_for_device(cfg, device)
     scene = FrozenScene(cfg, device, scene_state, seed=args.seed)
     if args.window and args.draws < 2 * args.window:
         raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
