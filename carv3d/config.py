@@ -146,7 +146,10 @@ class DiffusersTeacherConfig(TeacherConfig):
     # Off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast NHWC kernel:
     # U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
     channels_last: str = described("off", "NHWC memory format for the U-Net and VAE (auto: on for CUDA)")
-    compile: bool = described(False, "torch.compile the U-Net and VAE encoder (minutes of compiling at SD scale)")
+    compile: str = described("off", "torch.compile the U-Net and VAE encoder, CUDA only: off | full (the U-Net as "
+                                     "one graph) | regional (its repeated blocks; faster to compile); true = full")
+    compile_cache: str = described("auto", "folder of the persistent compile caches (auto: ~/.cache/carv3d/torch_compile; "
+                                           "\"\" = torch's /tmp default)")
 
 
 @dataclass
@@ -314,6 +317,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": ("auto", "float32", "float16", "bfloat16"),
     "teacher.cuda_graph": ("auto", "on", "off"),
     "teacher.channels_last": ("auto", "on", "off"),
+    "teacher.compile": ("off", "full", "regional"),
     "train.sync_free": ("auto", "on", "off"),
     "estimator.preset": tuple(ESTIMATOR_PRESETS),
     "estimator.proposal": ("uniform", "teacher-weight", "adaptive"),
@@ -332,6 +336,12 @@ def _normalise_switches(cfg: DictConfig) -> None:
     for key in SWITCH_KEYS:
         value = str(OmegaConf.select(cfg, key)).lower()
         OmegaConf.update(cfg, key, _SWITCH_SPELLINGS.get(value, value))
+    # teacher.compile was a boolean before it had modes: true/on still mean the whole U-Net.
+    compile_value = OmegaConf.select(cfg, "teacher.compile", default=None)
+    if compile_value is not None:
+        value = str(compile_value).lower()
+        OmegaConf.update(cfg, "teacher.compile", {"true": "full", "on": "full", "yes": "full", "1": "full",
+                                                  "false": "off", "no": "off", "0": "off"}.get(value, value))
 
 
 Types = tuple[tuple[str, str], ...]  # ((seam, type), ...) in SEAMS order

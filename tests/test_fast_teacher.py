@@ -107,7 +107,8 @@ def test_fast_encode_matches_eager_with_its_gradient(teachers):
     assert _relative_error(grads[1], grads[0]) < 2e-2
 
 
-def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, tiny_sd_path):
+@pytest.mark.parametrize("mode", ["full", "regional"])
+def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, tiny_sd_path, mode):
     """``teacher.compile``: the compiled U-Net (inside the CUDA graph) and the compiled VAE encoder,
     forward and backward. Inductor fuses and reorders fp16 arithmetic, and guidance 7.5 amplifies
     the difference of two fp16 predictions, so the reference is the fp32 teacher: the compiled fp16
@@ -117,8 +118,8 @@ def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, 
 
     eager, _ = teachers
     exact = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
-    compiled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=True), "cuda")
-    assert compiled.fast.compile and compiled.fast.cuda_graph
+    compiled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=mode), "cuda")
+    assert compiled.fast.compile == mode and compiled.fast.cuda_graph
 
     def close_as_eager(got, eager_value, exact_value):
         return _relative_error(got, exact_value) <= 1.5 * _relative_error(eager_value, exact_value) + 1e-3

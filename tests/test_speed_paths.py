@@ -36,17 +36,17 @@ def test_switch_keys_reject_other_values_and_default_to_auto():
         load_config(overrides=["teacher.cuda_graph=sometimes"])
     cfg = load_config()
     assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free, cfg.teacher.compile) == \
-        ("auto", "off", "auto", False)  # channels_last measured slower on the H200: opt-in
+        ("auto", "off", "auto", "off")  # channels_last measured slower on the H200: opt-in
 
 
 def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
     cfg = load_config(overrides=["teacher.cuda_graph=on", "teacher.channels_last=on", "teacher.compile=true"])
     with caplog.at_level("INFO", logger="carv3d"):
         fast = resolve_fast_paths(cfg.teacher, torch.device("cpu"))
-    assert fast == FastPaths(False, False, False)
-    assert "cuda_graph=on skipped" in caplog.text and "compile skipped" in caplog.text
+    assert fast == FastPaths(False, False, "off")
+    assert "cuda_graph=on skipped" in caplog.text and "compile=full skipped" in caplog.text
     on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
-    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile=False)  # channels_last: opt-in
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile="off")  # channels_last: opt-in
     assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
                               torch.device("cuda")).cuda_graph is False
 
@@ -284,3 +284,50 @@ def test_nonfinite_in_a_row_survives_a_checkpoint(tiny_sd_path, tmp_path):
     after = Trainer(cfg)
     after.load_state_dict(state)
     assert (after.guard.in_a_row(), after.guard.total()) == (2, 2)
+
+
+# ------------------------------------------------------------------ compile modes and the cache
+@pytest.mark.parametrize("value, mode", [("true", "full"), ("false", "off"), ("on", "full"), ("full", "full"),
+                                         ("regional", "regional"), ("off", "off")])
+def test_compile_key_reads_modes_and_the_old_booleans(value, mode):
+    assert load_config(overrides=[f"teacher.compile={value}"]).teacher.compile == mode
+    with pytest.raises(ConfigError, match="teacher.compile.*off, full, regional"):
+        load_config(overrides=["teacher.compile=fast"])
+
+
+def test_regional_compile_wraps_exactly_the_repeated_blocks(tiny_teacher):
+    """diffusers' ``_repeated_blocks`` (BasicTransformerBlock for the U-Net) are the compiled modules,
+    nothing else; the U-Net itself stays eager. (Counted on a copy: the fixture is shared.)"""
+    import copy
+
+    from carv3d.teacher.fast import compile_regions
+
+    unet = copy.deepcopy(tiny_teacher.unet)
+    expected = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(expected) >= 1
+    assert compile_regions(unet) == len(expected)
+    compiled = [m for m in unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled == expected
+    with pytest.raises(ValueError, match="teacher.compile=full"):
+        compile_regions(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_compile_cache_goes_to_a_folder_that_outlives_the_process(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from carv3d.teacher.fast import default_compile_cache, enable_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("CARV3D_CACHE", str(tmp_path / "cache"))
+    assert default_compile_cache() == tmp_path / "cache" / "torch_compile"
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    assert enable_compile_cache("auto") == tmp_path / "cache" / "torch_compile"
+    assert (tmp_path / "cache" / "torch_compile").is_dir() and inductor_config.fx_graph_cache is True
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torch_compile")
+    # An explicit environment variable wins over the config; "" leaves torch's default alone.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert enable_compile_cache(str(tmp_path / "other")) == tmp_path / "mine"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert enable_compile_cache("") is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -12,10 +12,14 @@ its forward can be recorded once per shape and replayed:
   pool (they never run concurrently and their output is copied out before the next replay).
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's fp16/bf16 convolution kernels
   want (avoids NCHW↔NHWC transposes around every convolution). Applies to the U-Net and the VAE.
-- ``compile``: ``torch.compile`` of the U-Net and of the VAE encoder (fixed shapes; the encoder's
-  backward too, since training differentiates through it). Composes with the CUDA graph: the
-  compiled U-Net kernels are what gets recorded. Compiling takes 40–110 s per U-Net shape at SD
-  scale, so it is off by default.
+- ``compile``: ``torch.compile`` (fixed shapes) of the U-Net — ``full``: the whole U-Net as one
+  graph; ``regional``: only its repeated blocks (diffusers' ``compile_repeated_blocks``: the
+  transformer blocks, compiled once and reused by every instance, which cuts the compile time) —
+  and of the VAE encoder, whose backward is compiled too (training differentiates through it).
+  Composes with the CUDA graph: the compiled kernels are what gets recorded. Compiled artefacts
+  persist across processes in Inductor's FX-graph and AOT-autograd caches under
+  ``teacher.compile_cache`` (:func:`enable_compile_cache`), so a machine compiles each shape's
+  kernels once; tracing still runs in every process.
 - fused attention: diffusers runs attention through ``F.scaled_dot_product_attention``
   (``AttnProcessor2_0``) on torch ≥ 2; :func:`attention_summary` reports which processors a model
   uses so the startup log shows it.
@@ -26,8 +30,10 @@ eager code path is then exactly the one without fast paths.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,6 +41,7 @@ import torch
 from carv3d.log import logger
 
 SWITCHES = ("auto", "on", "off")
+COMPILE_MODES = ("off", "full", "regional")
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,12 @@ class FastPaths:
 
     cuda_graph: bool = False
     channels_last: bool = False
-    compile: bool = False
+    compile: str = "off"  # one of COMPILE_MODES
 
     def describe(self) -> str:
-        on = [name for name in ("cuda_graph", "channels_last", "compile") if getattr(self, name)]
+        on = [name for name in ("cuda_graph", "channels_last") if getattr(self, name)]
+        if self.compile != "off":
+            on.append(f"compile={self.compile}")
         return ", ".join(on) if on else "none (eager)"
 
 
@@ -71,14 +80,67 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
     its defaults are stated there, once.
     """
     device = torch.device(device)
-    compile_requested = bool(teacher_cfg.compile)
-    if compile_requested and device.type != "cuda":
-        logger.info("teacher: compile skipped on %s (only used on CUDA)", device)
+    mode = compile_mode(teacher_cfg.compile)
+    if mode != "off" and device.type != "cuda":
+        logger.info("teacher: compile=%s skipped on %s (only used on CUDA)", mode, device)
+        mode = "off"
+    if mode != "off":
+        cache = enable_compile_cache(getattr(teacher_cfg, "compile_cache", "auto"))
+        logger.info("teacher: compile=%s, compile cache %s", mode, cache or "torch's default (this boot only)")
     return FastPaths(
         cuda_graph=_switch(teacher_cfg.cuda_graph, "cuda_graph", device),
         channels_last=_switch(teacher_cfg.channels_last, "channels_last", device),
-        compile=compile_requested and device.type == "cuda",
+        compile=mode,
     )
+
+
+def compile_mode(value: Any) -> str:
+    """``teacher.compile`` → one of :data:`COMPILE_MODES` (``true``/``false`` read as full/off)."""
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    text = str(value).lower()
+    text = {"true": "full", "on": "full", "false": "off", "none": "off"}.get(text, text)
+    if text not in COMPILE_MODES:
+        raise ValueError(f"teacher.compile is '{value}'; expected one of {', '.join(COMPILE_MODES)}")
+    return text
+
+
+def default_compile_cache() -> Path:
+    """``$CARV3D_CACHE/torch_compile``, else ``$XDG_CACHE_HOME/carv3d/torch_compile``, else ``~/.cache/...``."""
+    if os.environ.get("CARV3D_CACHE"):
+        return Path(os.environ["CARV3D_CACHE"]) / "torch_compile"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "carv3d" / "torch_compile"
+
+
+def enable_compile_cache(setting: Any = "auto") -> Optional[Path]:
+    """Point Inductor's persistent caches at a folder that outlives the process (and /tmp).
+
+    Inductor keeps compiled kernels in an FX-graph cache and, for training graphs, an
+    AOT-autograd cache, keyed by the traced graph, the inputs' shapes/dtypes, the device and the
+    torch version; both default to ``/tmp/torchinductor_<user>``, which a reboot or a fresh
+    container empties. ``setting``: ``auto`` (:func:`default_compile_cache`), a folder, or ``""``
+    to leave torch's default. An explicit ``TORCHINDUCTOR_CACHE_DIR`` in the environment wins.
+
+    Returns:
+        The cache folder in use, or None for torch's default.
+    """
+    text = str(setting)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        folder: Optional[Path] = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    elif text == "":
+        folder = None
+    else:
+        folder = default_compile_cache() if text == "auto" else Path(text).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by Inductor at each cache lookup
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = True
+    return folder
 
 
 def attention_summary(model: Optional[torch.nn.Module]) -> str:
@@ -199,8 +261,10 @@ def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.T
         return unet(sample, timestep, encoder_hidden_states=hidden).sample
 
     call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = eager
-    if fast.compile:
+    if fast.compile == "full":
         call = torch.compile(eager, dynamic=False)
+    elif fast.compile == "regional":
+        compile_regions(unet)
     if fast.cuda_graph:
         call = CapturedUNet(call)
     return call
@@ -226,6 +290,27 @@ def build_encode_call(vae: torch.nn.Module, fast: FastPaths) -> Callable[[torch.
             moments = vae.quant_conv(moments)
         return moments.chunk(2, dim=1)[0]
 
-    if fast.compile:
+    if fast.compile != "off":
         return torch.compile(eager, dynamic=False)
     return eager
+
+
+def compile_regions(unet: torch.nn.Module) -> int:
+    """Regional compilation: ``torch.compile`` each of the U-Net's repeated blocks in place.
+
+    diffusers models list their repeated block classes in ``_repeated_blocks`` (the U-Net's
+    ``BasicTransformerBlock``); each instance gets ``module.compile(dynamic=False)``, and since
+    all instances share their code, Dynamo traces the block once per input shape instead of the
+    whole U-Net. Returns the number of blocks compiled.
+
+    Raises:
+        ValueError: the model names no repeated blocks (use ``teacher.compile=full``).
+    """
+    names = set(getattr(unet, "_repeated_blocks", None) or ())
+    blocks = [module for module in unet.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"teacher.compile=regional: {type(unet).__name__} names no repeated blocks to compile; "
+                         "use teacher.compile=full.")
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
