@@ -206,7 +206,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=8, help="K of the measured step")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--modes", default=None, help="default: off,full,regional on CUDA; off on a CPU")
+    parser.add_argument("--modes", default=None, help="default: off,regional,full on CUDA; off on a CPU; none: only the encoder probe")
     parser.add_argument("--model-dir", default=None, help="reuse (or build into) this folder")
     parser.add_argument("--child-timeout", type=float, default=400.0)
     parser.add_argument("--probe-encoder", default="auto", choices=("auto", "on", "off"))
@@ -245,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["model_build_s"] = time.perf_counter() - t0
     args.model_dir = str(folder)
     cuda = args.device.startswith("cuda")
-    modes = (args.modes or ("off,full,regional" if cuda else "off")).split(",")
+    modes = [m for m in (args.modes or ("off,regional,full" if cuda else "off")).split(",") if m and m != "none"]
     logs = Path(tempfile.mkdtemp(prefix="carv3d-compile-logs-"))
     for mode in modes:
         cache = Path(tempfile.mkdtemp(prefix=f"carv3d-cache-{mode}-"))
