@@ -88,6 +88,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     startup = time.perf_counter() - STARTED
     for _ in range(args.warmup):
         trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    trainer.timing_metrics()  # reset the section timers: the split covers the timed steps only
     times = []
     for _ in range(args.steps):
         if device.type == "cuda":
@@ -108,6 +111,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "split_ms": {k.replace("time_", "").replace("_ms", ""): v for k, v in split.items()},
         "fast_paths": trainer.distill.teacher.fast.describe(),
         "cache_files": sum(1 for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else 0,
+        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
     }
 
@@ -176,21 +180,65 @@ def probe_encoder(args: argparse.Namespace) -> dict[str, Any]:
     def counters() -> dict[str, Any]:
         return {group: dict(values) for group, values in dynamo_utils.counters.items() if values}
 
-    phases: dict[str, Any] = {}
+    def forward_ms(repeat: int = 10) -> float:
+        times = []
+        with torch.no_grad():
+            for _ in range(repeat):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                teacher.encode(image)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    compiled_fn = teacher._encode_call if hasattr(teacher, "_encode_call") else None
+    original = getattr(compiled_fn, "_torchdynamo_orig_callable", None)
+
+    def cache_entries() -> Any:
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            return len(_debug_get_cache_entry_list(original.__code__)) if original is not None else "no compiled fn found"
+        except Exception as err:  # noqa: BLE001
+            return f"{type(err).__name__}: {err}"[:200]
+
+    phases: dict[str, Any] = {"encode_call": repr(compiled_fn)[:200]}
     t0 = time.perf_counter()
     encode_ms(2)  # compiles
     phases["compile_s"] = time.perf_counter() - t0
     phases["compiled_ms"] = encode_ms()
+    phases["compiled_forward_ms"] = forward_ms()
+    phases["cache_entries_after_compile"] = cache_entries()
     phases["counters_after_compile"] = counters()
+    # An unrelated computation under FlopCounterMode: does the mode itself change later calls?
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        torch.randn(64, 64, device=device) @ torch.randn(64, 64, device=device)
+    phases["after_unrelated_flop_mode_ms"] = encode_ms()
     mark = len(capture.lines)
     render = torch.rand(1, 3, 64, 64, device=device, requires_grad=True)  # bench_speed counts at the render size
     phases["flops"] = count_flops(lambda: teacher.encode(render).sum().backward())
     phases["log_during_flop_count"] = capture.lines[mark:]
     phases["counters_after_flop_count"] = counters()
+    phases["cache_entries_after_flop_count"] = cache_entries()
     mark = len(capture.lines)
     phases["after_flop_count_ms"] = encode_ms()
+    phases["after_flop_count_forward_ms"] = forward_ms()
     phases["log_after_flop_count"] = capture.lines[mark:]
     phases["counters_at_end"] = counters()
+    # The same fresh: a second compiled teacher whose first call is under FlopCounterMode.
+    torch._dynamo.reset()
+    teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(args.model_dir), compile="full", cuda_graph="on",
+                                                  compile_cache=str(Path(args.model_dir) / "probe_cache")), device)
+    compiled_fn = teacher._encode_call if hasattr(teacher, "_encode_call") else None
+    original = getattr(compiled_fn, "_torchdynamo_orig_callable", None)
+    phases["fresh_flops_first"] = count_flops(lambda: teacher.encode(render).sum().backward())
+    phases["fresh_cache_entries_after_flop_count"] = cache_entries()
+    phases["fresh_after_flop_first_ms"] = encode_ms()
+    phases["fresh_cache_entries_at_end"] = cache_entries()
+    phases["fresh_counters_at_end"] = counters()
     eager = load_teacher(DiffusersTeacherConfig(pretrained=str(args.model_dir), compile="off", cuda_graph="on"), device)
     teacher = eager
     phases["eager_ms"] = encode_ms()

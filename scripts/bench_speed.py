@@ -135,7 +135,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def teacher_flops(teacher: Any, noise_draws: int, guidance_scale: float, render_size: int) -> dict[str, int]:
     """FLOPs of one step's U-Net call (K draws, CFG doubles the rows) and VAE encode forward+backward.
 
-    Calls the modules directly (not a CUDA-graph replay, which the counter cannot see).
+    Calls the modules directly (not a CUDA-graph replay, which the counter cannot see), with Dynamo
+    off: a compiled function called under ``FlopCounterMode`` is marked to run eagerly for the rest
+    of the process (carv3d.teacher.fast.eager_under_dispatch_modes).
     """
     c, h, w = teacher.latent_shape
     device, dtype = teacher.device, teacher.dtype
@@ -143,10 +145,11 @@ def teacher_flops(teacher: Any, noise_draws: int, guidance_scale: float, render_
     sample = torch.randn(rows, c, h, w, device=device, dtype=dtype)
     t = torch.full((rows,), 500, device=device, dtype=torch.long)
     hidden = torch.randn(rows, 77, int(teacher.unet.config.cross_attention_dim), device=device, dtype=dtype)
-    with torch.no_grad():
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # regional compile: compiled blocks
         unet = count_flops(lambda: teacher.unet(sample, t, encoder_hidden_states=hidden))
     image = torch.rand(1, 3, render_size, render_size, device=device, requires_grad=True)
-    vae = count_flops(lambda: teacher.encode(image).sum().backward())
+    with torch.compiler.set_stance("force_eager"):
+        vae = count_flops(lambda: teacher.encode(image).sum().backward())
     return {"unet": unet, "vae_encode_forward_backward": vae}
 
 

@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def scratch(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 14 commands; about 6 minutes on a quiet 2-core machine
 def test_the_readme_commands_run_as_printed(scratch, tiny_sd_path):
     """The cli blocks in order; `runs/a_red_cube-...` is the first run they made, as a user would
     paste it. Then the run-folder listing is checked against that run."""
@@ -125,8 +127,10 @@ def test_the_readme_commands_run_as_printed(scratch, tiny_sd_path):
         line = shorter(line, tiny_sd_path)
         if first_run is not None:
             line = re.sub(r"runs/a_red_cube-[\w.-]*\.\.\.|runs/a_red_cube-\d{8}-\d{6}", str(first_run), line)
+        started = time.perf_counter()
         result = run(line, folder, env)
         ran.append(line)
+        print(f"{time.perf_counter() - started:6.1f} s  {line}", flush=True)
         assert result.returncode == 0, f"README command failed: {line}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         if first_run is None and line.startswith("carv3d train"):
             first_run = sorted((folder / "runs").glob("a_red_cube-*"))[0]

@@ -331,3 +331,49 @@ def test_compile_cache_goes_to_a_folder_that_outlives_the_process(tmp_path, monk
     assert enable_compile_cache(str(tmp_path / "other")) == tmp_path / "mine"
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert enable_compile_cache("") is None and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # Inductor fills the variable with its /tmp default on first use: that is not a user's choice.
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] != str(tmp_path / "cache" / "torch_compile")
+    assert enable_compile_cache("auto") == tmp_path / "cache" / "torch_compile"
+    assert cache_dir() == str(tmp_path / "cache" / "torch_compile")
+
+
+def test_a_compiled_call_under_a_dispatch_mode_stays_compiled_afterwards():
+    """Dynamo marks a function's code object "skip" for the whole process when it is called under
+    a TorchDispatchMode (FlopCounterMode here). The unguarded function shows that reference
+    behaviour — after one call under the mode the backend is never called again — and the guarded
+    one (what fast.py returns) keeps compiling and running the compiled code."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from carv3d.teacher.fast import eager_under_dispatch_modes
+
+    def counting_backend(calls):
+        def backend(graph_module, example_inputs):
+            calls.append(1)
+            return graph_module.forward
+        return backend
+
+    def unguarded_fn(x):
+        return torch.sin(x) * 2 + 1
+
+    def guarded_fn(x):
+        return torch.cos(x) * 2 + 1
+
+    x = torch.randn(8)
+    plain_calls, guarded_calls = [], []
+    plain = torch.compile(unguarded_fn, backend=counting_backend(plain_calls), dynamic=False)
+    guarded = eager_under_dispatch_modes(torch.compile(guarded_fn, backend=counting_backend(guarded_calls),
+                                                       dynamic=False))
+    for fn in (plain, guarded):
+        with FlopCounterMode(display=False):
+            fn(x)
+    assert plain_calls == [] and guarded_calls == []          # nothing compiles under the mode
+    assert torch.allclose(plain(x), unguarded_fn(x)) and torch.allclose(guarded(x), guarded_fn(x))
+    assert plain_calls == []                                  # poisoned: eager for the rest of the process
+    assert guarded_calls == [1]                               # compiled on its first call outside the mode
+    with FlopCounterMode(display=False):
+        guarded(x)
+    guarded(x)
+    assert guarded_calls == [1]                               # and the compiled code stays in use
