@@ -146,8 +146,9 @@ class DiffusersTeacherConfig(TeacherConfig):
     # Off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast NHWC kernel:
     # U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
     channels_last: str = described("off", "NHWC memory format for the U-Net and VAE (auto: on for CUDA)")
-    compile: str = described("off", "torch.compile the U-Net and VAE encoder, CUDA only: off | full (the U-Net as "
-                                     "one graph) | regional (its repeated blocks; faster to compile); true = full")
+    compile: str = described("auto", "torch.compile the U-Net and VAE encoder, CUDA only: auto (regional for U-Nets of "
+                                      "≥ 100 M parameters, off for smaller) | off | full (the U-Net as one graph) | "
+                                      "regional (its repeated blocks; faster to compile); true = full")
     compile_cache: str = described("auto", "folder of the persistent compile caches (auto: ~/.cache/carv3d/torch_compile; "
                                            "\"\" = torch's /tmp default)")
 
@@ -317,7 +318,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.dtype": ("auto", "float32", "float16", "bfloat16"),
     "teacher.cuda_graph": ("auto", "on", "off"),
     "teacher.channels_last": ("auto", "on", "off"),
-    "teacher.compile": ("off", "full", "regional"),
+    "teacher.compile": ("auto", "off", "full", "regional"),
     "train.sync_free": ("auto", "on", "off"),
     "estimator.preset": tuple(ESTIMATOR_PRESETS),
     "estimator.proposal": ("uniform", "teacher-weight", "adaptive"),

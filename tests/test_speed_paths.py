@@ -36,7 +36,7 @@ def test_switch_keys_reject_other_values_and_default_to_auto():
         load_config(overrides=["teacher.cuda_graph=sometimes"])
     cfg = load_config()
     assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free, cfg.teacher.compile) == \
-        ("auto", "off", "auto", "off")  # channels_last measured slower on the H200: opt-in
+        ("auto", "off", "auto", "auto")  # channels_last measured slower on the H200: opt-in
 
 
 def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
@@ -46,7 +46,7 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
     assert fast == FastPaths(False, False, "off")
     assert "cuda_graph=on skipped" in caplog.text and "compile=full skipped" in caplog.text
     on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
-    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile="off")  # channels_last: opt-in
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile="auto")  # channels_last: opt-in
     assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
                               torch.device("cuda")).cuda_graph is False
 
@@ -288,10 +288,10 @@ def test_nonfinite_in_a_row_survives_a_checkpoint(tiny_sd_path, tmp_path):
 
 # ------------------------------------------------------------------ compile modes and the cache
 @pytest.mark.parametrize("value, mode", [("true", "full"), ("false", "off"), ("on", "full"), ("full", "full"),
-                                         ("regional", "regional"), ("off", "off")])
+                                         ("regional", "regional"), ("off", "off"), ("auto", "auto")])
 def test_compile_key_reads_modes_and_the_old_booleans(value, mode):
     assert load_config(overrides=[f"teacher.compile={value}"]).teacher.compile == mode
-    with pytest.raises(ConfigError, match="teacher.compile.*off, full, regional"):
+    with pytest.raises(ConfigError, match="teacher.compile.*auto, off, full, regional"):
         load_config(overrides=["teacher.compile=fast"])
 
 
@@ -377,3 +377,21 @@ def test_a_compiled_call_under_a_dispatch_mode_stays_compiled_afterwards():
         guarded(x)
     guarded(x)
     assert guarded_calls == [1]                               # and the compiled code stays in use
+
+
+def test_auto_compile_is_regional_for_a_large_unet_and_off_for_a_small_one(tiny_teacher, monkeypatch, caplog):
+    from carv3d.teacher import fast as fast_module
+
+    unet = tiny_teacher.unet
+    size = sum(p.numel() for p in unet.parameters())
+    auto = FastPaths(cuda_graph=True, compile="auto")
+    with caplog.at_level("INFO", logger="carv3d"):
+        assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, compile="off")
+    assert "compile=auto -> off" in caplog.text
+    monkeypatch.setattr(fast_module, "AUTO_COMPILE_MIN_PARAMETERS", size)  # as large as the threshold
+    assert fast_module.resolve_auto_compile(auto, unet).compile == "regional"
+    explicit = FastPaths(compile="full")
+    assert fast_module.resolve_auto_compile(explicit, unet) is explicit
+    # On a CPU auto is off before any model is looked at (and says nothing: nothing was asked).
+    cpu = resolve_fast_paths(load_config().teacher, torch.device("cpu"))
+    assert cpu.compile == "off"

@@ -28,7 +28,8 @@ from carv3d.config import check_prompt
 from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.log import logger
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
-from carv3d.teacher.fast import FastPaths, attention_summary, build_encode_call, build_unet_call
+from carv3d.teacher.fast import (FastPaths, attention_summary, build_encode_call, build_unet_call,
+                                 resolve_auto_compile)
 from carv3d.teacher.folder import inspect_teacher_folder
 from carv3d.teacher.vocabulary import PromptVocabulary
 
@@ -131,7 +132,7 @@ class DiffusersTeacher:
             if model.dtype != self.dtype:  # from_folder loads in the right dtype; cast only otherwise
                 model.to(dtype=self.dtype)
             model.to(self.device).eval().requires_grad_(False)
-        self.fast = fast or FastPaths()
+        self.fast = resolve_auto_compile(fast or FastPaths(), unet)
         self._unet_call = build_unet_call(unet, self.fast)  # applies channels_last to the U-Net
         if self.fast.channels_last and vae is not None:
             vae.to(memory_format=torch.channels_last)
@@ -228,7 +229,7 @@ class DiffusersTeacher:
         the original teacher stays correct (and stays eager).
         """
         other = copy.copy(self)
-        other.fast = fast
+        other.fast = fast = resolve_auto_compile(fast, self.unet)
         other._unet_call = build_unet_call(self.unet, fast)
         if fast.channels_last and self.vae is not None:
             self.vae.to(memory_format=torch.channels_last)
