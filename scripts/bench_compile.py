@@ -43,9 +43,8 @@ from typing import Any, Optional
 
 STARTED = time.perf_counter()
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 for _key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_key, "1")
 
@@ -77,9 +76,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "train.progress=false", "train.tensorboard=false", "train.seed=0",
     ]
     if args.tiny:
-        from bench_speed import TINY_OVERRIDES
+        from carv3d.testing.tiny_teachers import TINY_SD_SCENE_OVERRIDES
 
-        overrides += TINY_OVERRIDES
+        overrides += TINY_SD_SCENE_OVERRIDES
     cfg = load_config(REPO_ROOT / "configs" / "sd21.yaml", overrides, "a red cube")
     trainer = Trainer(cfg)
     trainer.train_step()
@@ -151,7 +150,8 @@ def probe_encoder(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch._dynamo.utils as dynamo_utils
 
-    from bench_speed import count_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
     from carv3d.config import DiffusersTeacherConfig
     from carv3d.teacher import load_teacher
 
@@ -211,15 +211,18 @@ def probe_encoder(args: argparse.Namespace) -> dict[str, Any]:
     phases["compiled_forward_ms"] = forward_ms()
     phases["cache_entries_after_compile"] = cache_entries()
     phases["counters_after_compile"] = counters()
-    # An unrelated computation under FlopCounterMode: does the mode itself change later calls?
-    from torch.utils.flop_counter import FlopCounterMode
+    def count_flops(fn: Any) -> int:  # bench_speed's FLOP count, as it ran before the fix
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return int(counter.get_total_flops())
 
+    # An unrelated computation under FlopCounterMode: does the mode itself change later calls?
     with FlopCounterMode(display=False):
         torch.randn(64, 64, device=device) @ torch.randn(64, 64, device=device)
     phases["after_unrelated_flop_mode_ms"] = encode_ms()
     mark = len(capture.lines)
     render = torch.rand(1, 3, 64, 64, device=device, requires_grad=True)  # bench_speed counts at the render size
-    phases["flops"] = count_flops(lambda: teacher.encode(render).sum().backward())
+    phases["flops"] = count_flops(lambda: teacher.encode(render).sum().backward())  # as bench_speed did
     phases["log_during_flop_count"] = capture.lines[mark:]
     phases["counters_after_flop_count"] = counters()
     phases["cache_entries_after_flop_count"] = cache_entries()

@@ -56,10 +56,6 @@ TARGETS = {
     "peak_gb_max": 12.0,
     "k16_step_over_floor_max": 2.0,
 }
-TINY_OVERRIDES = [  # CPU-sized scene for --tiny: a few seconds per step on 2 cores
-    "render.width=32", "render.height=32", "render.samples_per_ray=16", "scene.grid.n_levels=8",
-    "scene.grid.log2_hashmap_size=14", "teacher.resolution=0", "teacher.guidance_scale=7.5",
-]
 
 
 def log(message: str) -> None:
@@ -180,7 +176,9 @@ def config_overrides(args: argparse.Namespace, folder: Path, k: int, grid: str, 
         f"train.sync_free={'auto' if teacher_mode == 'fast' else 'off'}",
         "train.progress=false", "train.tensorboard=false", "train.seed=0",
     ]
-    return overrides + (TINY_OVERRIDES if args.tiny else [])
+    from carv3d.testing.tiny_teachers import TINY_SD_SCENE_OVERRIDES
+
+    return overrides + (TINY_SD_SCENE_OVERRIDES if args.tiny else [])
 
 
 def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str, Any],

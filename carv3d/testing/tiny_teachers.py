@@ -35,6 +35,12 @@ TINY_WORDS: tuple[str, ...] = (
     "front", "side", "back", "overhead", "view",
 )
 TEXT_HIDDEN = 32  # text-embedding width = the U-Net's cross_attention_dim
+# configs/sd21.yaml's scene scaled to a CPU check with the tiny SD folder (the benchmark scripts'
+# --tiny): a few seconds per step on 2 cores.
+TINY_SD_SCENE_OVERRIDES = [
+    "render.width=32", "render.height=32", "render.samples_per_ray=16", "scene.grid.n_levels=8",
+    "scene.grid.log2_hashmap_size=14", "teacher.resolution=0", "teacher.guidance_scale=7.5",
+]
 
 
 def make_tiny_scheduler() -> DDPMScheduler:
