@@ -161,6 +161,28 @@ def test_kernels_compile_for_sm90_with_float32_atomics():
             assert all(op.endswith(".add.f32") for op in atomics), sorted(set(atomics))
 
 
+# ------------------------------------------------------------------------------ the GPU check script
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="main process only")
+def test_gpu_check_script_runs_its_sections_in_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_check_hashgrid.py --cpu-smoke (≈ 45 s): every section runs through the interpreter
+    on tiny sizes and its correctness section passes its own tolerances."""
+    import json
+
+    result = subprocess.run([sys.executable, "scripts/gpu_check_hashgrid.py", str(tmp_path), "--cpu-smoke"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check_hashgrid.json").read_text())
+    assert report["status"] == "finished"
+    assert {k: v["status"] for k, v in report["sections"].items()} == dict.fromkeys(
+        ("correctness", "render", "encode", "bench_speed"), "ok")
+    assert report["summary"]["correct"] is True
+    assert report["sections"]["render"]["triton"]["hash_grid_backend"] == "triton"
+    assert report["sections"]["render"]["first_view"]["rgb_max_abs_diff"] < 1e-5
+    assert (tmp_path / "bench_speed_quick.json").exists()
+
+
 # ------------------------------------------------------------------------------ the interpreter
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreted run")
