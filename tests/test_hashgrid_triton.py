@@ -18,7 +18,7 @@ plus the fp32 error, which is what one rounding of an fp32-accumulated sum allow
 from __future__ import annotations
 
 import importlib.util
-import itertools
+import math
 import logging
 import os
 import re
@@ -145,7 +145,7 @@ def test_kernels_compile_for_sm90_with_float32_atomics():
 
     geometry = {"scale_ptr": "*i32", "factor_ptr": "*i64", "size_ptr": "*i64", "offset_ptr": "*i64",
                 "hashed_ptr": "*i32", "n_points": "i32", "n_levels": "i32"}
-    const = {"F": 2, "F_PAD": 2, "BLOCK": 128, "POS": tl.float32, "ACC": tl.float32}
+    const = {"F": 2, "BLOCK": 128, "POS": tl.float32, "ACC": tl.float32}
     for table in ("fp32", "fp16"):
         sig = {"x_ptr": "*fp32", "table_ptr": f"*{table}", "y_ptr": f"*{table}", **geometry}
         forward = _compile(H._encode_forward_kernel, {**sig, **{k: "constexpr" for k in const}}, const)
@@ -272,7 +272,7 @@ if INTERPRETED:  # the kernel tests: defined only in the interpreted process
         table = tri.params.detach().clone()
         rows = tri.levels[2].offset * 2 + torch.arange(2 * tri.levels[2].table_size)  # hashed level's entries
         with torch.no_grad():
-            for j in rows[::5].tolist():
+            for j in rows[::8].tolist():
                 unit = torch.zeros_like(table)
                 unit[j] = 1.0
                 tri.params.copy_(unit)
@@ -298,7 +298,7 @@ if INTERPRETED:  # the kernel tests: defined only in the interpreted process
         assert ((g16.double() - g64).abs() <= 2**-11 * g64.abs() + 1e-5).all()
 
     def test_interpreted_odd_sizes_no_grad_and_empty_input():
-        for features in (1, 3):  # F_PAD pads 3 to 4 with masked lanes
+        for features in (1, 3):  # features unroll at compile time: any F, not only powers of two
             cfg = {**TINY, "n_features_per_level": features}
             ref, tri = _pair(cfg, torch.float64, seed=15)
             x = _points(33, 16)
@@ -337,23 +337,24 @@ if INTERPRETED:  # the kernel tests: defined only in the interpreted process
                                    rtol=1e-4, atol=1e-6)
 
     def test_interpreted_corner_order_and_hash_by_hand():
-        """One point per corner probe: a table that is the one-hot of a single row lights up exactly
-        the corner whose tcnn index (c = c_x + 2c_y + 4c_z, prime hash) is that row."""
-        _, tri = _pair(SMALL, torch.float64)
+        """Corner c's row (tcnn's order c = c_x + 2c_y + 4c_z, prime hash by hand) holds 16^c, so the
+        one output value Σ_c w_c·16^c (exact in float64) tells which corner landed on which row."""
+        _, tri = _pair({**SMALL, "n_levels": 6}, torch.float64)
         level = tri.levels[5]  # R = 102, hashed into 2^16 rows
-        p = torch.tensor([1.25, 2.25, 3.25], dtype=torch.float64)  # cell (1, 2, 3), f = 0.25 per axis
+        assert level.hashed and level.resolution == 102
+        fraction = (0.25, 0.375, 0.125)  # a different weight on each axis: a swapped axis shows
+        p = torch.tensor([1 + fraction[0], 2 + fraction[1], 3 + fraction[2]], dtype=torch.float64)  # cell (1, 2, 3)
         x = ((p - 0.5) / level.scale)[None]
-        for corner in itertools.product((0, 1), repeat=3):  # (c_x, c_y, c_z)
-            vertex = [g + c for g, c in zip((1, 2, 3), corner)]
-            h = 0
-            for coord, prime in zip(vertex, (1, 2654435761, 805459861)):
-                h ^= (coord * prime) % 2**32
-            row = level.offset + h % level.table_size
-            with torch.no_grad():
-                tri.params.zero_()
-                tri.params.view(-1, 2)[row, 0] = 1.0
-                weight = 1.0
-                for c in corner:
-                    weight *= 0.25 if c else 0.75
-                got = float(tri(x)[0, 2 * 5])
-            assert abs(got - weight) < 1e-9, (corner, got, weight)
+        expected = 0.0
+        with torch.no_grad():
+            tri.params.zero_()
+            for c in range(8):
+                corner = (c & 1, (c >> 1) & 1, (c >> 2) & 1)  # (c_x, c_y, c_z)
+                h = 0
+                for g, bit, prime in zip((1, 2, 3), corner, (1, 2654435761, 805459861)):
+                    h ^= ((g + bit) * prime) % 2**32
+                tri.params.view(-1, 2)[level.offset + h % level.table_size, 0] = 16.0**c
+                weight = math.prod(f if bit else 1 - f for f, bit in zip(fraction, corner))
+                expected += weight * 16.0**c
+            got = float(tri(x)[0, 2 * 5])
+        assert abs(got - expected) <= 1e-12 * expected, (got, expected)

@@ -101,9 +101,9 @@ def _level_geometry(x0, x1, x2, level, scale_ptr, factor_ptr, size_ptr, offset_p
 
 
 @triton.jit
-def _gather(table_ptr, row, feat, mask, F: tl.constexpr, ACC: tl.constexpr):
-    """θ[row]: (BLOCK, F_PAD) in the accumulation dtype."""
-    return tl.load(table_ptr + row[:, None] * F + feat[None, :], mask=mask, other=0.0).to(ACC)
+def _gather(table_ptr, row, f, ok, F: tl.constexpr, ACC: tl.constexpr):
+    """θ[row, f] for a block of points: (BLOCK,) in the accumulation dtype."""
+    return tl.load(table_ptr + row * F + f, mask=ok, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -127,79 +127,81 @@ def _corner_weights(f0, f1, f2, ACC: tl.constexpr):
             (zy10 * u0).to(ACC), (zy10 * f0).to(ACC), (zy11 * u0).to(ACC), (zy11 * f0).to(ACC))
 
 
+# Every tensor below is (BLOCK,): one point per lane, all levels, corners and features of a point in
+# the same thread (features unrolled with static_range), so no data moves between threads.
 @triton.jit
 def _encode_forward_kernel(x_ptr, table_ptr, y_ptr, scale_ptr, factor_ptr, size_ptr, offset_ptr, hashed_ptr,
-                           n_points, n_levels, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                           n_points, n_levels, F: tl.constexpr, BLOCK: tl.constexpr,
                            POS: tl.constexpr, ACC: tl.constexpr):
     """y[n, l·F + f] = Σ_c w_c · θ[row_c, f] for a block of points and every level."""
     n64, ok, x0, x1, x2 = _load_points(x_ptr, tl.program_id(0), n_points, BLOCK, POS)
-    feat = tl.arange(0, F_PAD)
-    mask = ok[:, None] & (feat < F)[None, :]
-    out = y_ptr + n64[:, None] * (n_levels * F) + feat[None, :]
+    out = y_ptr + n64 * (n_levels * F)
     for level in range(n_levels):
         r0, r1, r2, r3, r4, r5, r6, r7, f0, f1, f2, scale = _level_geometry(
             x0, x1, x2, level, scale_ptr, factor_ptr, size_ptr, offset_ptr, hashed_ptr, POS)
         w0, w1, w2, w3, w4, w5, w6, w7 = _corner_weights(f0, f1, f2, ACC)
-        acc = w0[:, None] * _gather(table_ptr, r0, feat, mask, F, ACC)
-        acc += w1[:, None] * _gather(table_ptr, r1, feat, mask, F, ACC)
-        acc += w2[:, None] * _gather(table_ptr, r2, feat, mask, F, ACC)
-        acc += w3[:, None] * _gather(table_ptr, r3, feat, mask, F, ACC)
-        acc += w4[:, None] * _gather(table_ptr, r4, feat, mask, F, ACC)
-        acc += w5[:, None] * _gather(table_ptr, r5, feat, mask, F, ACC)
-        acc += w6[:, None] * _gather(table_ptr, r6, feat, mask, F, ACC)
-        acc += w7[:, None] * _gather(table_ptr, r7, feat, mask, F, ACC)
-        tl.store(out + level * F, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        for f in tl.static_range(F):
+            acc = w0 * _gather(table_ptr, r0, f, ok, F, ACC)
+            acc += w1 * _gather(table_ptr, r1, f, ok, F, ACC)
+            acc += w2 * _gather(table_ptr, r2, f, ok, F, ACC)
+            acc += w3 * _gather(table_ptr, r3, f, ok, F, ACC)
+            acc += w4 * _gather(table_ptr, r4, f, ok, F, ACC)
+            acc += w5 * _gather(table_ptr, r5, f, ok, F, ACC)
+            acc += w6 * _gather(table_ptr, r6, f, ok, F, ACC)
+            acc += w7 * _gather(table_ptr, r7, f, ok, F, ACC)
+            tl.store(out + level * F + f, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _scatter(grad_table_ptr, row, weight, grad, feat, mask, F: tl.constexpr):
-    """∂L/∂θ[row] += w · ∂L/∂y, in the gradient buffer's dtype (float32 or float64)."""
-    value = (weight[:, None] * grad).to(grad_table_ptr.dtype.element_ty)
-    tl.atomic_add(grad_table_ptr + row[:, None] * F + feat[None, :], value, mask=mask, sem="relaxed")
-
-
-@triton.jit
-def _dot(table_ptr, row, grad, feat, mask, F: tl.constexpr, ACC: tl.constexpr):
-    """⟨θ[row], ∂L/∂y_l⟩ per point: (BLOCK,)."""
-    return tl.sum(_gather(table_ptr, row, feat, mask, F, ACC) * grad, axis=1)
+def _scatter(grad_table_ptr, row, f, value, ok, F: tl.constexpr):
+    """∂L/∂θ[row, f] += value, in the gradient buffer's dtype (float32 or float64)."""
+    tl.atomic_add(grad_table_ptr + row * F + f, value.to(grad_table_ptr.dtype.element_ty), mask=ok, sem="relaxed")
 
 
 @triton.jit
 def _encode_backward_kernel(x_ptr, table_ptr, grad_y_ptr, grad_table_ptr, grad_x_ptr,
                             scale_ptr, factor_ptr, size_ptr, offset_ptr, hashed_ptr, n_points, n_levels,
-                            F: tl.constexpr, F_PAD: tl.constexpr, BLOCK: tl.constexpr, POS: tl.constexpr,
-                            ACC: tl.constexpr, TABLE_GRAD: tl.constexpr, X_GRAD: tl.constexpr):
+                            F: tl.constexpr, BLOCK: tl.constexpr, POS: tl.constexpr, ACC: tl.constexpr,
+                            TABLE_GRAD: tl.constexpr, X_GRAD: tl.constexpr):
     """Table gradient by atomic scatter and/or position gradient, for a block of points."""
     n64, ok, x0, x1, x2 = _load_points(x_ptr, tl.program_id(0), n_points, BLOCK, POS)
-    feat = tl.arange(0, F_PAD)
-    mask = ok[:, None] & (feat < F)[None, :]
-    grad_row = grad_y_ptr + n64[:, None] * (n_levels * F) + feat[None, :]
+    grad_row = grad_y_ptr + n64 * (n_levels * F)
     gx0 = tl.zeros((BLOCK,), ACC)
     gx1 = tl.zeros((BLOCK,), ACC)
     gx2 = tl.zeros((BLOCK,), ACC)
     for level in range(n_levels):
         r0, r1, r2, r3, r4, r5, r6, r7, f0, f1, f2, scale = _level_geometry(
             x0, x1, x2, level, scale_ptr, factor_ptr, size_ptr, offset_ptr, hashed_ptr, POS)
-        grad = tl.load(grad_row + level * F, mask=mask, other=0.0).to(ACC)  # ∂L/∂y_l: (BLOCK, F_PAD)
-        if TABLE_GRAD:
-            w0, w1, w2, w3, w4, w5, w6, w7 = _corner_weights(f0, f1, f2, ACC)
-            _scatter(grad_table_ptr, r0, w0, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r1, w1, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r2, w2, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r3, w3, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r4, w4, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r5, w5, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r6, w6, grad, feat, mask, F)
-            _scatter(grad_table_ptr, r7, w7, grad, feat, mask, F)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _corner_weights(f0, f1, f2, ACC)
+        d0 = tl.zeros((BLOCK,), ACC)  # ⟨θ[row_c], ∂L/∂y_l⟩ per corner, for the position gradient
+        d1 = tl.zeros((BLOCK,), ACC)
+        d2 = tl.zeros((BLOCK,), ACC)
+        d3 = tl.zeros((BLOCK,), ACC)
+        d4 = tl.zeros((BLOCK,), ACC)
+        d5 = tl.zeros((BLOCK,), ACC)
+        d6 = tl.zeros((BLOCK,), ACC)
+        d7 = tl.zeros((BLOCK,), ACC)
+        for f in tl.static_range(F):
+            g = tl.load(grad_row + level * F + f, mask=ok, other=0.0).to(ACC)  # ∂L/∂y_l,f
+            if TABLE_GRAD:
+                _scatter(grad_table_ptr, r0, f, w0 * g, ok, F)
+                _scatter(grad_table_ptr, r1, f, w1 * g, ok, F)
+                _scatter(grad_table_ptr, r2, f, w2 * g, ok, F)
+                _scatter(grad_table_ptr, r3, f, w3 * g, ok, F)
+                _scatter(grad_table_ptr, r4, f, w4 * g, ok, F)
+                _scatter(grad_table_ptr, r5, f, w5 * g, ok, F)
+                _scatter(grad_table_ptr, r6, f, w6 * g, ok, F)
+                _scatter(grad_table_ptr, r7, f, w7 * g, ok, F)
+            if X_GRAD:
+                d0 += _gather(table_ptr, r0, f, ok, F, ACC) * g
+                d1 += _gather(table_ptr, r1, f, ok, F, ACC) * g
+                d2 += _gather(table_ptr, r2, f, ok, F, ACC) * g
+                d3 += _gather(table_ptr, r3, f, ok, F, ACC) * g
+                d4 += _gather(table_ptr, r4, f, ok, F, ACC) * g
+                d5 += _gather(table_ptr, r5, f, ok, F, ACC) * g
+                d6 += _gather(table_ptr, r6, f, ok, F, ACC) * g
+                d7 += _gather(table_ptr, r7, f, ok, F, ACC) * g
         if X_GRAD:
-            d0 = _dot(table_ptr, r0, grad, feat, mask, F, ACC)
-            d1 = _dot(table_ptr, r1, grad, feat, mask, F, ACC)
-            d2 = _dot(table_ptr, r2, grad, feat, mask, F, ACC)
-            d3 = _dot(table_ptr, r3, grad, feat, mask, F, ACC)
-            d4 = _dot(table_ptr, r4, grad, feat, mask, F, ACC)
-            d5 = _dot(table_ptr, r5, grad, feat, mask, F, ACC)
-            d6 = _dot(table_ptr, r6, grad, feat, mask, F, ACC)
-            d7 = _dot(table_ptr, r7, grad, feat, mask, F, ACC)
             f0, f1, f2, s = f0.to(ACC), f1.to(ACC), f2.to(ACC), scale.to(ACC)
             u0, u1, u2 = 1.0 - f0, 1.0 - f1, 1.0 - f2
             # ∂y/∂f_d: differences across axis d, weighted by the other two axes' weights
@@ -337,7 +339,7 @@ class TritonHashGridEncoding(nn.Module):
         f = self.n_features_per_level
         # No fused multiply-add: p = s·x + 0.5 rounds twice, as the torch backend's separate kernels
         # do, so both backends pick the same cell (and the same rows) for every point.
-        return {"F": f, "F_PAD": triton.next_power_of_2(f), "BLOCK": self.block_points, "enable_fp_fusion": False}
+        return {"F": f, "BLOCK": self.block_points, "enable_fp_fusion": False}
 
     def _launch_forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
