@@ -23,7 +23,9 @@ section records its error and the next one runs). Sections:
 3. ``encode``: the encoding alone, forward and forward+backward, at the render's point count, at
    64²×48 and at 547,832 points (the count bench_speed recorded per step), for the torch backend
    and the Triton kernels at 64..512 points per program.
-4. ``bench_speed``: ``scripts/bench_speed.py --quick --grids torch,triton --samplers occupancy_grid
+4. ``profile``: torch.profiler over 64² render + backward iterations with the triton backend: the
+   top-15 kernels by device time and the kernel launches per iteration (where to fuse next).
+5. ``bench_speed``: ``scripts/bench_speed.py --quick --grids torch,triton --samplers occupancy_grid
    --teachers fast`` in a subprocess (the full training step at SD 2.1-base shapes), its JSON copied
    to OUT_DIR/bench_speed_quick.json and its results summarised here.
 
@@ -225,6 +227,57 @@ def section_render(args: argparse.Namespace, device: torch.device, overrides: li
     return out
 
 
+def section_profile(args: argparse.Namespace, device: torch.device, overrides: list[str]) -> dict[str, Any]:
+    """torch.profiler over a few 64² render + backward iterations on the triton backend: the kernels
+    that take the time once the encoding is fused (where to fuse next)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from carv3d.cameras import CameraSampler
+
+    cfg, scene = build_scene_for("triton", device, overrides)
+    sampler = CameraSampler.from_config(cfg.camera)
+    host, dev_gen = torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(1)
+
+    def iteration(i: int) -> None:
+        scene.before_step(i)
+        cams = sampler.sample(1, host, "cpu").to(device)
+        rendered = scene.render(cams, generator=dev_gen, shading=scene.sample_shading(host))
+        for p in scene.parameters():
+            p.grad = None
+        rendered.rgb.square().sum().backward()
+
+    for i in range(3):
+        iteration(i)
+    iters = 2 if args.cpu_smoke else 8
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for i in range(3, 3 + iters):
+            iteration(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    device_time = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)  # noqa: E731
+    if device.type == "cuda":  # the kernels themselves (an op's own entry would count its kernels twice)
+        from torch.autograd import DeviceType
+
+        timed_events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and device_time(e) > 0]
+        timed_events = timed_events or [e for e in events if device_time(e) > 0]  # another profiler's events
+    else:
+        timed_events = list(events)
+    key = device_time if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(key(e) for e in timed_events) or 1.0
+    top = sorted(timed_events, key=key, reverse=True)[:15]
+    return {
+        "iterations": iters, "time_kind": "self device time" if device.type == "cuda" else "self CPU time",
+        "total_ms_per_iteration": total / 1000.0 / iters,
+        "kernels_per_iteration": sum(e.count for e in timed_events) / iters,
+        "top": [{"name": e.key[:120], "calls_per_iteration": e.count / iters, "ms_per_iteration": key(e) / 1000.0 / iters,
+                 "share": key(e) / total} for e in top],
+    }
+
+
 def section_encode(args: argparse.Namespace, device: torch.device, grid_cfg: Any, render_points: Any) -> dict[str, Any]:
     from carv3d.scene.hashgrid import HashGridEncoding
     from carv3d.scene.hashgrid_triton import TritonHashGridEncoding
@@ -334,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         ("correctness", lambda: section_correctness(args, device, grid_cfg)),
         ("render", lambda: section_render(args, device, overrides)),
         ("encode", lambda: section_encode(args, device, grid_cfg, render_points)),
+        ("profile", lambda: section_profile(args, device, overrides)),
         ("bench_speed", lambda: section_bench_speed(args, out_dir, deadline)),
     ]
     for name, run in sections:
@@ -383,6 +437,10 @@ def summarise(sections: dict[str, Any]) -> dict[str, Any]:
         s["encode_forward_backward_ms"] = {
             label: {"torch": v["torch"]["forward_backward_ms"], v["best_triton"]: v[v["best_triton"]]["forward_backward_ms"]}
             for label, v in e.items() if isinstance(v, dict) and "torch" in v}
+    p = sections.get("profile", {})
+    if p.get("status") == "ok":
+        s["profile_top3"] = [(t["name"][:60], round(t["share"], 3)) for t in p["top"][:3]]
+        s["profile_kernels_per_render_backward"] = p["kernels_per_iteration"]
     b = sections.get("bench_speed", {})
     if b.get("results"):
         s["bench_speed_ms_per_step"] = {r["name"]: r.get("ms_per_step_median") for r in b["results"]}
