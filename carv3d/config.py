@@ -82,6 +82,9 @@ class NeRFSceneConfig(SceneConfig):
     blob_density: float = between(0.0, 1000.0, 10.0, help="blob bias: blob_density * (1 - |x| / blob_radius) at the centre")
     blob_radius: float = between(0.0, 1000.0, 0.5, low_open=True, help="radius of the blob bias, in scene units")
     normal_epsilon: float = between(0.0, 10.0, 0.01, low_open=True, help="finite-difference step for density normals, in scene units")
+    # Fused kernels (issue 15): the hash grid's are scene.grid.backend=triton; this compiles what follows it.
+    compile_head: bool = described(False, "torch.compile the field's MLP and activation on CUDA (off on CPU; "
+                                          "compiles on first use)")
 
 
 @dataclass
