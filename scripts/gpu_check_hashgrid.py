@@ -19,7 +19,8 @@ section records its error and the next one runs). Sections:
    grid sampler, random shading, learned background; built by ``build_scene`` as the trainer does)
    for each backend: median ms of render, backward and both (CUDA events), the points the encoding
    saw per render, and the difference between the two backends' images and table gradients on
-   the same views. Bar: render + backward ≤ 8 ms.
+   the same views. Bar: render + backward ≤ 8 ms. With ``--compile-head`` also the triton backend
+   with ``scene.compile_head=true`` (its compile happens in the warm-up iterations, not timed).
 3. ``encode``: the encoding alone, forward and forward+backward, at the render's point count, at
    64²×48 and at 547,832 points (the count bench_speed recorded per step), for the torch backend
    and the Triton kernels at 64..512 points per program.
@@ -174,8 +175,11 @@ def section_render(args: argparse.Namespace, device: torch.device, overrides: li
     out: dict[str, Any] = {"bar_ms": RENDER_BAR_MS, "views": args.render_iters,
                            "nerfacc_warm_up_seconds": warm_up_cuda_extensions()}  # its JIT build, not timed below
     first: dict[str, Any] = {}
-    for backend in ("torch", "triton"):
-        cfg, scene = build_scene_for(backend, device, overrides)
+    variants = [("torch", "torch", []), ("triton", "triton", [])]
+    if args.compile_head:  # scene.compile_head: torch.compile of the MLP and activation (compiles first)
+        variants.append(("triton+compile_head", "triton", ["scene.compile_head=true"]))
+    for label, backend, extra in variants:
+        cfg, scene = build_scene_for(backend, device, overrides + extra)
         sampler = CameraSampler.from_config(cfg.camera)
         host = torch.Generator().manual_seed(0)
         dev_gen = torch.Generator(device=device).manual_seed(1)
@@ -204,7 +208,7 @@ def section_render(args: argparse.Namespace, device: torch.device, overrides: li
                 events[2].synchronize()
             t2 = time.perf_counter()
             if i == 0:  # the same first view on both backends: images and gradients side by side
-                first[backend] = {"rgb": rendered.rgb.detach().float().cpu(),
+                first[label] = {"rgb": rendered.rgb.detach().float().cpu(),
                                   "grad": scene.field.encoding.params.grad.detach().float().cpu()}
             if i >= args.render_warmup:
                 if events:
@@ -215,18 +219,20 @@ def section_render(args: argparse.Namespace, device: torch.device, overrides: li
                     backward_ms.append(1000 * (t2 - t1))
                 total_ms.append(render_ms[-1] + backward_ms[-1])
                 points.append(counted["n"])
-        out[backend] = {
+        out[label] = {
             "render_ms_median": statistics.median(render_ms), "backward_ms_median": statistics.median(backward_ms),
             "render_backward_ms_median": statistics.median(total_ms), "render_backward_ms_min": min(total_ms),
             "encoded_points_per_render_median": statistics.median(points),
             "hash_grid_backend": scene.backends["hash_grid"], "sampler": scene.backends["sampler"],
+            "head_compiled": scene.field.head_compiled,
             "shadings": "random (albedo / lambertian / textureless; normals by central differences)",
         }
         del scene
     out["speedup"] = out["torch"]["render_backward_ms_median"] / out["triton"]["render_backward_ms_median"]
     out["bar_met"] = out["triton"]["render_backward_ms_median"] <= RENDER_BAR_MS
-    out["first_view"] = {"rgb_max_abs_diff": float((first["triton"]["rgb"] - first["torch"]["rgb"]).abs().max()),
-                         "grad_table_rel_err": rel_err(first["triton"]["grad"], first["torch"]["grad"])}
+    out["first_view"] = {label: {"rgb_max_abs_diff_vs_torch": float((first[label]["rgb"] - first["torch"]["rgb"]).abs().max()),
+                                 "grad_table_rel_err_vs_torch": rel_err(first[label]["grad"], first["torch"]["grad"])}
+                         for label in first if label != "torch"}
     return out
 
 
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU through Triton's interpreter")
     parser.add_argument("--budget-s", type=float, default=215.0, help="stop starting sections after this many seconds")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip")
+    parser.add_argument("--compile-head", action="store_true",
+                        help="render section also times scene.compile_head=true (torch.compile; adds its compile time)")
     args = parser.parse_args(argv)
     started = time.time()
     deadline = started + args.budget_s
@@ -432,7 +440,8 @@ def summarise(sections: dict[str, Any]) -> dict[str, Any]:
         s["correct_fp16_grad_table_err_vs_fp64"] = c["float16"]["grad_table"]["err_vs_fp64"]
     r = sections.get("render", {})
     if r.get("status") == "ok":
-        s["render_backward_ms"] = {b: r[b]["render_backward_ms_median"] for b in ("torch", "triton")}
+        s["render_backward_ms"] = {b: r[b]["render_backward_ms_median"] for b in r if isinstance(r[b], dict)
+                                   and "render_backward_ms_median" in r[b]}
         s["render_backward_bar_8ms_met"] = r["bar_met"]
         s["render_points"] = r["triton"]["encoded_points_per_render_median"]
     e = sections.get("encode", {})
