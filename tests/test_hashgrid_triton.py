@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from carv3d.config import HashGridConfig
-from carv3d.errors import BackendUnavailableError, UserError
+from carv3d.errors import BackendUnavailableError, ConfigError, UserError
 from carv3d.log import logger
 from carv3d.scene.hashgrid import HashGridEncoding, choose_grid_backend, make_hash_encoding
 
@@ -82,6 +82,11 @@ def test_auto_on_cpu_is_torch_without_importing_either():
         "torch", "auto: device is cpu; the tcnn and triton backends need CUDA")
     for name in ("torch", "triton", "tcnn"):
         assert choose_grid_backend(name, torch.device("cpu"), _never, _never)[0] == name
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ConfigError, match="expected one of: auto, torch, triton, tcnn"):
+        make_hash_encoding(HashGridConfig(backend="cuda"), "cpu")
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs triton on the CPU on purpose")

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from carv3d.config import CHOICES
 from carv3d.errors import BackendUnavailableError, ConfigError
 from carv3d.log import logger
 from carv3d.scene.layout import PRIMES, UINT32_MASK, grid_levels, init_table
@@ -369,9 +370,6 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-GRID_BACKENDS = ("auto", "torch", "triton", "tcnn")
-
-
 def choose_grid_backend(
     requested: str, device: torch.device, tcnn_error: Optional[Callable[[], Optional[str]]] = None,
     triton_error: Optional[Callable[[], Optional[str]]] = None,
@@ -439,8 +437,9 @@ def make_hash_encoding(
         int(grid_cfg.base_resolution),
         float(grid_cfg.per_level_scale),
     )
-    if requested not in GRID_BACKENDS:
-        raise ConfigError(f"scene.grid.backend is '{requested}'; expected one of: {', '.join(GRID_BACKENDS)}.")
+    choices = CHOICES["scene.grid.backend"]  # the one statement of the valid names
+    if requested not in choices:
+        raise ConfigError(f"scene.grid.backend is '{requested}'; expected one of: {', '.join(choices)}.")
     backend, why = choose_grid_backend(requested, device)
     if backend == "tcnn":
         encoding: nn.Module = TcnnHashGridEncoding(*args, generator=generator, device=device)
