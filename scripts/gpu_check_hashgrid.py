@@ -289,7 +289,7 @@ def section_profile(args: argparse.Namespace, device: torch.device, overrides: l
 
 def section_encode(args: argparse.Namespace, device: torch.device, grid_cfg: Any, render_points: Any) -> dict[str, Any]:
     from carv3d.scene.hashgrid import HashGridEncoding
-    from carv3d.scene.hashgrid_triton import TritonHashGridEncoding
+    from carv3d.scene.hashgrid_triton import DEFAULT_BLOCK_POINTS, TritonHashGridEncoding
 
     sizes = {"64x64x48": 64 * 64 * 48, "bench_speed_step": BENCH_POINTS} if not args.cpu_smoke else {"smoke": 512}
     if render_points and not args.cpu_smoke:
@@ -321,7 +321,7 @@ def section_encode(args: argparse.Namespace, device: torch.device, grid_cfg: Any
         entry["best_triton"] = best
         entry["speedup_forward_backward"] = entry["torch"]["forward_backward_ms"] / entry[best]["forward_backward_ms"]
         out[label] = entry
-    triton_enc.block_points = 128
+    triton_enc.block_points = DEFAULT_BLOCK_POINTS
     return out
 
 

@@ -150,7 +150,7 @@ def test_kernels_compile_for_sm90_with_float32_atomics():
 
     geometry = {"scale_ptr": "*i32", "factor_ptr": "*i64", "size_ptr": "*i64", "offset_ptr": "*i64",
                 "hashed_ptr": "*i32", "n_points": "i32", "n_levels": "i32"}
-    const = {"F": 2, "BLOCK": 128, "POS": tl.float32, "ACC": tl.float32}
+    const = {"F": 2, "BLOCK": H.DEFAULT_BLOCK_POINTS, "POS": tl.float32, "ACC": tl.float32}
     for table in ("fp32", "fp16"):
         sig = {"x_ptr": "*fp32", "table_ptr": f"*{table}", "y_ptr": f"*{table}", **geometry}
         forward = _compile(H._encode_forward_kernel, {**sig, **{k: "constexpr" for k in const}}, const)

@@ -45,7 +45,9 @@ from carv3d.errors import BackendUnavailableError, ConfigError
 from carv3d.scene.layout import PRIMES, grid_levels, init_table
 
 Device = Union[str, torch.device]
-DEFAULT_BLOCK_POINTS = 128  # points per program; scripts/gpu_check_hashgrid.py times 64..512
+# Points per program: 512 was the fastest of 64..512 for forward+backward at every point count on an
+# H100 (docs/gpu_check_hashgrid_h100.json, sections.encode): 4 points a thread keep more gathers in flight.
+DEFAULT_BLOCK_POINTS = 512
 
 
 def interpreter_enabled() -> bool:
@@ -227,8 +229,10 @@ def _precision(x: torch.Tensor, table: torch.Tensor) -> dict[str, Any]:
 
 
 def _launch_context(device: torch.device):
-    """Kernels launch on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else _NullContext()
+    """Kernels launch on the current CUDA device: make it the tensors' one (when it is not already)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NullContext()
 
 
 class _NullContext:
