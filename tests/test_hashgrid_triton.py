@@ -181,9 +181,10 @@ def test_gpu_check_script_runs_its_sections_in_cpu_smoke_mode(tmp_path):
     report = json.loads((tmp_path / "gpu_check_hashgrid.json").read_text())
     assert report["status"] == "finished"
     assert {k: v["status"] for k, v in report["sections"].items()} == dict.fromkeys(
-        ("correctness", "render", "encode", "bench_speed"), "ok")
+        ("correctness", "render", "encode", "profile", "bench_speed"), "ok")
     assert report["summary"]["correct"] is True
     assert report["sections"]["render"]["triton"]["hash_grid_backend"] == "triton"
+    assert report["sections"]["render"]["triton+compile_head"]["head_compiled"] is False  # CUDA only
     assert report["sections"]["render"]["first_view"]["triton"]["rgb_max_abs_diff_vs_torch"] < 1e-5
     assert (tmp_path / "bench_speed_quick.json").exists()
 
