@@ -50,7 +50,8 @@ EXPORT_MIN_TEXTURE_SIZE, EXPORT_MAX_TEXTURE_SIZE = 16, 8192
 class HashGridConfig:
     """Multiresolution hash encoding (threestudio's `implicit-volume` defaults)."""
 
-    backend: str = described("auto", "hash-grid implementation: auto picks tcnn on CUDA when installed, else torch")
+    backend: str = described("auto", "hash-grid implementation: auto picks tcnn on CUDA when installed, else triton "
+                                      "(fused kernels) when installed, else torch")
     n_levels: int = between(1, 64, 16, help="resolution levels of the hash grid")
     # the tcnn backend takes 1, 2, 4 or 8 (checked there)
     n_features_per_level: int = between(1, 32, 2, help="features stored per level (tcnn: 1, 2, 4 or 8)")
@@ -81,6 +82,9 @@ class NeRFSceneConfig(SceneConfig):
     blob_density: float = between(0.0, 1000.0, 10.0, help="blob bias: blob_density * (1 - |x| / blob_radius) at the centre")
     blob_radius: float = between(0.0, 1000.0, 0.5, low_open=True, help="radius of the blob bias, in scene units")
     normal_epsilon: float = between(0.0, 10.0, 0.01, low_open=True, help="finite-difference step for density normals, in scene units")
+    # Fused kernels (issue 15): the hash grid's are scene.grid.backend=triton; this compiles what follows it.
+    compile_head: bool = described(False, "torch.compile the field's MLP and activation on CUDA (off on CPU; "
+                                          "compiles on first use)")
 
 
 @dataclass
@@ -309,7 +313,7 @@ ESTIMATOR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "scene.grid.backend": ("auto", "torch", "tcnn"),
+    "scene.grid.backend": ("auto", "torch", "triton", "tcnn"),
     "scene.density_activation": ("softplus", "exp"),
     "scene.density_bias": ("blob", "none"),
     "render.sampler": ("auto", "stratified", "occupancy_grid"),

@@ -35,7 +35,7 @@ def test_descriptions_carry_the_range_or_the_choices() -> None:
     descriptions = key_help()
     assert descriptions["train.log_every"] == "log metrics every this many steps (an integer in [1, 100000000])"
     assert descriptions["render.sampler"].startswith("ray sampler")
-    assert "one of: auto, torch, tcnn" in descriptions["scene.grid.backend"]
+    assert "one of: auto, torch, triton, tcnn" in descriptions["scene.grid.backend"]
     assert "one of: sds, csd" in descriptions["guidance.type"]
 
 

@@ -17,6 +17,11 @@ so at step 0 the density is high inside |x| < blob_radius and falls off outside 
 shading are the normalised negative density gradient, by central differences:
 
     ∂σ/∂x_d ≈ (σ(x + ε e_d) − σ(x − ε e_d)) / 2ε,      n = −∇σ / |∇σ|
+
+(so nothing differentiates the encoding in x). Everything after the encoding — MLP, bias,
+activation, box mask, sigmoid — is the field's *head*; with ``scene.compile_head`` on a CUDA device
+it runs through ``torch.compile`` (dynamic point counts, forward and backward), which fuses its
+element-wise steps into the matmuls' neighbours instead of launching each one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carv3d.config import check_section
+from carv3d.log import logger
 from carv3d.scene.hashgrid import Device, make_hash_encoding
 
 TRUNC_EXP_GRAD_CLAMP = 15.0  # threestudio/torch-ngp: the backward uses exp(min(x, 15))
@@ -98,9 +104,10 @@ class NeRFField(nn.Module):
 
     Attributes:
         radius: half the side of the scene box.
-        encoding_backend: "torch" or "tcnn", as chosen by :func:`make_hash_encoding`.
+        encoding_backend: "torch", "triton" or "tcnn", as chosen by :func:`make_hash_encoding`.
         encoding: the hash encoding, ``(N, 3)`` in [0, 1] → ``(N, L·F)``.
         mlp: ``(N, L·F)`` → ``(N, 4)`` raw density and raw albedo.
+        head_compiled: whether the head runs through ``torch.compile`` (``scene.compile_head`` on CUDA).
     """
 
     def __init__(self, scene_cfg: Any, device: Device = "cpu", generator: Optional[torch.Generator] = None) -> None:
@@ -119,6 +126,11 @@ class NeRFField(nn.Module):
         n_encoded = int(scene_cfg.grid.n_levels) * int(scene_cfg.grid.n_features_per_level)
         mlp = build_mlp(n_encoded, int(scene_cfg.mlp_width), int(scene_cfg.mlp_hidden_layers), 4, generator)
         self.mlp = mlp.to(device)
+        self.head_compiled = bool(scene_cfg.compile_head) and torch.device(device).type == "cuda"
+        self._compiled_head = torch.compile(self._head, dynamic=True) if self.head_compiled else None
+        if scene_cfg.compile_head:
+            logger.info("scene: field head (MLP, activation) %s", "compiled with torch.compile (scene.compile_head)"
+                        if self.head_compiled else f"not compiled on {device} (scene.compile_head is for CUDA only)")
 
     def bias(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activation density bias. x: (N, 3) world points → (N,)."""
@@ -126,32 +138,38 @@ class NeRFField(nn.Module):
             return blob_bias(x, self.blob_density, self.blob_radius)
         return x.new_zeros(x.shape[0])
 
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, 3) world points → (N, 4) raw MLP outputs.
+    def _head(self, encoded: torch.Tensor, x: torch.Tensor, with_albedo: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Everything after the encoding: encoded (N, L·F), x (N, 3) → density (N,), albedo (N, 3) or None."""
+        raw = self.mlp(encoded)
+        pre = raw[:, 0] + self.bias(x)
+        density = F.softplus(pre) if self.density_activation == "softplus" else trunc_exp(pre)
+        inside = (x.abs() <= self.radius).all(dim=-1)
+        density = torch.where(inside, density, torch.zeros_like(density))
+        return density, (torch.sigmoid(raw[:, 1:4]) if with_albedo else None)
+
+    def _evaluate(self, x: torch.Tensor, with_albedo: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: (N, 3) world points → density (N,), albedo (N, 3) or None.
 
         Without autograd (validation sheets, turntables, export) the points go through the encoding
         and the MLP :data:`NO_GRAD_CHUNK` at a time: the MLP's hidden activations of a whole render
         (and of its 6 shifted copies for normals) would otherwise be resident at once.
         """
         if not torch.is_grad_enabled() and x.shape[0] > NO_GRAD_CHUNK:
-            return torch.cat([self._raw(part) for part in x.split(NO_GRAD_CHUNK)])
+            parts = [self._evaluate(part, with_albedo) for part in x.split(NO_GRAD_CHUNK)]
+            albedo = torch.cat([p[1] for p in parts]) if with_albedo else None
+            return torch.cat([p[0] for p in parts]), albedo
         unit = ((x / self.radius + 1.0) * 0.5).clamp(0.0, 1.0)  # u: (N, 3)
-        return self.mlp(self.encoding(unit).to(x.dtype))
-
-    def _activate(self, x: torch.Tensor, raw_density: torch.Tensor) -> torch.Tensor:
-        pre = raw_density + self.bias(x)
-        density = F.softplus(pre) if self.density_activation == "softplus" else trunc_exp(pre)
-        inside = (x.abs() <= self.radius).all(dim=-1)
-        return torch.where(inside, density, torch.zeros_like(density))
+        encoded = self.encoding(unit).to(x.dtype)
+        head = self._compiled_head if self._compiled_head is not None else self._head
+        return head(encoded, x, with_albedo)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Density and albedo. x: (N, 3) world points → density (N,), albedo (N, 3) in (0, 1)."""
-        raw = self._raw(x)
-        return self._activate(x, raw[:, 0]), torch.sigmoid(raw[:, 1:4])
+        return self._evaluate(x, with_albedo=True)  # type: ignore[return-value]
 
     def density(self, x: torch.Tensor) -> torch.Tensor:
         """Density only. x: (N, 3) → (N,)."""
-        return self._activate(x, self._raw(x)[:, 0])
+        return self._evaluate(x, with_albedo=False)[0]
 
     def normals(self, x: torch.Tensor) -> torch.Tensor:
         """Unit normals −∇σ/|∇σ| by central differences with step ``scene.normal_epsilon``.

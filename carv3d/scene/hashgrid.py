@@ -30,7 +30,9 @@ table sizes match the CUDA backend bit for bit. All levels live in one flat para
 ``Σ_l T_l · F`` values (row ``offset_l + index``, feature fastest): the same layout as
 ``tinycudann.Encoding.params``, so tables can be copied between the two backends.
 
-Backend choice lives in :func:`make_hash_encoding` and nowhere else.
+Three backends compute this encoding: this module's pure-torch one (any device), fused Triton kernels
+(:mod:`carv3d.scene.hashgrid_triton`, CUDA) and tinycudann (CUDA). Backend choice lives in
+:func:`make_hash_encoding` and nowhere else.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from carv3d.config import CHOICES
 from carv3d.errors import BackendUnavailableError, ConfigError
 from carv3d.log import logger
 from carv3d.scene.layout import PRIMES, UINT32_MASK, grid_levels, init_table
@@ -358,14 +361,60 @@ class TcnnHashGridEncoding(nn.Module):
         return self.encoding(x.float().contiguous()).float()
 
 
+def triton_import_error() -> Optional[str]:
+    """None when ``import triton`` works, else why not (the ``[gpu]`` extra installs it)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # ImportError when missing; anything else from a broken install
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def choose_grid_backend(
+    requested: str, device: torch.device, tcnn_error: Optional[Callable[[], Optional[str]]] = None,
+    triton_error: Optional[Callable[[], Optional[str]]] = None,
+) -> tuple[str, str]:
+    """The backend ``scene.grid.backend`` names on ``device``, and why: the decision, nothing built.
+
+    ``auto`` on CUDA takes tinycudann when it imports, else Triton when it imports, else torch;
+    on any other device torch. An explicit name is returned as is (the constructors check that
+    their backend can run). The import checks are called only where the answer matters, so a
+    CPU run never imports triton or tinycudann.
+
+    Args:
+        requested: ``scene.grid.backend``.
+        device: where the encoding will live.
+        tcnn_error, triton_error: the import checks (default :func:`tinycudann_import_error`,
+            :func:`triton_import_error`): None when the package imports, else why not.
+
+    Returns:
+        (backend: "torch", "triton" or "tcnn", the reason to log).
+    """
+    if requested != "auto":
+        return requested, f"requested by scene.grid.backend={requested}"
+    if device.type != "cuda":
+        return "torch", f"auto: device is {device.type}; the tcnn and triton backends need CUDA"
+    tcnn_reason = (tcnn_error or tinycudann_import_error)()
+    if tcnn_reason is None:
+        return "tcnn", "auto: CUDA device and tinycudann imports"
+    triton_reason = (triton_error or triton_import_error)()
+    if triton_reason is None:
+        return "triton", f"auto: CUDA device, tinycudann does not import ({tcnn_reason})"
+    return "torch", f"auto: tinycudann does not import ({tcnn_reason}), nor does triton ({triton_reason})"
+
+
+_BACKEND_NAMES = {"torch": "pure-torch", "triton": "Triton", "tcnn": "tinycudann"}
+
+
 def make_hash_encoding(
     grid_cfg: Any, device: Device, generator: Optional[torch.Generator] = None
 ) -> tuple[nn.Module, str]:
     """Build the hash encoding for ``scene.grid`` on ``device``: the one place a backend is chosen.
 
-    ``backend=auto`` takes tinycudann when the device is CUDA and ``import tinycudann`` works,
-    else the torch backend; ``torch`` always works; ``tcnn`` fails loudly when unavailable. The
-    choice and its reason are logged. (Whether nvcc exists is irrelevant: tcnn is prebuilt or absent.)
+    :func:`choose_grid_backend` decides (``auto``: tcnn, then triton on CUDA, torch elsewhere);
+    ``torch`` always works; ``triton`` and ``tcnn`` fail loudly where they cannot run. The choice
+    and its reason are logged. (Whether nvcc exists is irrelevant: tcnn is prebuilt or absent, and
+    Triton compiles with its own bundled toolchain.)
 
     Args:
         grid_cfg: a ``HashGridConfig`` (dataclass or OmegaConf node).
@@ -373,13 +422,13 @@ def make_hash_encoding(
         generator: draws the initial table.
 
     Returns:
-        (encoding, backend name: "torch" or "tcnn").
+        (encoding, backend name: "torch", "triton" or "tcnn").
 
     Raises:
-        BackendUnavailableError: ``backend=tcnn`` without CUDA or without tinycudann.
+        BackendUnavailableError: ``backend=tcnn`` or ``triton`` without CUDA or without the package.
         ConfigError: an unknown backend name or an invalid grid.
     """
-    backend = str(grid_cfg.backend)
+    requested = str(grid_cfg.backend)
     device = torch.device(device)
     args = (
         int(grid_cfg.n_levels),
@@ -388,23 +437,23 @@ def make_hash_encoding(
         int(grid_cfg.base_resolution),
         float(grid_cfg.per_level_scale),
     )
-    if backend not in ("auto", "torch", "tcnn"):
-        raise ConfigError(f"scene.grid.backend is '{backend}'; expected one of: auto, torch, tcnn.")
+    choices = CHOICES["scene.grid.backend"]  # the one statement of the valid names
+    if requested not in choices:
+        raise ConfigError(f"scene.grid.backend is '{requested}'; expected one of: {', '.join(choices)}.")
+    backend, why = choose_grid_backend(requested, device)
     if backend == "tcnn":
-        encoding = TcnnHashGridEncoding(*args, generator=generator, device=device)
-        logger.info("hash grid: tinycudann backend (requested by scene.grid.backend=tcnn)")
-        return encoding, "tcnn"
-    if backend == "auto":
-        if device.type != "cuda":
-            why = f"device is {device.type}; tinycudann needs CUDA"
-        else:
-            reason = tinycudann_import_error()
-            if reason is None:
-                encoding = TcnnHashGridEncoding(*args, generator=generator, device=device)
-                logger.info("hash grid: tinycudann backend (auto: CUDA device and tinycudann imports)")
-                return encoding, "tcnn"
-            why = f"tinycudann does not import ({reason})"
+        encoding: nn.Module = TcnnHashGridEncoding(*args, generator=generator, device=device)
+    elif backend == "triton":
+        reason = triton_import_error()
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"the triton hash-grid backend needs a CUDA device and the triton package ({reason}); "
+                "install it with `pip install triton` (carv3d's [gpu] extra), or use scene.grid.backend=torch"
+            )
+        from carv3d.scene.hashgrid_triton import TritonHashGridEncoding  # imports triton: only when chosen
+
+        encoding = TritonHashGridEncoding(*args, generator=generator, device=device)
     else:
-        why = "requested by scene.grid.backend=torch"
-    logger.info(f"hash grid: pure-torch backend ({why})")
-    return HashGridEncoding(*args, generator=generator, device=device), "torch"
+        encoding = HashGridEncoding(*args, generator=generator, device=device)
+    logger.info(f"hash grid: {_BACKEND_NAMES[backend]} backend ({why})")
+    return encoding, backend
