@@ -237,6 +237,9 @@ class ExportConfig:
     refine_from: int = between(2, EXPORT_MAX_RESOLUTION, 64, off=0,
                                help="coarse grid for coarse-to-fine sampling near the surface; 0 = sample every node")
     at_end: bool = described(True, "export a mesh at the end of training")
+    # Meshes for modelling tools (carv3d/export/repair.py, normals.py, delight.py)
+    crease_angle: float = between(0.0, 180.0, 60.0, help="faces meeting at more than this angle (degrees) get a hard edge; 180 = all smooth")
+    delight: bool = described(True, "fit the light baked into the colours and divide it out of the texture and vertex colours")
 
 
 @dataclass
