@@ -8,7 +8,7 @@ front facing +Z, centred at the origin, in scene units (GLB, OBJ); PLY is writte
 from carv3d.export.cleanup import (decimate, fill_small_holes, make_mesh, orient_outward,
                                    remove_small_components)
 from carv3d.export.colors import vertex_colors
-from carv3d.export.inspect import MeshReport, inspect_mesh
+from carv3d.export.defects import MeshReport, inspect_mesh
 from carv3d.export.isosurface import EmptyMeshError, density_grid, extract_isosurface
 from carv3d.export.pipeline import ExportedMesh, build_mesh, export_mesh, write_mesh
 from carv3d.export.repair import clean_mesh

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 import trimesh
 
-from carv3d.export.inspect import component_labels, face_areas  # noqa: F401 (re-exported)
+from carv3d.export.defects import component_labels, face_areas  # noqa: F401 (re-exported)
 from carv3d.export.isosurface import signed_volume
 from carv3d.log import logger
 

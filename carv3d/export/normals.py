@@ -22,7 +22,7 @@ from typing import Tuple
 
 import numpy as np
 
-from carv3d.export.inspect import corner_groups, corner_pairs
+from carv3d.export.defects import corner_groups, corner_pairs
 
 
 def unit(x: np.ndarray, fallback: Tuple[float, float, float] = (0.0, 1.0, 0.0)) -> np.ndarray:

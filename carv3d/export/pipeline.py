@@ -66,7 +66,7 @@ class ExportedMesh:
         normals: (N, 3) float32 shading normals, one per smoothing group.
         corner_normal: (F, 3) int64 index into ``normals`` of every face corner.
         vertex_normal: (V, 3) float32 one smooth normal per vertex (PLY).
-        checks: the mesh check (:class:`carv3d.export.inspect.MeshReport` as a dict) after each step.
+        checks: the mesh check (:class:`carv3d.export.defects.MeshReport` as a dict) after each step.
         repairs: what the cleanup did, in order.
         light: the light divided out of the colours (None: colours as the field has them).
         uv_stats: charts and texel use of the texture atlas.

@@ -23,7 +23,7 @@ The repairs, each its own function so that the pipeline can log what it did:
 - :func:`repair_components` hands each component that is not a clean 2-manifold to MeshFix
   (pymeshfix: removes non-manifold elements and self-intersections, fills the holes left behind).
 - :func:`clean_mesh` runs them after every geometric step (marching cubes, cleanup, decimation),
-  checks the result (:func:`carv3d.export.inspect.inspect_mesh`) and logs what was done. When a
+  checks the result (:func:`carv3d.export.defects.inspect_mesh`) and logs what was done. When a
   decimated mesh cannot be repaired it decimates again less aggressively, and as a last resort keeps
   the clean mesh from before decimation (over the face budget, with a warning).
 
@@ -40,7 +40,7 @@ from typing import Tuple
 import numpy as np
 
 from carv3d.export.cleanup import decimate, fill_small_holes, make_mesh, remove_small_components
-from carv3d.export.inspect import component_labels, degenerate_mask, inspect_mesh
+from carv3d.export.defects import component_labels, degenerate_mask, inspect_mesh
 from carv3d.export.isosurface import signed_volume
 from carv3d.log import logger
 

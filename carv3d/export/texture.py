@@ -25,7 +25,7 @@ import scipy.ndimage
 
 from carv3d.export.colors import field_albedo
 from carv3d.export.delight import Light, delight_colors
-from carv3d.export.inspect import face_areas
+from carv3d.export.defects import face_areas
 from carv3d.export.normals import unit
 from carv3d.export.raster import rasterize
 from carv3d.log import logger
