@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import trimesh
 
 from carv3d.config import ExportConfig
 from carv3d.export import export_mesh
-from carv3d.export.analytic import AnalyticField, Shape, box_sdf, sphere_field, split_colour
+from carv3d.export.analytic import AnalyticField, Shape, box_sdf, bumpy_box_field, sphere_field, split_colour
 from carv3d.export.cleanup import decimate, make_mesh
 from carv3d.export.defects import component_labels, inspect_mesh
 from carv3d.export.delight import Light, fit_light
@@ -22,18 +21,9 @@ from carv3d.export.repair import clean_mesh, remove_bad_faces, remove_inner_shel
 from carv3d.export.texture import unwrap
 
 
-def noisy_cube_field() -> AnalyticField:
-    """A cube with a bumpy surface: quadric decimation of its isosurface folds thin bumps onto themselves."""
-    def sdf(x):
-        bumps = (0.04 * torch.sin(23 * x[:, 0] + 1) * torch.sin(29 * x[:, 1] + 2) * torch.sin(31 * x[:, 2] + 3)
-                 + 0.02 * torch.sin(71 * x[:, 0]) * torch.sin(67 * x[:, 1] + 1) * torch.sin(73 * x[:, 2]))
-        return box_sdf(x, (0.0, 0.0, 0.0), (0.4, 0.4, 0.4)) + bumps
-    return AnalyticField([Shape(sdf, split_colour((0.9, 0.2, 0.1), (0.1, 0.3, 0.9)))], softness=0.01)
-
-
 @pytest.fixture(scope="module")
 def noisy_mesh():
-    field = noisy_cube_field()
+    field = bumpy_box_field()
     return extract_isosurface(density_grid(field, 96), field.surface_level, field.radius)
 
 

@@ -27,9 +27,15 @@ The importers are called through ``bpy.ops`` (``import_scene.gltf``, ``wm.obj_im
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
+
+ENV = "CARV3D_BLENDER_PYTHON"  # a Python interpreter with bpy installed
 
 
 def _reset(bpy) -> None:
@@ -134,6 +140,39 @@ def check_file(path: Path, merge_vertices: bool = False) -> dict:
     objects = [o for o in bpy.context.scene.objects if o.type == "MESH"]
     return {"file": str(path), "merge_vertices": merge_vertices, "objects": len(objects),
             "meshes": [inspect_object(bpy, o) for o in objects], "blender": bpy.app.version_string}
+
+
+def find_blender_python() -> Optional[str]:
+    """A Python that can ``import bpy``: ``$CARV3D_BLENDER_PYTHON``, then the checkout's ``.venv-blender``
+    (``make test-blender``), then this interpreter; None when there is none."""
+    if os.environ.get(ENV):
+        return os.environ[ENV]
+    local = Path(__file__).resolve().parents[2] / ".venv-blender" / "bin" / "python"
+    if local.is_file():
+        return str(local)
+    if importlib.util.find_spec("bpy") is not None:
+        return sys.executable
+    return None
+
+
+def run_blender_check(files: Sequence[Path], python: Optional[str] = None, timeout_s: float = 600.0) -> list:
+    """Run this file as a script under a bpy Python (:func:`find_blender_python`) and return its reports.
+
+    Raises:
+        RuntimeError: no Python with bpy was found, or the check failed (its stderr is in the message).
+    """
+    python = python or find_blender_python()
+    if python is None:
+        raise RuntimeError(f"no Python with bpy: run `make test-blender` (builds .venv-blender) or set {ENV}")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        done = subprocess.run([python, str(Path(__file__).resolve()), "--json", str(out), *map(str, files)],
+                              capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"the Blender check failed: {done.stderr.strip()[-2000:]}")
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str]) -> int:
