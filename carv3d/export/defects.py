@@ -87,12 +87,28 @@ def degenerate_mask(vertices: np.ndarray, faces: np.ndarray, area_eps: float = 0
     return repeated | (face_areas(vertices, faces) <= area_eps)
 
 
+def row_keys(rows: np.ndarray) -> np.ndarray:
+    """(N,) int64 key of each row of small non-negative ints, equal iff the rows are equal.
+
+    ``key = Σ_j rows[:, j] · base^(k−1−j)`` with base = max + 1 (1-D keys make ``np.unique`` a fast
+    hash or sort instead of a row-wise lexicographic one).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    base = np.int64(int(rows.max()) + 1 if rows.size else 1)
+    if float(base) ** rows.shape[1] >= 2**62:
+        raise ValueError("too many vertices to key rows of indices in 64 bits")
+    key = np.zeros(len(rows), dtype=np.int64)
+    for j in range(rows.shape[1]):
+        key = key * base + rows[:, j]
+    return key
+
+
 def duplicate_mask(faces: np.ndarray) -> np.ndarray:
     """(F,) True for every face over the same vertex set as an earlier face (any winding)."""
     faces = np.asarray(faces)
     if len(faces) == 0:
         return np.zeros(0, dtype=bool)
-    _, first = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
+    _, first = np.unique(row_keys(np.sort(faces, axis=1)), return_index=True)
     mask = np.ones(len(faces), dtype=bool)
     mask[first] = False
     return mask
@@ -107,8 +123,9 @@ def edge_face_counts(faces: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """
     faces = np.asarray(faces, dtype=np.int64)
     half = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges, counts = np.unique(np.sort(half, axis=1), axis=0, return_counts=True)
-    return edges, counts
+    sorted_half = np.sort(half, axis=1)
+    _, first, counts = np.unique(row_keys(sorted_half), return_index=True, return_counts=True)
+    return sorted_half[first], counts
 
 
 def corner_pairs(faces: np.ndarray, n_vertices: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -152,8 +169,8 @@ def vertex_fans(faces: np.ndarray, n_vertices: int) -> np.ndarray:
     if len(faces) == 0:
         return np.zeros(n_vertices, dtype=np.int64)
     label = corner_groups(3 * len(faces), *corner_pairs(faces, n_vertices))
-    pairs = np.unique(np.stack([faces.reshape(-1), label], axis=1), axis=0)
-    return np.bincount(pairs[:, 0], minlength=n_vertices)
+    keys = np.unique(faces.reshape(-1).astype(np.int64) * np.int64(3 * len(faces)) + label)  # (vertex, fan)
+    return np.bincount(keys // np.int64(3 * len(faces)), minlength=n_vertices)
 
 
 def component_labels(faces: np.ndarray, n_vertices: int) -> Tuple[int, np.ndarray]:
@@ -185,7 +202,7 @@ def inspect_mesh(vertices: np.ndarray, faces: np.ndarray, area_eps: float = 0.0)
     duplicates = int(duplicate_mask(faces).sum())
     edges, counts = edge_face_counts(faces)
     half = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    _, directed_counts = np.unique(half, axis=0, return_counts=True)
+    _, directed_counts = np.unique(row_keys(half), return_counts=True)
     flipped = int((directed_counts > 1).sum())
     fans = vertex_fans(faces, n_vertices)
     n_components, _ = component_labels(faces, n_vertices)

@@ -40,7 +40,7 @@ from typing import Tuple
 import numpy as np
 
 from carv3d.export.cleanup import decimate, fill_small_holes, make_mesh, remove_small_components
-from carv3d.export.defects import component_labels, degenerate_mask, inspect_mesh
+from carv3d.export.defects import component_labels, degenerate_mask, inspect_mesh, row_keys
 from carv3d.export.isosurface import signed_volume
 from carv3d.log import logger
 
@@ -61,8 +61,8 @@ def remove_bad_faces(vertices: np.ndarray, faces: np.ndarray, area_eps: float = 
     faces = np.asarray(faces, dtype=np.int64)
     bad = degenerate_mask(vertices, faces, area_eps)
     good = np.flatnonzero(~bad)
-    key = np.sort(faces[good], axis=1)
-    _, group, size = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    key = row_keys(np.sort(faces[good], axis=1))
+    _, group, size = np.unique(key, return_inverse=True, return_counts=True)
     group = group.reshape(-1)
     keep = np.ones(len(good), dtype=bool)
     fins = 0
@@ -178,13 +178,17 @@ def weld(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarra
         vertices, faces and the number of vertices merged away.
     """
     vertices = np.asarray(vertices)
-    unique, first, inverse = np.unique(vertices, axis=0, return_index=True, return_inverse=True)
-    if len(unique) == len(vertices):
+    order = np.lexsort(vertices.T[::-1])  # rows sorted by (x, y, z): equal positions become neighbours
+    ordered = vertices[order]
+    new_run = np.ones(len(vertices), dtype=bool)
+    new_run[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    if new_run.all():
         return vertices, np.asarray(faces, dtype=np.int64), 0
-    order = np.argsort(first)  # keep the vertices in their original order
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return vertices[first[order]], rank[inverse.reshape(-1)][np.asarray(faces)], len(vertices) - len(unique)
+    representative = np.empty(len(vertices), dtype=np.int64)  # each vertex → the first of its run
+    run_start = order[np.flatnonzero(new_run)]
+    representative[order] = np.repeat(run_start, np.diff(np.append(np.flatnonzero(new_run), len(vertices))))
+    kept, inverse = np.unique(representative, return_inverse=True)  # sorted: keeps the original order
+    return vertices[kept], inverse[np.asarray(faces)], len(vertices) - len(kept)
 
 
 def orient_components(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, int]:
@@ -270,12 +274,16 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, min_component_fraction: 
     if shells:
         log.note(f"removed {shells} inner shell(s) ({len(mesh.faces) - len(inner_faces)} faces) enclosed by the surface")
     vertices, faces, _ = compact(np.asarray(mesh.vertices, dtype=np.float32), inner_faces)
-    mesh, holes = fill_small_holes(make_mesh(vertices, faces), max_hole_edges)
-    if holes:
-        log.note(f"closed {holes} small holes")
-    vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
     faces, flipped = orient_components(vertices, faces)
+    if flipped:
+        log.note(f"turned {flipped} inside-out component(s) outward")
     log.check("cleanup", vertices, faces)
+    if log.checks["cleanup"]["boundary_edges"]:  # marching cubes closes every surface; a hole is rare
+        mesh, holes = fill_small_holes(make_mesh(vertices, faces), max_hole_edges)
+        if holes:
+            log.note(f"closed {holes} small holes")
+            vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+            log.check("holes", vertices, faces)
     if target_faces <= 0 or len(faces) <= target_faces:
         return vertices, faces, log
     for agg in aggressiveness:
