@@ -106,7 +106,7 @@ def test_decimation_defects_are_repaired_into_a_closed_manifold(noisy_mesh):
     assert manifold3d_accepts(v, f) and trimesh.Trimesh(v, f, process=False).is_watertight  # two other checks
     assert trimesh.Trimesh(v, f, process=False).volume > 0  # outward
     assert any("MeshFix" in a for a in log.actions) and log.checks["decimation + repair"]["clean"]
-    assert set(log.checks) >= {"marching cubes", "cleanup", "decimation (aggressiveness 7)"}
+    assert set(log.checks) >= {"marching cubes", "cleanup", "decimation (aggressiveness 3)"}
 
 
 def test_unrepairable_decimation_falls_back_to_the_next_setting_then_to_no_decimation(noisy_mesh, monkeypatch):

@@ -253,13 +253,17 @@ def repaired_decimation(vertices: np.ndarray, faces: np.ndarray, target_faces: i
 
 
 def clean_mesh(vertices: np.ndarray, faces: np.ndarray, min_component_fraction: float, max_hole_edges: int,
-               target_faces: int, aggressiveness: Tuple[float, ...] = (7.0, 3.0)) -> Tuple[np.ndarray, np.ndarray, CleanupLog]:
+               target_faces: int, aggressiveness: Tuple[float, ...] = (3.0, 7.0),
+               budget_slack: float = 1.02) -> Tuple[np.ndarray, np.ndarray, CleanupLog]:
     """Marching-cubes output → a clean closed 2-manifold within the face budget (module docstring).
 
     Steps, each followed by a check recorded in the log: tidy (weld, degenerate and duplicate
     faces); junk (components under ``min_component_fraction`` of the largest area); inner shells;
-    holes up to ``max_hole_edges`` edges; decimation to ``target_faces`` (0: none) with repair,
-    retried with each ``aggressiveness`` in turn.
+    holes up to ``max_hole_edges`` edges (only when the check finds any); decimation to
+    ``target_faces`` (0: none) with repair, trying each ``aggressiveness`` in turn. fast-simplification
+    at 3 is the more accurate and breaks less (docs/BENCHMARKS.md) but may stop short of a small
+    budget; a result is taken when it is clean and within ``budget_slack`` × the budget, else the
+    next setting is tried; then the first clean result over the budget; then the undecimated mesh.
 
     Returns:
         vertices (V, 3) float32, faces (F, 3) int64 (outward), and the :class:`CleanupLog`.
@@ -286,12 +290,21 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, min_component_fraction: 
             log.check("holes", vertices, faces)
     if target_faces <= 0 or len(faces) <= target_faces:
         return vertices, faces, log
+    over_budget = None
     for agg in aggressiveness:
         v, f, clean = repaired_decimation(vertices, faces, target_faces, agg, log)
-        if clean:
+        if clean and len(f) <= budget_slack * target_faces:
             log.check("decimation + repair", v, f)
             return v, f, log
-        log.note(f"decimation at aggressiveness {agg:g} could not be repaired; trying the next setting")
+        if clean:
+            log.note(f"decimation at aggressiveness {agg:g} stopped at {len(f)} faces; trying the next setting")
+            over_budget = over_budget or (v, f)
+        else:
+            log.note(f"decimation at aggressiveness {agg:g} could not be repaired; trying the next setting")
+    if over_budget is not None:
+        log.note(f"kept a clean decimation over the budget ({len(over_budget[1])} faces)")
+        log.check("decimation + repair", *over_budget)
+        return over_budget[0], over_budget[1], log
     logger.warning("cleanup: no decimation could be repaired; keeping all %d faces (over the budget of %d)",
                    len(faces), target_faces)
     log.note(f"kept the undecimated mesh ({len(faces)} faces) because no decimation could be repaired")
