@@ -13,7 +13,8 @@ was 14–19× faster (0.16 / 0.22 / 0.32 s against 2.9 / 4.3 / 4.4 s) with the s
 (−0.02% / −0.06% / −0.24%) and a larger but small largest radial error (0.3 / 1.5 / 4.9 ×10⁻³
 scene units against 0.05 / 0.28 / 1.3 ×10⁻³); both kept the mesh watertight. fast-simplification
 is a 0.5 MB wheel, pymeshlab 280 MB installed. Open3D was not
-tried.
+tried. Quadric collapse does not keep a mesh manifold (thin parts fold onto themselves):
+:func:`carv3d.export.repair.clean_mesh` checks and repairs what it returns.
 """
 
 from __future__ import annotations
