@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run", type=Path, default=None, help="a trained run directory (scene 'run')")
     parser.add_argument("--blender", action="store_true", help="open the files in Blender (needs a bpy Python)")
     parser.add_argument("--compare-repair", action="store_true", help="compare decimation + repair libraries")
+    parser.add_argument("--compare-delight", action="store_true",
+                        help="also bake each scene's texture without de-lighting (front/back colours)")
     parser.add_argument("--compare-uv", action="store_true",
                         help="also unwrap each scene's final mesh with the previous chart settings")
     parser.add_argument("--resolution", type=int, default=256, help="grid nodes per axis (default 256)")
@@ -155,7 +157,24 @@ def bench_scene(name: str, args: argparse.Namespace) -> dict:
                        "settings": "faces_per_chart 200, no smoothing, xatlas normal_deviation_weight 2, max_cost 2"}
     else:
         uv_previous = None
+    sides = None
+    if mesh.texture is not None:
+        from carv3d.export.texture import colour_facing
+
+        sides = {name: [round(float(c), 4) for c in colour_facing(mesh.uv_mesh, mesh.texture, axis)]
+                 for name, axis in (("front +z", (0, 0, 1)), ("back -z", (0, 0, -1)), ("top +y", (0, 1, 0)),
+                                    ("bottom -y", (0, -1, 0)), ("+x", (1, 0, 0)), ("-x", (-1, 0, 0)))}
+        front, back = sides["front +z"][0], sides["back -z"][0]  # the red channel (the demo's red cube)
+        sides["front_back_red_relative_difference"] = round(abs(front - back) / max(front, back, 1e-9), 4)
+        if args.compare_delight:
+            from carv3d.export.texture import bake_albedo
+
+            lit = bake_albedo(field, mesh.uv_mesh, args.texture_size)  # the field's colours as they are
+            front, back = (float(colour_facing(mesh.uv_mesh, lit, axis)[0]) for axis in ((0, 0, 1), (0, 0, -1)))
+            sides["without_delighting"] = {"front_red": round(front, 4), "back_red": round(back, 4),
+                                           "relative_difference": round(abs(front - back) / max(front, back, 1e-9), 4)}
     return {
+        "texture_sides_rgb": sides,
         "uv_previous_settings": uv_previous,
         "checks": mesh.checks,
         "repairs": mesh.repairs,

@@ -70,24 +70,6 @@ def train_run(out_dir: Path, smoke: bool, steps: int) -> Path:
     return train(cfg)
 
 
-def side_red(mesh, axis) -> float:
-    """Mean red of the texture at the UV centroids of faces facing ``axis`` (within 25°)."""
-    import numpy as np
-
-    from carv3d.export.texture import uv_to_pixels
-
-    uvm, size = mesh.uv_mesh, mesh.texture.shape[0]
-    corners = uvm.vertices[uvm.faces]
-    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
-    faces = np.flatnonzero(normal @ np.asarray(axis, dtype=np.float64) > np.cos(np.radians(25)))
-    if len(faces) == 0:
-        return float("nan")
-    px = uv_to_pixels(uvm.uv[uvm.faces[faces]].mean(axis=1).astype(np.float64), size)
-    texels = mesh.texture[np.clip(px[:, 1].astype(int), 0, size - 1), np.clip(px[:, 0].astype(int), 0, size - 1)]
-    return float(texels[:, 0].mean() / 255.0)
-
-
 def export_and_check(run_dir: Path, resolution: int, faces: int, texture: int) -> dict:
     import numpy as np
     import torch
@@ -113,7 +95,10 @@ def export_and_check(run_dir: Path, resolution: int, faces: int, texture: int) -
            "light": None if mesh.light is None else {"direction": mesh.light.direction.tolist(),
                                                      "ambient": mesh.light.ambient, "gain": mesh.light.gain}}
     if mesh.texture is not None:
-        front, back = side_red(mesh, (0, 0, 1)), side_red(mesh, (0, 0, -1))
+        from carv3d.export.texture import colour_facing
+
+        front = float(colour_facing(mesh.uv_mesh, mesh.texture, (0, 0, 1))[0])
+        back = float(colour_facing(mesh.uv_mesh, mesh.texture, (0, 0, -1))[0])
         out["front_back"] = {"front_red": front, "back_red": back,
                              "relative_difference": abs(front - back) / max(front, back, 1e-9)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ import torch
 
 from carv3d.config import ExportConfig
 from carv3d.export.pipeline import build_mesh
-from carv3d.export.texture import uv_to_pixels
+from carv3d.export.texture import colour_facing
 from carv3d.world.evaluate import WorldField
 from carv3d.world.objects import COLOURS
 from carv3d.world.raytrace import AMBIENT, light_direction
@@ -28,17 +28,8 @@ class LitWorldField(WorldField):
         return density, albedo * factor.unsqueeze(-1)
 
 
-def side_colour(mesh, axis: np.ndarray) -> np.ndarray:
-    """Mean texel colour at the UV centroids of the faces whose normal is within 25° of ``axis``."""
-    uvm = mesh.uv_mesh
-    corners = uvm.vertices[uvm.faces]
-    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
-    faces = np.flatnonzero(normal @ axis > np.cos(np.radians(25)))
-    pixels = uv_to_pixels(uvm.uv[uvm.faces[faces]].mean(axis=1).astype(np.float64), mesh.texture.shape[0])
-    size = mesh.texture.shape[0]
-    texels = mesh.texture[np.clip(pixels[:, 1].astype(int), 0, size - 1), np.clip(pixels[:, 0].astype(int), 0, size - 1)]
-    return texels.astype(np.float64).mean(axis=0) / 255.0
+def side_colour(mesh, axis) -> np.ndarray:
+    return colour_facing(mesh.uv_mesh, mesh.texture, axis)
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,21 @@ def bake_albedo(field: Any, uv_mesh: UVMesh, texture_size: int, normals: Optiona
 def is_power_of_two(n: int) -> bool:
     """True for 1, 2, 4, 8, …"""
     return n > 0 and n & (n - 1) == 0
+
+
+def colour_facing(uv_mesh: UVMesh, texture: np.ndarray, axis, max_angle: float = 25.0) -> np.ndarray:
+    """Mean texture colour (3,) in [0, 1] of the faces whose normal is within ``max_angle`` degrees of ``axis``.
+
+    Each face contributes the texel under its UV centroid; used to compare the sides of an object
+    (e.g. the front +Z and the back −Z of the demo cube). NaN when no face faces that way.
+    """
+    corners = uv_mesh.vertices.astype(np.float64)[uv_mesh.faces]
+    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-20)
+    faces = np.flatnonzero(normal @ np.asarray(axis, dtype=np.float64) > np.cos(np.radians(max_angle)))
+    if len(faces) == 0:
+        return np.full(3, np.nan)
+    size = texture.shape[0]
+    px = uv_to_pixels(uv_mesh.uv[uv_mesh.faces[faces]].mean(axis=1).astype(np.float64), size)
+    texels = texture[np.clip(px[:, 1].astype(int), 0, size - 1), np.clip(px[:, 0].astype(int), 0, size - 1)]
+    return texels.astype(np.float64).mean(axis=0) / 255.0
