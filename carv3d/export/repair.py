@@ -237,8 +237,9 @@ def tidy(vertices: np.ndarray, faces: np.ndarray, log: CleanupLog, what: str) ->
 
 
 def repaired_decimation(vertices: np.ndarray, faces: np.ndarray, target_faces: int, aggressiveness: float,
-                        log: CleanupLog) -> Tuple[np.ndarray, np.ndarray, bool]:
-    """Quadric decimation, then :func:`tidy` and MeshFix where a component is still not clean."""
+                        log: CleanupLog, min_component_fraction: float = 0.05) -> Tuple[np.ndarray, np.ndarray, bool]:
+    """Quadric decimation, then :func:`tidy` and MeshFix where a component is still not clean; pieces
+    that the repair cut off (under ``min_component_fraction`` of the largest area) are dropped."""
     mesh = decimate(make_mesh(vertices, faces), target_faces, aggressiveness)
     v, f = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
     log.check(f"decimation (aggressiveness {aggressiveness:g})", v, f)
@@ -246,6 +247,10 @@ def repaired_decimation(vertices: np.ndarray, faces: np.ndarray, target_faces: i
     if not inspect_mesh(v, f).clean:
         v, f, repaired = repair_components(v, f)
         log.note(f"decimation: MeshFix repaired {repaired} component(s)")
+        kept = remove_small_components(make_mesh(v, f), min_component_fraction)
+        if len(kept.faces) < len(f):
+            log.note(f"decimation: dropped {len(f) - len(kept.faces)} faces of pieces the repair cut off")
+            v, f = np.asarray(kept.vertices, dtype=np.float32), np.asarray(kept.faces, dtype=np.int64)
     f, flipped = orient_components(v, f)
     if flipped:
         log.note(f"decimation: turned {flipped} inside-out component(s) outward")
@@ -292,7 +297,7 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, min_component_fraction: 
         return vertices, faces, log
     over_budget = None
     for agg in aggressiveness:
-        v, f, clean = repaired_decimation(vertices, faces, target_faces, agg, log)
+        v, f, clean = repaired_decimation(vertices, faces, target_faces, agg, log, min_component_fraction)
         if clean and len(f) <= budget_slack * target_faces:
             log.check("decimation + repair", v, f)
             return v, f, log
