@@ -14,7 +14,7 @@ DEV_STAMP := $(VENV)/.carv3d-dev-installed
 # then scripts/compile_imports.py compiles what a run imports by importing it once.
 PIP_NO_COMPILE := $(PY) -m pip install -q --no-compile
 
-.PHONY: install install-dev demo test test-slow test-gpu clean
+.PHONY: install install-dev demo test test-slow test-gpu test-blender clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,5 +46,18 @@ test-slow: $(DEV_STAMP)
 test-gpu: $(DEV_STAMP)
 	$(PY) -m pytest -q -m gpu
 
+# Exported meshes opened in Blender itself (bpy). bpy 5 needs Python 3.11 and numpy < 2, so it lives in
+# its own environment (~1 GB; the spec is setup.cfg's [blender] extra); the tests find it there.
+BLENDER_VENV ?= .venv-blender
+BLENDER_PYTHON ?= python3.11
+BPY_SPEC ?= bpy>=5.0,<6
+$(BLENDER_VENV)/.bpy-installed:
+	test -x $(BLENDER_VENV)/bin/python || $(BLENDER_PYTHON) -m venv $(BLENDER_VENV)
+	$(BLENDER_VENV)/bin/python -m pip install -q "$(BPY_SPEC)"
+	touch $@
+
+test-blender: $(DEV_STAMP) $(BLENDER_VENV)/.bpy-installed
+	CARV3D_BLENDER_PYTHON=$(BLENDER_VENV)/bin/python $(PY) -m pytest -q -m slow tests/test_export_blender.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BLENDER_VENV) build *.egg-info

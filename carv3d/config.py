@@ -245,6 +245,11 @@ class ExportConfig:
     refine_from: int = between(2, EXPORT_MAX_RESOLUTION, 64, off=0,
                                help="coarse grid for coarse-to-fine sampling near the surface; 0 = sample every node")
     at_end: bool = described(True, "export a mesh at the end of training")
+    # Meshes for modelling tools (carv3d/export/repair.py, normals.py, delight.py)
+    # 180 by default: a NeRF's isosurface has no true hard edges, and every hard edge splits the GLB's
+    # vertices, which Blender's glTF importer cannot weld back (it imports them as open seams).
+    crease_angle: float = between(0.0, 180.0, 180.0, help="faces meeting at more than this angle (degrees) get a hard edge; 180 = all smooth")
+    delight: bool = described(True, "fit the light baked into the colours and divide it out of the texture and vertex colours")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import trimesh
 
 from carv3d.config import ExportConfig
+from carv3d.export.formats import PLY_FROM_SCENE
 from carv3d.errors import ConfigError, DiskFullError, OutputPathError, UserError
 from carv3d.export import (EmptyMeshError, density_grid, export_mesh, extract_isosurface, make_mesh,
                            remove_small_components, vertex_colors)
@@ -113,7 +114,9 @@ def test_glb_ply_obj_load_back_with_same_counts_and_colours(tmp_path):
         # The GLB has a material besides COLOR_0; trimesh then drops the colours unless told to skip it.
         loaded = trimesh.load(path, process=False, force="mesh", **({"skip_materials": True} if fmt == "glb" else {}))
         assert (len(loaded.vertices), len(loaded.faces)) == (len(reference.vertices), len(reference.faces)), fmt
-        np.testing.assert_allclose(loaded.vertices, reference.vertices, atol=1e-5, err_msg=fmt)
+        # PLY is written +Z up: the scene's (x, y, z) is (x, −z, y) there.
+        expected = reference.vertices @ PLY_FROM_SCENE.T if fmt == "ply" else reference.vertices
+        np.testing.assert_allclose(loaded.vertices, expected, atol=1e-5, err_msg=fmt)
         np.testing.assert_array_equal(loaded.faces, reference.faces, err_msg=fmt)
         assert loaded.visual.kind == "vertex", fmt
         np.testing.assert_array_equal(np.asarray(loaded.visual.vertex_colors), expected_colors, err_msg=fmt)
@@ -228,8 +231,8 @@ def test_unusable_output_folder_is_an_output_path_error_before_any_work(tmp_path
 def test_cleanup_leaving_too_few_faces_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
     import carv3d.export.pipeline as pipeline
 
-    empty = make_mesh(np.zeros((0, 3), dtype=np.float32), np.zeros((0, 3), dtype=np.int64))
-    monkeypatch.setattr(pipeline, "decimate", lambda mesh, target: empty)
+    empty = (np.zeros((0, 3), dtype=np.float32), np.zeros((0, 3), dtype=np.int64), None)
+    monkeypatch.setattr(pipeline, "clean_mesh", lambda *args, **kwargs: empty)
     field = sphere_field(0.5)
     with pytest.raises(EmptyMeshError, match="0 faces after cleanup") as info:
         export_mesh(field, tmp_path, ExportConfig(resolution=16, threshold=field.surface_level, texture_size=0))
@@ -290,5 +293,6 @@ def test_export_says_each_stage_as_it_starts(tmp_path, caplog):
         export_mesh(field, tmp_path, cfg)
     stages = [r.getMessage() for r in caplog.records if r.getMessage().endswith("...")]
     assert stages == ["export: sampling the density on a 16³ grid ...", "export: refining near the surface to 32³ ...",
-                      "export: marching cubes ...", "export: cleanup (small components, holes, decimation) ...",
-                      "export: vertex colours ...", "export: writing ply ..."]
+                      "export: marching cubes ...",
+                      "export: cleanup (small components, inner shells, holes, decimation, repair) ...",
+                      "export: normals and vertex colours ...", "export: writing ply ..."]

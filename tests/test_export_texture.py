@@ -56,7 +56,7 @@ def test_dilation_takes_the_nearest_covered_texel():
 def baked():
     field = sphere_field(0.5, colour=split_colour(RED, BLUE))
     vertices, faces = extract_isosurface(density_grid(field, 40), field.surface_level, field.radius)
-    uv_mesh = unwrap(vertices, faces, 256)
+    uv_mesh, _ = unwrap(vertices, faces, 256)
     return field, vertices, faces, uv_mesh, bake_albedo(field, uv_mesh, 256)
 
 
@@ -143,7 +143,8 @@ def test_textured_obj_loads_back_with_material_and_colours(tmp_path):
     assert f"map_Kd {files['texture'].name}" in files["mtl"].read_text()
     loaded = trimesh.load(files["obj"], process=False, force="mesh")
     text = files["obj"].read_text()
-    assert len(loaded.vertices) == text.count("\nv ") and len(loaded.faces) == text.count("\nf ")
+    # trimesh splits the welded OBJ where a position has several texture coordinates (at UV seams).
+    assert len(loaded.vertices) >= text.count("\nv ") and len(loaded.faces) == text.count("\nf ")
     colors = loaded.visual.to_color().vertex_colors[:, :3]
     away = np.abs(loaded.vertices[:, 0]) > 0.03
     np.testing.assert_array_equal(colors[away], vertex_colors(field, loaded.vertices)[away, :3])

@@ -102,3 +102,18 @@ def sphere_field(sphere_radius: float = 0.5, centre: Sequence[float] = (0.0, 0.0
     """One sphere of radius ρ at ``centre``; surface level ``field.surface_level``."""
     shape = Shape(lambda x: sphere_sdf(x, centre, sphere_radius), colour or constant_colour((0.8, 0.8, 0.8)))
     return AnalyticField([shape], **kwargs)
+
+
+def bumpy_box_field(half_extent: float = 0.4, colour: Optional[ColourFn] = None) -> AnalyticField:
+    """A cube with a bumpy surface, ``d(x) = d_box(x) + b(x)`` with two products of sines,
+
+        b(x) = 0.04·sin(23x + 1)·sin(29y + 2)·sin(31z + 3) + 0.02·sin(71x)·sin(67y + 1)·sin(73z),
+
+    like the surface of a trained NeRF: quadric decimation of its isosurface folds thin bumps onto
+    themselves (non-manifold edges, duplicate faces), which the export must repair.
+    """
+    def sdf(x: torch.Tensor) -> torch.Tensor:
+        bumps = (0.04 * torch.sin(23 * x[:, 0] + 1) * torch.sin(29 * x[:, 1] + 2) * torch.sin(31 * x[:, 2] + 3)
+                 + 0.02 * torch.sin(71 * x[:, 0]) * torch.sin(67 * x[:, 1] + 1) * torch.sin(73 * x[:, 2]))
+        return box_sdf(x, (0.0, 0.0, 0.0), (half_extent,) * 3) + bumps
+    return AnalyticField([Shape(sdf, colour or split_colour((0.9, 0.2, 0.1), (0.1, 0.3, 0.9)))], softness=0.01)

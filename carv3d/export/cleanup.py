@@ -13,7 +13,8 @@ was 14–19× faster (0.16 / 0.22 / 0.32 s against 2.9 / 4.3 / 4.4 s) with the s
 (−0.02% / −0.06% / −0.24%) and a larger but small largest radial error (0.3 / 1.5 / 4.9 ×10⁻³
 scene units against 0.05 / 0.28 / 1.3 ×10⁻³); both kept the mesh watertight. fast-simplification
 is a 0.5 MB wheel, pymeshlab 280 MB installed. Open3D was not
-tried.
+tried. Quadric collapse does not keep a mesh manifold (thin parts fold onto themselves):
+:func:`carv3d.export.repair.clean_mesh` checks and repairs what it returns.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
 import trimesh
 
+from carv3d.export.defects import component_labels, face_areas  # noqa: F401 (re-exported)
 from carv3d.export.isosurface import signed_volume
 from carv3d.log import logger
 
@@ -41,27 +41,6 @@ def _vertex_colors(mesh: trimesh.Trimesh) -> Optional[np.ndarray]:
     if getattr(mesh.visual, "kind", None) == "vertex":
         return np.asarray(mesh.visual.vertex_colors)
     return None
-
-
-def component_labels(faces: np.ndarray, n_vertices: int) -> Tuple[int, np.ndarray]:
-    """Connected components of a mesh (vertices that share a face are connected).
-
-    Returns:
-        n_components and (F,) int labels, one per face.
-    """
-    if len(faces) == 0:
-        return 0, np.zeros(0, dtype=np.int64)
-    rows = np.concatenate([faces[:, 0], faces[:, 1]])
-    cols = np.concatenate([faces[:, 1], faces[:, 2]])
-    graph = scipy.sparse.coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_vertices,) * 2)
-    n, vertex_label = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    return int(n), vertex_label[faces[:, 0]]
-
-
-def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(F,) triangle areas |(v1 − v0) × (v2 − v0)| / 2."""
-    v = vertices.astype(np.float64)[faces]
-    return 0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=1)
 
 
 def submesh(mesh: trimesh.Trimesh, face_mask: np.ndarray) -> trimesh.Trimesh:

@@ -2,7 +2,9 @@
 
     density_grid (coarse) ─► auto_threshold (or a fixed level) ─► refine_grid near the level
       ─► extract_isosurface (outward faces)
-      ─► remove_small_components ─► fill_small_holes ─► decimate ─► orient_outward
+      ─► clean_mesh: weld, degenerate/duplicate faces, junk, inner shells, holes, decimate + repair
+         (checked and logged after every step: carv3d.export.repair)
+      ─► corner_normals (smooth, hard at creases) ─► fit the baked-in light (de-lighting)
       ─► vertex_colors (PLY, and GLB/OBJ without texture) ─► unwrap + bake_albedo (GLB/OBJ)
       ─► mesh.glb, mesh.ply, mesh.obj (+ mesh.mtl, mesh_albedo.png)
 
@@ -26,13 +28,14 @@ import numpy as np
 from carv3d.config import (EXPORT_MAX_RESOLUTION, EXPORT_MAX_TEXTURE_SIZE, EXPORT_MIN_FACES, EXPORT_MIN_RESOLUTION,
                            EXPORT_MIN_TEXTURE_SIZE, ExportConfig)
 from carv3d.errors import ConfigError, OutputPathError
-from carv3d.export.cleanup import (decimate, fill_small_holes, make_mesh, orient_outward,
-                                   remove_small_components)
-from carv3d.export.colors import vertex_colors
-from carv3d.export.formats import obj_sidecars, write_glb, write_obj, write_ply
+from carv3d.export.colors import field_albedo, to_rgba8
+from carv3d.export.delight import Light, delight_colors, estimate_light
+from carv3d.export.formats import obj_sidecars, split_vertices, write_glb, write_obj, write_ply
+from carv3d.export.normals import corner_normals, vertex_normals
+from carv3d.export.repair import clean_mesh
 from carv3d.export.isosurface import EmptyMeshError, density_grid, extract_isosurface
 from carv3d.export.sparse_grid import refine_grid
-from carv3d.export.texture import UVMesh, bake_albedo, is_power_of_two, unwrap
+from carv3d.export.texture import UVMesh, UVStats, bake_albedo, is_power_of_two, unwrap
 from carv3d.export.threshold import OpacityFn, ThresholdSearch, auto_threshold, mesh_iou
 from carv3d.io import make_writable_folder, reporting_full_disk
 from carv3d.log import logger
@@ -60,6 +63,13 @@ class ExportedMesh:
         uv_mesh: the mesh split along UV seams (same faces), when a texture was baked.
         texture: (S, S, 3) uint8 albedo texture, row 0 at the top.
         timings: seconds per stage.
+        normals: (N, 3) float32 shading normals, one per smoothing group.
+        corner_normal: (F, 3) int64 index into ``normals`` of every face corner.
+        vertex_normal: (V, 3) float32 one smooth normal per vertex (PLY).
+        checks: the mesh check (:class:`carv3d.export.defects.MeshReport` as a dict) after each step.
+        repairs: what the cleanup did, in order.
+        light: the light divided out of the colours (None: colours as the field has them).
+        uv_stats: charts and texel use of the texture atlas.
     """
 
     vertices: np.ndarray
@@ -71,6 +81,13 @@ class ExportedMesh:
     uv_mesh: Optional[UVMesh] = None
     texture: Optional[np.ndarray] = None
     timings: dict = dataclass_field(default_factory=dict)
+    normals: Optional[np.ndarray] = None
+    corner_normal: Optional[np.ndarray] = None
+    vertex_normal: Optional[np.ndarray] = None
+    checks: dict = dataclass_field(default_factory=dict)
+    repairs: list = dataclass_field(default_factory=list)
+    light: Optional[Light] = None
+    uv_stats: Optional[UVStats] = None
 
 
 def parse_threshold(value: Union[str, float, int]) -> Union[str, float]:
@@ -202,20 +219,24 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
     stage("marching cubes")
     vertices, faces = extract_isosurface(grid, float(threshold), float(field.radius))
     lap("marching_cubes")
-    stage("cleanup (small components, holes, decimation)")
-    mesh = remove_small_components(make_mesh(vertices, faces), float(export_cfg.min_component_fraction))
-    mesh, _ = fill_small_holes(mesh, int(export_cfg.max_hole_edges))
-    mesh = orient_outward(decimate(mesh, int(export_cfg.faces)))
-    vertices, faces = np.asarray(mesh.vertices, dtype=np.float32), np.asarray(mesh.faces, dtype=np.int64)
+    stage("cleanup (small components, inner shells, holes, decimation, repair)")
+    vertices, faces, cleanup = clean_mesh(vertices, faces, float(export_cfg.min_component_fraction),
+                                          int(export_cfg.max_hole_edges), int(export_cfg.faces))
     if len(faces) < MIN_FACES:  # nothing a UV unwrap or a file writer can use
         raise EmptyMeshError(f"the mesh has {len(faces)} faces after cleanup (at threshold {float(threshold):.4g}); "
                              f"a closed mesh needs at least {MIN_FACES}. Raise the face budget (--faces), or "
                              f"lower the threshold or raise the resolution to catch more of the surface.")
     lap("cleanup")
-    stage("vertex colours")
-    colors = vertex_colors(field, vertices)
+    stage("normals and vertex colours")
+    normals, corner_normal = corner_normals(vertices, faces, float(export_cfg.crease_angle))
+    vertex_normal = vertex_normals(vertices, faces)
+    albedo = field_albedo(field, vertices)
+    light = estimate_light(albedo, vertex_normal) if export_cfg.delight else None
+    colors = to_rgba8(delight_colors(albedo, vertex_normal, light))
     lap("vertex_colors")
-    result = ExportedMesh(vertices, faces, colors, float(threshold), search=search, timings=timings)
+    result = ExportedMesh(vertices, faces, colors, float(threshold), search=search, timings=timings, normals=normals,
+                          corner_normal=corner_normal, vertex_normal=vertex_normal, checks=cleanup.checks,
+                          repairs=cleanup.actions, light=light)
     if search is not None:
         result.silhouette_iou = mesh_iou(vertices, faces, search)
         logger.info("export: threshold %.4g, mesh silhouette IoU %.3f against the NeRF's opacity",
@@ -223,10 +244,13 @@ def build_mesh(field: Any, export_cfg: Any = None, *, textured: bool = True, ner
         lap("silhouette_check")
     if texture_size:
         stage(f"UV unwrap and {texture_size}² texture bake")
-        result.uv_mesh = unwrap(vertices, faces, texture_size)
+        result.uv_mesh, result.uv_stats = unwrap(vertices, faces, texture_size)
         lap("uv_unwrap")
-        result.texture = bake_albedo(field, result.uv_mesh, texture_size)
+        result.texture = bake_albedo(field, result.uv_mesh, texture_size, normals, corner_normal, light,
+                                     result.uv_stats)
         lap("texture_bake")
+        logger.info("export: %d UV charts, %.0f%% of the texture's texels used", result.uv_stats.charts,
+                    100 * result.uv_stats.texel_use)
     logger.info("export: %d vertices, %d faces, threshold %.4g", len(vertices), len(faces), result.threshold)
     return result
 
@@ -254,20 +278,12 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     check_targets(files, overwrite)
     clock = time.perf_counter()
     logger.info("export: writing %s ...", ", ".join(formats))
-    uvm = mesh.uv_mesh
     staging = Path(tempfile.mkdtemp(prefix=".mesh.tmp-", dir=Path(out_dir)))
     try:
         staged = planned_files(staging, formats, textured)
         for fmt in formats:
             with reporting_full_disk(files[fmt], _nothing_replaced(Path(out_dir))):
-                if fmt == "ply":
-                    write_ply(staged["ply"], mesh.vertices, mesh.faces, mesh.colors)
-                elif textured:
-                    writer = write_glb if fmt == "glb" else write_obj
-                    writer(staged[fmt], uvm.vertices, uvm.faces, uv=uvm.uv, texture=mesh.texture)
-                else:
-                    writer = write_glb if fmt == "glb" else write_obj
-                    writer(staged[fmt], mesh.vertices, mesh.faces, colors=mesh.colors)
+                _write_one(fmt, staged[fmt], mesh, textured)
         for key, path in files.items():
             os.replace(staged[key], path)
     finally:
@@ -275,6 +291,34 @@ def write_mesh(mesh: ExportedMesh, out_dir: Union[str, Path], formats: Sequence[
     mesh.timings["write"] = round(time.perf_counter() - clock, 4)
     logger.info("export: wrote %s", ", ".join(str(p) for p in files.values()))
     return files
+
+
+def _write_one(fmt: str, path: Path, mesh: ExportedMesh, textured: bool) -> None:
+    """One format of a mesh: PLY welded with vertex normals; OBJ welded with v/vt/vn; GLB split where
+    a corner's UV or normal differs (glTF has one index per vertex)."""
+    normals, corner_normal = mesh.normals, mesh.corner_normal
+    if normals is None or corner_normal is None:  # a mesh built by hand: smooth normals of its own
+        normals, corner_normal = corner_normals(mesh.vertices, mesh.faces, 180.0)
+    if fmt == "ply":
+        vertex_normal = mesh.vertex_normal if mesh.vertex_normal is not None else vertex_normals(mesh.vertices, mesh.faces)
+        write_ply(path, mesh.vertices, mesh.faces, mesh.colors, vertex_normal)
+    elif fmt == "obj":
+        if textured:
+            write_obj(path, mesh.vertices, mesh.faces, uv=mesh.uv_mesh.uv, uv_faces=mesh.uv_mesh.faces,
+                      texture=mesh.texture, normals=normals, normal_faces=corner_normal)
+        else:
+            write_obj(path, mesh.vertices, mesh.faces, colors=mesh.colors, normals=normals, normal_faces=corner_normal)
+    elif textured:
+        uvm = mesh.uv_mesh
+        first, faces = split_vertices(uvm.faces, corner_normal)
+        uv_vertex = uvm.faces.reshape(-1)[first]
+        write_glb(path, uvm.vertices[uv_vertex], faces, uv=uvm.uv[uv_vertex], texture=mesh.texture,
+                  normals=normals[corner_normal.reshape(-1)[first]])
+    else:
+        first, faces = split_vertices(mesh.faces, corner_normal)
+        vertex = mesh.faces.reshape(-1)[first]
+        write_glb(path, mesh.vertices[vertex], faces, colors=mesh.colors[vertex],
+                  normals=normals[corner_normal.reshape(-1)[first]])
 
 
 def _nothing_replaced(out_dir: Path) -> str:

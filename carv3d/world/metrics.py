@@ -247,10 +247,12 @@ def _load_mesh(mesh: MeshLike) -> tuple[Optional[tuple[np.ndarray, np.ndarray]],
             return None, f"{path} not found; run `carv3d export RUN_DIR` first"
         import trimesh
 
+        from carv3d.export.formats import scene_frame_vertices
+
         source, advice = str(path), "; re-run `carv3d export RUN_DIR` to write it again"
         try:
             loaded = trimesh.load(path, force="mesh", process=False)
-            vertices, faces = loaded.vertices, loaded.faces
+            vertices, faces = scene_frame_vertices(path, loaded.vertices), loaded.faces  # carv3d's PLY is +Z up
         except Exception as err:  # noqa: BLE001 - a truncated or foreign file fails in many ways inside trimesh
             return None, f"{path} could not be read as a mesh ({type(err).__name__}: {err}){advice}"
     elif isinstance(mesh, tuple):
