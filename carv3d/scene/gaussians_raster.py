@@ -49,6 +49,7 @@ RADIUS_SIGMAS = 3.33
 MIN_ALPHA = 1.0 / 255.0
 MAX_ALPHA = 0.999
 MIN_TRANSMITTANCE = 1e-4
+MAX_POWER = 6.0  # > ln 255: exp(−6) < 1/255
 MAX_PAIRS = 2**21  # (pixel, Gaussian) pairs at once: ~8 MB per float32 temporary
 TILE = 8  # pixels per tile side (culling only)
 
@@ -162,7 +163,9 @@ def _pixel_alpha(pixels: torch.Tensor, means2d: torch.Tensor, conics: torch.Tens
     dy = pixels[:, :, None, 1] - means2d[:, None, :, 1]
     a, b, c = (v[:, None, :] for v in conics.unbind(-1))
     power = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    alpha = (opacities[:, None, :] * torch.exp(-power)).clamp_max(MAX_ALPHA)
+    # Beyond ln 255 every α is below 1/255 (o ≤ 1) and dropped: clamping first keeps exp away from
+    # underflow, whose subnormal results are several times slower on a CPU.
+    alpha = (opacities[:, None, :] * torch.exp(-power.clamp_max(MAX_POWER))).clamp_max(MAX_ALPHA)
     return torch.where((power >= 0) & (alpha >= MIN_ALPHA), alpha, torch.zeros_like(alpha))
 
 
