@@ -64,10 +64,9 @@ def record_gradients(grad_accum: torch.Tensor, count: torch.Tensor, means2d_grad
         radii: (B, N, 2) projected radii; a Gaussian counts where both are > 0.
     """
     n_cameras = means2d_grad.shape[0]
-    scale = torch.tensor([0.5 * width * n_cameras, 0.5 * height * n_cameras], dtype=means2d_grad.dtype,
-                         device=means2d_grad.device)
     visible = (radii > 0).all(dim=-1)
-    norms = torch.nan_to_num((means2d_grad * scale).norm(dim=-1), nan=0.0, posinf=0.0) * visible
+    norms = torch.hypot(means2d_grad[..., 0] * (0.5 * width * n_cameras), means2d_grad[..., 1] * (0.5 * height * n_cameras))
+    norms = torch.nan_to_num(norms, nan=0.0, posinf=0.0) * visible  # Python scalars: no copy to the device
     grad_accum += norms.sum(dim=0).to(grad_accum.dtype)
     count += visible.sum(dim=0).to(count.dtype)
 
