@@ -129,6 +129,7 @@ class GaussianSceneConfig(SceneConfig):
     init_radius: float = between(0.0, 1000.0, 0.5, low_open=True, help="initial Gaussians are uniform in a ball of this radius (DreamGaussian 0.5)")
     init_opacity: float = fraction(0.1, low_open=True, high_open=True, help="opacity of the initial Gaussians (both 0.1)")
     sh_degree: int = between(0, 3, 0, help="spherical-harmonics degree of the colours (DreamGaussian 0; 3DGS 3)")
+    init_from: str = described("", "start from the Gaussians of a 3DGS splat .ply (e.g. a run's mesh/splats.ply) instead of the ball")
     lr: GaussianLearningRates = field(default_factory=GaussianLearningRates)
     density: GaussianDensityConfig = field(default_factory=GaussianDensityConfig)
 

@@ -79,3 +79,20 @@ def test_bad_files_are_one_clear_error(tmp_path):
         read_splats(tmp_path / "renamed.ply")
     with pytest.raises(SplatFileError, match="cannot read"):
         read_splats(tmp_path / "missing.ply")
+
+
+def test_a_scene_starts_from_a_splat_file(tmp_path):
+    """scene.init_from: the scene's Gaussians are the file's (SH degree 2 → 1 drops the degree-2 terms)."""
+    from carv3d.config import load_config
+    from carv3d.scene import build_scene
+
+    g = random_splats(n=9, sh_degree=2)
+    path = write(g, tmp_path / "init.ply")
+    cfg = load_config(overrides=["scene.type=gaussians", f"scene.init_from={path}", "scene.sh_degree=1"])
+    scene = build_scene(cfg.scene, cfg.render, torch.device("cpu"), 0)
+    assert len(scene.gaussians) == 9 and scene.grad_accum.shape == (9,)
+    assert torch.equal(scene.gaussians.means.detach(), g.means.detach())
+    assert torch.equal(scene.gaussians.sh_rest.detach(), g.sh_rest.detach()[:, :3])
+    bad = load_config(overrides=["scene.type=gaussians", f"scene.init_from={tmp_path / 'none.ply'}"])
+    with pytest.raises(SplatFileError, match="cannot read"):
+        build_scene(bad.scene, bad.render, torch.device("cpu"), 0)

@@ -48,7 +48,7 @@ from carv3d.scene.gaussians_density import (densify_and_prune, learning_rate_sch
 from carv3d.scene.gaussians_field import GaussianField
 from carv3d.scene.gaussians_gsplat import rasterize_gsplat, select_rasterizer, warm_up_gsplat
 from carv3d.scene.gaussians_model import Gaussians, covariance, quaternion_to_rotation
-from carv3d.scene.gaussians_ply import SPLAT_FILE, write_splats
+from carv3d.scene.gaussians_ply import SPLAT_FILE, read_splats, write_splats
 from carv3d.scene.gaussians_raster import camera_matrices, project, rasterize
 
 
@@ -60,6 +60,9 @@ class GaussianScene(Scene):
         render_cfg: the ``render`` section (size, shading, light, background).
         device: where it lives; decides the rasteriser (:func:`select_rasterizer`).
         seed: the initial Gaussians' seed (the run's ``train.seed``).
+
+    Raises:
+        SplatFileError: ``scene.init_from`` is not a readable splat PLY.
     """
 
     type_name = "gaussians"
@@ -70,8 +73,13 @@ class GaussianScene(Scene):
         self.cfg, self.render_cfg = scene_cfg, render_cfg
         self.rasterizer = select_rasterizer(str(scene_cfg.rasterizer), device)
         generator = torch.Generator(device=device).manual_seed(seed)
-        self.gaussians = Gaussians.in_ball(int(scene_cfg.n_points), float(scene_cfg.init_radius),
-                                           float(scene_cfg.init_opacity), int(scene_cfg.sh_degree), generator)
+        if str(scene_cfg.init_from):
+            self.gaussians = Gaussians.from_tensors(read_splats(str(scene_cfg.init_from)), int(scene_cfg.sh_degree),
+                                                    device)
+            logger.info("scene: %d Gaussians from %s", len(self.gaussians), scene_cfg.init_from)
+        else:
+            self.gaussians = Gaussians.in_ball(int(scene_cfg.n_points), float(scene_cfg.init_radius),
+                                               float(scene_cfg.init_opacity), int(scene_cfg.sh_degree), generator)
         with torch.random.fork_rng(devices=[]):  # the learned background's layers draw from the global generator
             torch.manual_seed(seed + 2)
             self.background = Background(str(render_cfg.background)).to(device)
@@ -95,7 +103,7 @@ class GaussianScene(Scene):
                height: Optional[int] = None, width: Optional[int] = None, need_normals: bool = False,
                need_albedo: bool = False, chunk_rays: Optional[int] = None) -> RenderOutput:
         """Render B cameras (module docstring). ``chunk_rays`` bounds the torch rasteriser's
-        (pixel, Gaussian) pairs per band; gsplat needs no chunking."""
+        (pixel, Gaussian) pairs in memory at once (× 64: the NeRF's samples per ray); gsplat needs none."""
         height = int(self.render_cfg.height if height is None else height)
         width = int(self.render_cfg.width if width is None else width)
         g = self.gaussians

@@ -139,6 +139,20 @@ class Gaussians(nn.Module):
             gaussians.sh_dc.copy_(torch.rand(n, 1, 3, generator=generator, device=device) / 255.0)
         return gaussians
 
+    @classmethod
+    def from_tensors(cls, values: dict[str, torch.Tensor], sh_degree: int, device: torch.device | str) -> "Gaussians":
+        """Gaussians holding ``values`` (e.g. :func:`carv3d.scene.gaussians_ply.read_splats`); higher SH
+        coefficients than ``sh_degree`` keeps are dropped, missing ones are zero."""
+        n = values["means"].shape[0]
+        gaussians = cls(n, sh_degree, device)
+        rest = values["sh_rest"][:, : gaussians.sh_rest.shape[1]]
+        with torch.no_grad():
+            for name in PARAMETER_NAMES:
+                if name != "sh_rest":
+                    getattr(gaussians, name).copy_(values[name])
+            gaussians.sh_rest[:, : rest.shape[1]].copy_(rest)
+        return gaussians
+
     def __len__(self) -> int:
         return self.means.shape[0]
 

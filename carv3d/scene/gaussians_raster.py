@@ -28,9 +28,10 @@ the reference the gsplat backend is checked against. It follows gsplat's convent
    per-Gaussian features f_i composite the same way (colour, distance, normal).
 
 Outside its 3.33σ box a Gaussian's α is below 1/255 (``exp(−3.33²/2) < 1/255``), so skipping
-Gaussians whose box misses a band of rows changes nothing: the image is rendered in bands of rows,
-each against only the Gaussians that reach it, with at most ``max_pairs`` (pixel, Gaussian) pairs
-in memory at once.
+Gaussians whose box misses a tile changes nothing: the image is composited per tile of 8 × 8 pixels
+(:func:`tile_lists`: each tile's Gaussians, front to back, padded to the longest list), tiles in
+chunks of at most ``max_pairs`` (pixel, Gaussian) pairs. Tiles only cull; compositing is dense
+within a tile and differentiated by autograd.
 """
 
 from __future__ import annotations
