@@ -60,6 +60,33 @@ def test_field_density_has_the_splats_opacity_along_a_ray():
     assert float(field.density(torch.tensor([[0.35, 0.0, 0.0], [2.0, 0.0, 0.0]])).abs().max()) == 0.0
 
 
+def test_field_blocks_only_cull(monkeypatch):
+    """Blocks of space change nothing: one block (every Gaussian against every point) gives the same
+    density and albedo, and so does a brute-force sum of κ·G over the 3σ ellipsoids."""
+    import carv3d.scene.gaussians_field as gf
+
+    g = Gaussians.in_ball(150, 0.5, 0.3, 0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g.quats.copy_(torch.randn(150, 4, generator=torch.Generator().manual_seed(1)))
+        g.log_scales.add_(0.3 * torch.randn(150, 3, generator=torch.Generator().manual_seed(2)))
+    field = GaussianField(lambda: g, radius=1.0)
+    x = torch.rand(3000, 3, generator=torch.Generator().manual_seed(3)) * 1.4 - 0.7
+    with torch.no_grad():
+        sigma, albedo = field(x)
+        monkeypatch.setattr(gf, "MIN_BLOCKS_PER_AXIS", 1)
+        monkeypatch.setattr(gf, "MAX_BLOCKS_PER_AXIS", 1)
+        sigma_one, albedo_one = field(x)
+        d = x[:, None, :] - g.means[None]
+        m2 = torch.einsum("pmi,mij,pmj->pm", d, gf.precision(g.quats, g.scales()), d)
+        kappa = -torch.log1p(-g.opacities()) / (math.sqrt(2 * math.pi) * g.scales().prod(-1) ** (1 / 3))
+        brute = torch.where(m2 <= 9.0, kappa * torch.exp(-0.5 * m2), torch.zeros_like(m2)).sum(-1)
+    assert (sigma > 0).float().mean() > 0.3
+    scale = float(sigma.max())
+    assert torch.allclose(sigma, sigma_one, atol=1e-5 * scale) and torch.allclose(albedo, albedo_one, atol=1e-5)
+    near_edge = ((m2 - 9.0).abs() < 1e-3).any(-1)  # float rounding may put a pair on either side of the cut
+    assert torch.allclose(sigma[~near_edge], brute[~near_edge], atol=1e-5 * scale)
+
+
 def test_field_albedo_is_the_density_weighted_colour():
     g = Gaussians(2)
     with torch.no_grad():

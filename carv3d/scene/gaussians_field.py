@@ -14,9 +14,11 @@ albedo is the density-weighted mean of the Gaussians' view-independent colours,
 
     albedo(x) = Σ_i κ_i G_i(x) c_i / Σ_i κ_i G_i(x)      (grey ½ where no Gaussian reaches).
 
-Each Gaussian is cut off outside its 3σ box ``|x_k − μ_k| ≤ 3 √Σ_kk`` (at most e^{−4.5} ≈ 1% of its
-peak is dropped there), so a query looks at each point's block of space and only the Gaussians whose
-box reaches it; outside the scene box ``[−r, r]³`` the density is 0, as the NeRF's.
+Each Gaussian is cut off outside its 3σ ellipsoid ``(x − μ)ᵀ Σ⁻¹ (x − μ) ≤ 9`` (where it has fallen to
+e^{−4.5} ≈ 1% of its peak), so a query looks at each point's block of space and only the Gaussians
+whose bounding box ``|x_k − μ_k| ≤ 3 √Σ_kk`` reaches it (blocks about four typical box half-widths
+wide); the squared Mahalanobis distances of a block's points to its Gaussians are one matrix product
+``φ(x) · c`` of quadratic features, taken relative to the block's centre. Outside the scene box ``[−r, r]³`` the density is 0, as the NeRF's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from carv3d.scene.gaussians_model import Gaussians, covariance, precision
 
 CUTOFF_SIGMAS = 3.0
-BLOCKS_PER_AXIS = 8
+MIN_BLOCKS_PER_AXIS, MAX_BLOCKS_PER_AXIS = 2, 32
 MAX_PAIRS = 2**22  # (point, Gaussian) pairs per batch
 MAX_OPACITY = 0.999  # the rasteriser's α clamp: κ stays finite
 
@@ -74,9 +76,13 @@ class GaussianField:
         sigma = x.new_zeros(x.shape[0])
         weighted = x.new_zeros(x.shape[0], 3)
         inside = (x.abs() <= self.radius).all(dim=-1)
-        block = self.radius * 2.0 / BLOCKS_PER_AXIS
-        cell = ((x.detach() + self.radius) / block).floor().clamp(0, BLOCKS_PER_AXIS - 1).long()
-        key = (cell[:, 0] * BLOCKS_PER_AXIS + cell[:, 1]) * BLOCKS_PER_AXIS + cell[:, 2]
+        # Blocks about 4 typical box half-widths wide: few Python iterations for a few large Gaussians,
+        # few (point, Gaussian) pairs for many small ones.
+        typical = float(half.max(dim=-1).values.median()) if half.numel() else self.radius
+        per_axis = int(min(MAX_BLOCKS_PER_AXIS, max(MIN_BLOCKS_PER_AXIS, round(2.0 * self.radius / (4.0 * typical)))))
+        block = self.radius * 2.0 / per_axis
+        cell = ((x.detach() + self.radius) / block).floor().clamp(0, per_axis - 1).long()
+        key = (cell[:, 0] * per_axis + cell[:, 1]) * per_axis + cell[:, 2]
         key = torch.where(inside, key, torch.full_like(key, -1))
         order = torch.argsort(key)
         keys, counts = torch.unique_consecutive(key[order], return_counts=True)
@@ -87,22 +93,36 @@ class GaussianField:
             start += n
             if k < 0:
                 continue
-            c = torch.tensor([k // BLOCKS_PER_AXIS**2, (k // BLOCKS_PER_AXIS) % BLOCKS_PER_AXIS, k % BLOCKS_PER_AXIS],
-                             device=x.device, dtype=x.dtype)
+            c = torch.tensor([k // per_axis**2, (k // per_axis) % per_axis, k % per_axis], device=x.device, dtype=x.dtype)
             lo, hi = -self.radius + c * block, -self.radius + (c + 1) * block
             near = ((hi_all >= lo) & (lo_all <= hi)).all(dim=-1).nonzero().squeeze(-1)
             if near.numel() == 0:
                 continue
+            centre = 0.5 * (lo + hi)  # coordinates relative to the block: small numbers, little cancellation
+            coef = _quadratic_coefficients(prec[near], means[near] - centre)  # (10, M)
             per_batch = max(1, MAX_PAIRS // near.numel())
             for s in range(0, rows.numel(), per_batch):
                 sub = rows[s:s + per_batch]
-                d = x[sub, None, :] - means[near][None]  # (P, M, 3)
-                within = ((d.abs() <= half[near][None]).all(dim=-1))
-                m2 = torch.einsum("pmi,mij,pmj->pm", d, prec[near], d)
-                w = torch.where(within, kappa[near] * torch.exp(-0.5 * m2), torch.zeros_like(m2))
+                m2 = _quadratic_features(x[sub] - centre) @ coef  # (P, M) Mahalanobis², one matrix product
+                w = torch.where(m2 <= CUTOFF_SIGMAS**2, kappa[near] * torch.exp(-0.5 * m2.clamp_min(0.0)),
+                                torch.zeros_like(m2))
                 sigma = sigma.index_add(0, sub, w.sum(dim=1))
                 if with_albedo:
                     weighted = weighted.index_add(0, sub, w @ colours[near])
         albedo = torch.where(sigma[:, None] > 0, weighted / sigma[:, None].clamp_min(1e-30),
                              torch.full_like(weighted, 0.5)) if with_albedo else weighted
         return sigma, albedo
+
+
+def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
+    """φ(x) = (x₀², x₁², x₂², 2x₀x₁, 2x₀x₂, 2x₁x₂, x₀, x₁, x₂, 1), so that (x − μ)ᵀ P (x − μ) = φ(x) · c(P, μ)."""
+    x0, x1, x2 = x.unbind(-1)
+    return torch.stack([x0 * x0, x1 * x1, x2 * x2, 2 * x0 * x1, 2 * x0 * x2, 2 * x1 * x2, x0, x1, x2,
+                        torch.ones_like(x0)], dim=-1)
+
+
+def _quadratic_coefficients(prec: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """c(P, μ) = (P₀₀, P₁₁, P₂₂, P₀₁, P₀₂, P₁₂, −2Pμ, μᵀPμ) per Gaussian: (10, M)."""
+    pm = (prec @ means.unsqueeze(-1)).squeeze(-1)  # (M, 3)
+    return torch.stack([prec[:, 0, 0], prec[:, 1, 1], prec[:, 2, 2], prec[:, 0, 1], prec[:, 0, 2], prec[:, 1, 2],
+                        -2 * pm[:, 0], -2 * pm[:, 1], -2 * pm[:, 2], (means * pm).sum(-1)], dim=0)
