@@ -117,12 +117,13 @@ def project(means: torch.Tensor, covars: torch.Tensor, viewmats: torch.Tensor, k
     a = (row_x * sigma_x).sum(-1) + eps2d
     b = 0.5 * ((row_x * sigma_y).sum(-1) + (row_y * sigma_x).sum(-1))
     c = (row_y * sigma_y).sum(-1) + eps2d
-    det = (a * c - b * b).clamp_min(1e-10)
+    det_raw = a * c - b * b
+    det = det_raw.clamp_min(1e-10)
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
     means2d = torch.stack([fx * tx / tz + cx, fy * ty / tz + cy], dim=-1)
     with torch.no_grad():
         extend = torch.full_like(tz, RADIUS_SIGMAS)
-        valid = (det > 0) & (tz > near_plane)
+        valid = (det_raw > 0) & (tz > near_plane)
         if opacities is not None:
             o = opacities.detach().to(tz.dtype).expand_as(tz)
             extend = torch.minimum(extend, (2.0 * torch.log(o.clamp_min(MIN_ALPHA) / MIN_ALPHA)).sqrt())
