@@ -65,7 +65,7 @@ class HashGridConfig:
 class SceneConfig:
     """Keys every scene type has; ``type`` picks the implementation (``SCENE_TYPES``)."""
 
-    type: str = described("nerf", "scene implementation (nerf: hash-grid NeRF)")
+    type: str = described("nerf", "scene implementation (nerf: hash-grid NeRF | gaussians: 3D Gaussian splats)")
     radius: float = between(0.0, 1000.0, 1.0, low_open=True, help="the scene is the box [-radius, radius]^3")
 
 
@@ -85,6 +85,57 @@ class NeRFSceneConfig(SceneConfig):
     # Fused kernels (issue 15): the hash grid's are scene.grid.backend=triton; this compiles what follows it.
     compile_head: bool = described(False, "torch.compile the field's MLP and activation on CUDA (off on CPU; "
                                           "compiles on first use)")
+
+
+# --- Gaussian splats (scene.type: gaussians) ---------------------------------------------------
+# Defaults are DreamGaussian's text-to-3D settings (Tang et al. 2023, configs/text.yaml and main.py);
+# 3DGS's (Kerbl et al. 2023, arguments/__init__.py and train.py) are named in each help line.
+@dataclass
+class GaussianLearningRates:
+    """Adam learning rate of each Gaussian parameter group (DreamGaussian configs/text.yaml)."""
+
+    position: float = between(0.0, 10.0, 0.001, help="means, at step 0 (DreamGaussian position_lr_init; 3DGS 1.6e-4 x extent)")
+    position_final: float = between(0.0, 10.0, 0.00002, help="means, from position_decay_steps on (log-linear decay; 3DGS 1.6e-6)")
+    position_decay_steps: int = between(1, MAX_STEPS, 300, help="steps of the means' log-linear decay (DreamGaussian 300; 3DGS 30000)")
+    colour: float = between(0.0, 10.0, 0.01, help="SH colour coefficients; degree > 0 ones take 1/20 of it (DreamGaussian 0.01; 3DGS 0.0025)")
+    opacity: float = between(0.0, 10.0, 0.05, help="opacity logits (DreamGaussian and 3DGS 0.05)")
+    scale: float = between(0.0, 10.0, 0.005, help="log scales (DreamGaussian and 3DGS 0.005)")
+    rotation: float = between(0.0, 10.0, 0.005, help="quaternions (DreamGaussian 0.005; 3DGS 0.001)")
+
+
+@dataclass
+class GaussianDensityConfig:
+    """Adaptive density control: clone, split, prune, opacity reset (3DGS; DreamGaussian's values)."""
+
+    start: int = between(0, MAX_STEPS, 0, help="first step that records view-space gradients (DreamGaussian 0; 3DGS 500)")
+    stop: int = between(0, MAX_STEPS, 3000, help="last step of densification and opacity resets (DreamGaussian 3000; 3DGS 15000)")
+    every: int = between(1, MAX_STEPS, 50, help="clone/split/prune every this many steps (DreamGaussian 50; 3DGS 100)")
+    grad_threshold: float = between(0.0, 1e6, 0.01, low_open=True,
+                                    help="clone or split at this mean view-space gradient, NDC units (DreamGaussian 0.01; 3DGS 2e-4)")
+    percent_dense: float = fraction(0.01, low_open=True, help="clone below, split above this fraction of extent in largest scale (both 0.01)")
+    extent: float = between(0.0, 1000.0, 4.0, low_open=True, help="scene extent of the size tests, scene units (DreamGaussian 4; 3DGS the cameras' radius)")
+    prune_opacity: float = fraction(0.01, help="prune below this opacity (DreamGaussian 0.01; 3DGS 0.005)")
+    prune_scale: float = between(0.0, 1000.0, 0.1, help="prune where the largest scale exceeds this fraction of extent; 0 = off (both 0.1)")
+    opacity_reset_every: int = between(0, MAX_STEPS, 700, help="clamp every opacity to opacity_reset_value this often; 0 = never (DreamGaussian 700; 3DGS 3000)")
+    opacity_reset_value: float = fraction(0.01, low_open=True, high_open=True, help="opacity after a reset (both 0.01)")
+    split_into: int = between(2, 16, 2, help="a split Gaussian becomes this many, each scaled by 1 / (0.8 N) (both 2)")
+    max_gaussians: int = between(1, 10**8, 200000, help="no cloning or splitting past this many Gaussians (carv3d's memory guard)")
+
+
+@dataclass
+class GaussianSceneConfig(SceneConfig):
+    """``scene.type: gaussians`` — 3D Gaussian splats (carv3d.scene.gaussians); rasterised with gsplat
+    on CUDA or carv3d's torch rasteriser, with the ``render`` section's size, shading and background."""
+
+    type: str = described("gaussians", "scene implementation (nerf: hash-grid NeRF | gaussians: 3D Gaussian splats)")
+    rasterizer: str = described("auto", "auto (gsplat on CUDA when installed, else torch) | torch | gsplat")
+    n_points: int = between(1, 10**7, 5000, help="Gaussians at step 0 (DreamGaussian num_pts)")
+    init_radius: float = between(0.0, 1000.0, 0.5, low_open=True, help="initial Gaussians are uniform in a ball of this radius (DreamGaussian 0.5)")
+    init_opacity: float = fraction(0.1, low_open=True, high_open=True, help="opacity of the initial Gaussians (both 0.1)")
+    sh_degree: int = between(0, 3, 0, help="spherical-harmonics degree of the colours (DreamGaussian 0; 3DGS 3)")
+    init_from: str = described("", "start from the Gaussians of a 3DGS splat .ply (e.g. a run's mesh/splats.ply) instead of the ball")
+    lr: GaussianLearningRates = field(default_factory=GaussianLearningRates)
+    density: GaussianDensityConfig = field(default_factory=GaussianDensityConfig)
 
 
 @dataclass
@@ -295,7 +346,7 @@ class Config:
 # The three seams: `<section>.type` → that implementation's config dataclass. A new scene, teacher or
 # guidance adds its dataclass here and its class to the seam's factory (carv3d.scene.SCENES,
 # carv3d.teacher.TEACHERS, carv3d.estimator.guidance.GUIDANCES).
-SCENE_TYPES: dict[str, type] = {"nerf": NeRFSceneConfig}
+SCENE_TYPES: dict[str, type] = {"nerf": NeRFSceneConfig, "gaussians": GaussianSceneConfig}
 TEACHER_TYPES: dict[str, type] = {"diffusers": DiffusersTeacherConfig}
 GUIDANCE_TYPES: dict[str, type] = {"sds": SDSGuidanceConfig, "csd": CSDGuidanceConfig}
 SEAMS: dict[str, dict[str, type]] = {"scene": SCENE_TYPES, "teacher": TEACHER_TYPES, "guidance": GUIDANCE_TYPES}
@@ -321,6 +372,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scene.grid.backend": ("auto", "torch", "triton", "tcnn"),
     "scene.density_activation": ("softplus", "exp"),
     "scene.density_bias": ("blob", "none"),
+    "scene.rasterizer": ("auto", "torch", "gsplat"),
     "render.sampler": ("auto", "stratified", "occupancy_grid"),
     "render.shading": ("albedo", "lambertian", "textureless", "random"),
     "render.background": ("white", "random", "learned"),

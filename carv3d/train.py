@@ -70,8 +70,7 @@ class Trainer:
         self.sync_free = resolve_sync_free(cfg.train.sync_free, self.device)
         self.guard = NonFiniteGuard(self.device, self.sync_free, cfg.train.max_nonfinite_steps)
         # Sync-free steps use fused Adam: its `found_inf` input skips a step on the device.
-        self.optimizer = torch.optim.Adam(self.scene.parameter_groups(cfg.optim), betas=tuple(cfg.optim.betas),
-                                          eps=cfg.optim.eps, **({"fused": True} if self.sync_free else {}))
+        self.optimizer = self.build_optimizer()
         self.step = 0
         self.elapsed_seconds = 0.0
         self._timed_steps = 0
@@ -79,6 +78,13 @@ class Trainer:
         logger.info("device %s; scene %s (%s); teacher %s; guidance %s; sync-free steps %s", self.device,
                     cfg.scene.type, ", ".join(f"{k} {v}" for k, v in self.scene.backends.items()),
                     cfg.teacher.type, cfg.guidance.type, "on" if self.sync_free else "off")
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam on the scene's parameter groups (sync-free steps use fused Adam: its `found_inf` input
+        skips a step on the device)."""
+        optim = self.cfg.optim
+        return torch.optim.Adam(self.scene.parameter_groups(optim), betas=tuple(optim.betas), eps=optim.eps,
+                                **({"fused": True} if self.sync_free else {}))
 
     # The parts, as the step holds them.
     @property
@@ -101,6 +107,9 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.distill.load_state_dict(state)
+            # Built again on the loaded scene: a scene's parameters may have changed shape during the
+            # run (Gaussians' densification), and the optimiser must hold the loaded tensors.
+            self.optimizer = self.build_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
             self.guard.match_optimizer(self.optimizer)
         except (KeyError, RuntimeError, ValueError) as err:
@@ -149,7 +158,7 @@ class Trainer:
                            self.guard.in_a_row())
             self.check_divergence()
             return None
-        self.scene.after_step(self.step)
+        self.scene.after_step(self.step, self.optimizer)
         return {"step_finite": finite, "parameter_gradient_norm": grad_norm, **out.metrics()}
 
     def train_until(self, seconds: float) -> int:

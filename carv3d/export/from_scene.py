@@ -34,4 +34,7 @@ def export_scene(scene: Any, out_dir: Path, export_cfg: Any, overwrite: bool = F
     opacity = None
     if scene.device.type == "cuda":
         opacity = scene_opacity_fn(scene, int(export_cfg.silhouette_size))
-    return export_mesh(scene.field, out_dir, export_cfg, overwrite=overwrite, nerf_opacity=opacity)
+    # The scene's own format first (Gaussians: splats.ply): a mesh that fails does not cost it.
+    files = dict(scene.write_native(Path(out_dir), overwrite=overwrite)) if hasattr(scene, "write_native") else {}
+    files.update(export_mesh(scene.field, out_dir, export_cfg, overwrite=overwrite, nerf_opacity=opacity))
+    return files

@@ -5,6 +5,8 @@
   importing this package does not load a renderer backend).
 - ``nerf``: :class:`carv3d.scene.nerf.NeRFScene` — hash grid (:mod:`carv3d.scene.hashgrid`, torch
   or tinycudann) + :class:`carv3d.scene.field.NeRFField` + the volume renderer.
+- ``gaussians``: :class:`carv3d.scene.gaussians.GaussianScene` — 3D Gaussian splats, rasterised by
+  gsplat on CUDA or by carv3d's PyTorch rasteriser, with adaptive density control.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from carv3d.scene.base import Scene
 
 # scene.type → "module:Class"; each class takes (scene_cfg, render_cfg, device, seed).
-SCENES: dict[str, str] = {"nerf": "carv3d.scene.nerf:NeRFScene"}
+SCENES: dict[str, str] = {"nerf": "carv3d.scene.nerf:NeRFScene", "gaussians": "carv3d.scene.gaussians:GaussianScene"}
 
 
 def build_scene(scene_cfg: Any, render_cfg: Any, device: torch.device, seed: int = 0) -> Scene:

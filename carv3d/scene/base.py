@@ -10,7 +10,9 @@ new module behind :func:`carv3d.scene.build_scene`:
 ``sample_shading(gen)``     the shading mode of one training render (DreamFusion's random shading)
 ``parameter_groups(optim)`` Adam groups, each with a ``name`` and its learning rate
 ``before_step(step)``       per-step hook before the render (occupancy-grid refresh, ...)
-``after_step(step)``        per-step hook after the optimiser step (densify / prune, ...)
+``after_step(step, opt)``   per-step hook after the optimiser step (densify / prune, ...); a scene
+                            whose parameters change shape edits the optimiser ``opt`` to match
+``write_native(dir)``       the scene in its own file format, if it has one (Gaussians: splats.ply)
 ``field``                   the density / colour query export and evaluation use:
                             ``field(x) -> (σ, albedo)``, ``field.density(x)``, ``field.radius``
 ``backends``                the backends chosen for this device, for logs and run.json
@@ -22,6 +24,7 @@ and ``eval()`` cover everything it holds.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -66,8 +69,18 @@ class Scene(nn.Module):
     def before_step(self, step: int) -> None:
         """Called at the start of every training step (before the render)."""
 
-    def after_step(self, step: int) -> None:
-        """Called after every optimiser step."""
+    def after_step(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Called after every optimiser step (``step`` counts the steps taken, from 1).
+
+        A scene whose parameter tensors change (Gaussians' densification) replaces them in
+        ``optimizer``'s groups and moves their state along; without an optimiser it keeps its
+        parameters' shapes. After loading a state the optimiser is built again from
+        :meth:`parameter_groups`, so shapes saved mid-run load exactly.
+        """
+
+    def write_native(self, out_dir: Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write the scene in its own file format next to the mesh; returns name → path (none here)."""
+        return {}
 
     @property
     def device(self) -> torch.device:
