@@ -337,3 +337,48 @@ def test_resume_is_bit_identical_with_the_lora_and_its_optimiser(tiny_sd_path, t
         for name, value in state.items():
             assert torch.equal(value, pb["optimizer"]["state"][key][name]), (key, name)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path, tiny_sd_path, monkeypatch):
+    """`carv3d variance` with guidance.type vsd: --guidance-warmup trains the LoRA at the frozen scene,
+    then every estimator of the grid (with and without CARV) uses that same LoRA, which the
+    measurement does not move; the residuals are VSD's (the particle model is called)."""
+    import json
+
+    from carv3d.cli import main
+    from carv3d.teacher import lora
+
+    snapshots, calls = [], {"predict": 0, "update": 0}
+    real_measure = __import__("carv3d.variance", fromlist=["measure"]).measure
+
+    def measure(cfg, scene, *args, **kwargs):
+        particle = scene.guidance.particle
+        snapshots.append({k: v.clone() for k, v in particle.state_dict()["weights"].items()})
+        report = real_measure(cfg, scene, *args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in particle.state_dict()["weights"].items()})
+        return report
+
+    for name in ("predict", "update"):
+        real = getattr(lora.LoRAParticle, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(lora.LoRAParticle, name, counted)
+    monkeypatch.setattr("carv3d.variance.measure", measure)
+    out = tmp_path / "variance.json"
+    code = main(["variance", "--prompt", PROMPT, "--draws", "3", "--rk", "1x1,1x2", "--methods", "uniform,is+stratified",
+                 "--guidance-warmup", "2", "--out", str(out), "--device", "cpu", "guidance.type=vsd",
+                 "guidance.lora_lr=0.01", f"teacher.pretrained={tiny_sd_path}", "scene.grid.n_levels=2",
+                 "scene.grid.log2_hashmap_size=10", "render.width=8", "render.height=8", "render.samples_per_ray=6"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["guidance"] == "vsd" and report["guidance_warmup"] == 2
+    rows = {(r["method"], r["upstream_samples"], r["noise_draws"]) for r in report["rows"]}
+    assert {("uniform", 1, 1), ("is+stratified", 1, 2), ("uniform", 2, 1)} <= rows
+    assert calls["update"] == 2  # the warm-up only
+    assert calls["predict"] == 2 + 3 * len(rows)  # one fused call per gradient
+    before, after = snapshots
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(before[k].abs().sum() > 0 for k in before if "lora_B" in k)  # the warm-up moved B off zero
