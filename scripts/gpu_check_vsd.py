@@ -30,8 +30,14 @@ JSON is rewritten after every section and every configuration):
    worker processes, scored by ``carv3d.world.evaluate.evaluate_scene`` (silhouette IoU, masked
    colour error, PSNR, best match, front/back).
 
+5. ``variance`` (only with ``--sections variance``, ~2–3 min on its own): a VSD world run of
+   ``--variance-steps`` steps, then ``carv3d variance``'s grid at its checkpoint with the run's LoRA
+   held fixed: VSD's variance, cost and ECM with CARV against uniform t, R = 2, K = 1 (bar: ECM ≥ 3).
+
+    python scripts/gpu_check_vsd.py OUT_DIR --sections variance --budget-s 600
+
 Look at: ``correctness.*.ok``, ``sd21_step.results[*].ms_per_step_median / split_ms / peak_memory_gb``,
-``projection.hours``, ``world.summary``.
+``projection.hours``, ``world.summary``, ``variance.best_ecm``.
 """
 
 from __future__ import annotations
@@ -376,6 +382,42 @@ def world(args: argparse.Namespace, device: torch.device, deadline: float) -> di
             "note": "equal training wall clock per run (Trainer.train_until); runs side by side share the device"}
 
 
+# ------------------------------------------------------------------------------------ 5. variance (on request)
+def variance(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict[str, Any]:
+    """VSD's gradient variance with and without CARV at a mid-training VSD scene: train a world run
+    (configs/vsd_world.yaml) for ``--variance-steps`` steps, then ``carv3d variance``'s measurement at
+    its checkpoint with the run's LoRA held fixed. ECM of each row is against uniform t, R = 2, K = 1."""
+    from carv3d.checkpoint import latest_checkpoint, load_checkpoint
+    from carv3d.commands.variance import parse_rk
+    from carv3d.config import load_config
+    from carv3d.step import scene_state
+    from carv3d.train import train
+    from carv3d.variance import FrozenScene, format_table, mark_few_draws, measure
+
+    config = str(REPO_ROOT / "configs" / ("vsd_cpu.yaml" if args.cpu_smoke else "vsd_world.yaml"))
+    smoke = ["render.width=16", "render.height=16", "render.samples_per_ray=16"] if args.cpu_smoke else []
+    cfg = load_config(config, [f"train.steps={args.variance_steps}", f"train.output_dir={workdir / 'runs'}",
+                               "train.run_name=vsd_variance", "train.val_every=0", "export.at_end=false",
+                               "train.turntable_frames=0", "train.progress=false", "train.tensorboard=false",
+                               f"train.device={device}", f"render.sampler={args.world_sampler}", *smoke],
+                      args.world_prompts[0])
+    started = time.perf_counter()
+    run_dir = train(cfg)
+    train_seconds = time.perf_counter() - started
+    state = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
+    run_cfg = load_config(run_dir / "config.yaml")
+    scene = FrozenScene(run_cfg, device, scene_state(state), seed=0, guidance_state=state["estimator"]["guidance"])
+    report = measure(run_cfg, scene, args.variance_methods.split(","), parse_rk(args.variance_rk), args.variance_draws,
+                     args.variance_pilot, progress=False)
+    mark_few_draws(report)
+    log("variance (VSD):\n" + format_table(report))
+    best = max((r for r in report["rows"] if r["method"] != "uniform" or r["noise_draws"] > 1),
+               key=lambda r: r["ecm"], default=None)
+    return {"prompt": args.world_prompts[0], "config": Path(config).name, "train_steps": args.variance_steps,
+            "train_seconds": train_seconds, "report": report, "best_ecm": best, "ecm_bar": 3.0,
+            "ecm_bar_met": bool(best and best["ecm"] >= 3.0)}
+
+
 # ------------------------------------------------------------------------------------ main
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,12 +435,20 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--world-seeds", type=int, default=1)
     parser.add_argument("--world-seconds", type=float, default=45.0, help="training seconds per world run (at most)")
     parser.add_argument("--world-sampler", default="stratified", help="render.sampler of the world runs")
-    parser.add_argument("--sections", default="correctness,sd21_step,projection,world")
+    parser.add_argument("--sections", default="correctness,sd21_step,projection,world",
+                        help="comma-separated; 'variance' (not in the default: ~2-3 min more) measures VSD's ECM")
+    parser.add_argument("--variance-steps", type=int, default=300, help="VSD training steps before the variance")
+    parser.add_argument("--variance-rk", default="2x1,1x1,1x8,2x8")
+    parser.add_argument("--variance-methods", default="uniform,is+stratified,adaptive")
+    parser.add_argument("--variance-draws", type=int, default=48)
+    parser.add_argument("--variance-pilot", type=int, default=16)
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 3)
     args.steps = args.steps if args.steps is not None else (2 if args.cpu_smoke else 10)
     if args.cpu_smoke:
         args.world_prompts, args.world_seconds = args.world_prompts[:1], min(args.world_seconds, 4.0)
+        args.variance_steps, args.variance_draws, args.variance_pilot = 2, 3, 2
+        args.variance_rk, args.variance_methods = "2x1,1x2", "uniform,is+stratified"
     return args
 
 
@@ -440,6 +490,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     lambda: projection(report.get("sd21_step", {}), args.iteration_saving, args.cpu_smoke))
         if "world" in sections:
             section(report, path, "world", lambda: world(args, device, deadline))
+        if "variance" in sections:
+            section(report, path, "variance", lambda: variance(args, device, workdir))
     report["status"] = "finished"
     report["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     write_json(path, report)

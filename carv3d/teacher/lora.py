@@ -95,7 +95,9 @@ class LoRAParticle:
             raise ConfigError(f"guidance.type vsd conditions the LoRA copy on the camera through the U-Net's class "
                               f"embedding, but teacher {teacher.name} already has one; use guidance.type sds or csd.")
         time_width = int(unet.time_embedding.linear_2.out_features)
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = []
+        if self.device.type == "cuda":
+            devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed))
             camera = TimestepEmbedding(CAMERA_FEATURES, time_width)
