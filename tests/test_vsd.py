@@ -93,13 +93,21 @@ def test_residual_equals_two_separate_unet_calls_row_by_row(tiny_teacher, traine
     with torch.no_grad():
         phi = reference(draws.x_t, draws.t, plain.cond[idx], class_labels=c2w[idx].reshape(-1, 16)).sample
     expected = guided - phi
+    batches: dict[str, list[int]] = {"teacher": [], "copy": []}
+    hooks = [unet.register_forward_pre_hook(lambda m, args, name=name: batches[name].append(args[0].shape[0]))
+             for name, unet in (("teacher", teacher.unet), ("copy", particle.model.get_base_model()))]
     for fused in (True, False):
         particle.fused_call = fused
+        batches["teacher"].clear(), batches["copy"].clear()
         residual = guidance.residual(draws, predictor)
+        # fused: one U-Net call of 3N rows (uncond, cond, LoRA); separate: the teacher's 2N and the copy's N
+        assert batches == ({"teacher": [], "copy": [12]} if fused else {"teacher": [8], "copy": [4]}), batches
         assert residual.shape == draws.x_t.shape
         for n in range(len(idx)):
             torch.testing.assert_close(residual[n], expected[n], rtol=1e-4, atol=1e-5, msg=f"fused {fused}, row {n}")
     particle.fused_call = True
+    for hook in hooks:
+        hook.remove()
     # the adapters matter: ε̂_φ is not the teacher's conditional prediction any more
     cond_only = teacher.predict_noise(draws.x_t, draws.t, plain.select(idx), 1.0)
     assert (phi - cond_only).abs().max() > 1e-3
