@@ -391,3 +391,37 @@ def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path
     before, after = snapshots
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(before[k].abs().sum() > 0 for k in before if "lora_B" in k)  # the warm-up moved B off zero
+
+
+def test_an_import_broken_by_ctrl_c_exits_as_interrupted(capsys, monkeypatch):
+    """peft brings accelerate, which diffusers imports at start-up; a Ctrl-C inside numpy's lazy
+    ``np.dtypes`` import there surfaces as a RecursionError. The CLI reports it as the interrupt it
+    is (exit 130, no traceback) — and an error without a Ctrl-C stays a bug (raised)."""
+    import os
+    import signal
+
+    from carv3d import cli
+    from carv3d.commands import COMMANDS
+
+    command = next(c for c in COMMANDS if c.NAME == "variance")
+
+    def broken_import(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Python's handler raises KeyboardInterrupt here
+            signal.pause() if hasattr(signal, "pause") else None
+        except KeyboardInterrupt:
+            raise RecursionError("maximum recursion depth exceeded") from None
+
+    monkeypatch.setattr(command, "run", broken_import)
+    assert cli.main(["variance", "--prompt", "a red cube"]) == cli.INTERRUPTED
+    assert capsys.readouterr().err.strip().endswith("carv3d variance: interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the exit stays clean
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def plain_bug(args):
+        raise RecursionError("a real bug")
+
+    monkeypatch.setattr(command, "run", plain_bug)
+    with pytest.raises(RecursionError, match="a real bug"):
+        cli.main(["variance", "--prompt", "a red cube"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
