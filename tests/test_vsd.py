@@ -425,3 +425,23 @@ def test_an_import_broken_by_ctrl_c_exits_as_interrupted(capsys, monkeypatch):
     with pytest.raises(RecursionError, match="a real bug"):
         cli.main(["variance", "--prompt", "a red cube"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_check_vsd.py --cpu-smoke: every section runs on tiny models and the CPU, and its
+    correctness checks pass there (fp32)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_vsd.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_vsd", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path), "--cpu-smoke", "--budget-s", "900"]) == 0
+    report = json.loads((tmp_path / "gpu_check_vsd.json").read_text())
+    assert report["status"] == "finished" and report["correctness"]["ok"] is True
+    assert all(r["status"] == "ok" for r in report["sd21_step"]["results"]), report["sd21_step"]["results"]
+    assert report["projection"]["hours"]["vsd_carv_K2_no_saving"] > 0
+    assert {m: report["world"]["summary"][m]["runs"] for m in ("sds", "vsd")} == {"sds": 1, "vsd": 1}
