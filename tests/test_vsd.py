@@ -131,7 +131,7 @@ def test_at_init_lora_prediction_is_the_teacher_without_guidance(tiny_teacher):
 
 @pytest.mark.parametrize("which", ["tiny_teacher", "tiny_pixel_teacher"])
 def test_lora_loss_decreases_on_a_fixed_batch(which, request):
-    """15 AdamW steps (lr 1e-2) on one fixed batch of 2 (x, t, ε): the loss falls by more than 10 %
+    """8 AdamW steps (lr 2e-2) on one fixed batch of 2 (x, t, ε): the loss falls by more than 10 %
     (a rank-4 adapter on a tiny U-Net; deterministic, seeded). The control with lr 0 keeps the loss
     exactly: the fall is the adapters' training, nothing else. Both the latent (Stable Diffusion)
     and the pixel-space teacher."""
@@ -140,11 +140,11 @@ def test_lora_loss_decreases_on_a_fixed_batch(which, request):
     x = torch.rand(2, *teacher.latent_shape, generator=g) * 2 - 1
     noise = torch.randn(x.shape, generator=g)
     t = torch.tensor([300, 600])
-    for lr in (1e-2, 0.0):
+    for lr in (2e-2, 0.0):
         particle, _, plain, _ = setup(teacher, lr=lr)
         rows = plain.select(torch.tensor([0, 1]))
         first = float(particle.update(x, t, noise, rows))
-        for _ in range(14 if lr else 2):
+        for _ in range(7 if lr else 1):
             last = float(particle.update(x, t, noise, rows))
         if lr:
             assert last < 0.9 * first, (first, last)
