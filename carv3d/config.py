@@ -192,7 +192,9 @@ class VSDGuidanceConfig(GuidanceConfig):
     lora_t_max: float = fraction(1.0, help="LoRA training timesteps are below lora_t_max · T")
     camera_condition: bool = described(True, "condition ε̂_φ on the camera pose (c2w through a small MLP)")
     camera_dropout: float = fraction(0.1, help="probability of training a LoRA draw with the null camera")
-    fused_call: bool = described(True, "pretrained (CFG) and LoRA predictions in one mixed-batch U-Net call")
+    # Off: on CUDA the teacher's and the copy's calls are two CUDA-graph replays, cheaper than one eager
+    # mixed-batch call (peft indexes every adapted layer's rows from Python lists); on a CPU fused runs fewer ops
+    fused_call: bool = described(False, "pretrained (CFG) and LoRA predictions in one eager mixed-batch U-Net call")
 
 
 @dataclass

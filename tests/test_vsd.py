@@ -105,7 +105,7 @@ def test_residual_equals_two_separate_unet_calls_row_by_row(tiny_teacher, traine
         assert residual.shape == draws.x_t.shape
         for n in range(len(idx)):
             torch.testing.assert_close(residual[n], expected[n], rtol=1e-4, atol=1e-5, msg=f"fused {fused}, row {n}")
-    particle.fused_call = True
+    particle.fused_call = False
     for hook in hooks:
         hook.remove()
     # the adapters matter: ε̂_φ is not the teacher's conditional prediction any more
@@ -127,6 +127,12 @@ def test_at_init_lora_prediction_is_the_teacher_without_guidance(tiny_teacher):
     residual = VariationalScoreDistillation(particle).residual(draws, predictor)
     u, c = teacher.predict_noise_branches(draws.x_t, draws.t, plain.select(idx))
     torch.testing.assert_close(residual, 6.5 * (c - u), rtol=1e-4, atol=1e-5)
+    # with the teacher's CUDA-graph fast path the copy's call goes through CapturedUNet (eager on a CPU)
+    from carv3d.teacher.fast import CapturedUNet, FastPaths
+
+    graphed = LoRAParticle(teacher.with_fast_paths(FastPaths(cuda_graph=True)), seed=0)
+    assert isinstance(graphed._particle_call, CapturedUNet)
+    assert torch.equal(graphed.predict_particle(draws.x_t, draws.t, plain.select(idx)), phi)
 
 
 @pytest.mark.parametrize("which", ["tiny_teacher", "tiny_pixel_teacher"])
@@ -387,7 +393,7 @@ def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path
     rows = {(r["method"], r["upstream_samples"], r["noise_draws"]) for r in report["rows"]}
     assert {("uniform", 1, 1), ("is+stratified", 1, 2), ("uniform", 2, 1)} <= rows
     assert calls["update"] == 2  # the warm-up only
-    assert calls["predict"] == 2 + 3 * len(rows)  # one fused call per gradient
+    assert calls["predict"] == 2 + 3 * len(rows)  # one predictor call per gradient
     before, after = snapshots
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(before[k].abs().sum() > 0 for k in before if "lora_B" in k)  # the warm-up moved B off zero

@@ -22,8 +22,11 @@ SDS's injected noise ε by ε̂_φ, a noise predictor of the *current renders'* 
   [x_t | uncond, x_t | cond, x_t | plain + camera] go through the copy with adapters
   [base, base, LoRA]; the base rows see the frozen weights and the frozen camera layer (zero
   output), so they are the teacher's predictions. Guided ε̂_s and ε̂_φ for N draws: one call of
-  3N rows (2N + N when the guidance scale is 1, N + N). With ``fused_call: false`` the teacher's own
-  call (with its CUDA-graph fast path) gives ε̂_s and the copy gives ε̂_φ: two calls.
+  3N rows (2N + N when the guidance scale is 1, N + N). With ``fused_call: false`` (the default)
+  the teacher's own call gives ε̂_s and the copy's gives ε̂_φ: two calls, but on CUDA both are
+  replays of CUDA graphs (``teacher.cuda_graph``), which cost less than one eager mixed-batch call
+  — peft's mixed batches index every adapted layer's rows with Python lists (a host-to-device copy
+  each) and run the camera layers row by row. On a CPU the fused call runs fewer ops.
 - **Training** (:meth:`LoRAParticle.update`): the standard diffusion loss
   ``mean ‖out(√ᾱ_t x + √(1−ᾱ_t) ε, t) − target‖²`` with target ε, v = √ᾱ_t ε − √(1−ᾱ_t) x or x for
   ε-, v- and x₀-predicting teachers, one AdamW step of its own (learning rate ``lora_lr``). A step
@@ -71,7 +74,8 @@ class LoRAParticle:
         rank, scale: LoRA rank r and output scale α/r.
         lr, betas, eps, weight_decay: AdamW of the adapters and the camera embedding.
         camera_condition: feed the camera pose; False trains and predicts with the null camera.
-        fused_call: pretrained and LoRA predictions in one mixed-batch U-Net call.
+        fused_call: pretrained and LoRA predictions in one eager mixed-batch U-Net call (else two
+            calls, CUDA-graph replays when the teacher's fast path has them).
         seed: the adapters' and camera layer's initialisation (a fork of the global RNG).
 
     Attributes:
@@ -81,7 +85,7 @@ class LoRAParticle:
 
     def __init__(self, teacher: DiffusersTeacher, rank: int = 4, scale: float = 1.0, lr: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-15, weight_decay: float = 0.01,
-                 camera_condition: bool = True, fused_call: bool = True, seed: int = 0):
+                 camera_condition: bool = True, fused_call: bool = False, seed: int = 0):
         peft = _peft()
         from diffusers.models.embeddings import TimestepEmbedding
 
@@ -108,6 +112,15 @@ class LoRAParticle:
                                      target_modules=list(LORA_TARGETS), modules_to_save=list(CAMERA_LAYERS))
             self.model = peft.get_peft_model(unet, config)
         self.model.to(self.device).eval()  # eval: peft's mixed batches are inference-mode; the U-Net has no dropout
+        # ε̂_φ alone goes through a CUDA graph when the teacher's call does (teacher.cuda_graph): a replay
+        # instead of hundreds of launches plus peft's Python per adapted layer. The camera labels are a
+        # graph input through a static buffer per batch size (the graph reads its memory at replay).
+        self._labels: dict[int, torch.Tensor] = {}
+        self._particle_call: Any = self._particle_forward
+        if teacher.fast.cuda_graph:
+            from carv3d.teacher.fast import CapturedUNet
+
+            self._particle_call = CapturedUNet(self._particle_forward)
         self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.sync_free = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=float(lr), betas=tuple(betas),
@@ -116,7 +129,8 @@ class LoRAParticle:
         logger.info("vsd: LoRA rank %d (scale %g) on %d attention projections, camera embedding %s, %d trainable "
                     "parameters; %s", rank, scale, sum(".lora_A." in n for n in self.trainable),
                     "on" if self.camera_condition else "off", sum(p.numel() for p in self.trainable.values()),
-                    "one mixed-batch U-Net call" if self.fused_call else "separate teacher and LoRA calls")
+                    "one mixed-batch U-Net call" if self.fused_call else
+                    "teacher and LoRA calls" + (" (CUDA graphs)" if teacher.fast.cuda_graph else ""))
 
     # ------------------------------------------------------------------ inputs
     def _camera_labels(self, cond: Conditioning, kept: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -182,15 +196,26 @@ class LoRAParticle:
             particle[rows] = branches[-1]
         return guided, particle
 
+    def _particle_forward(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The copy with its adapters on one batch, camera labels from the static buffer of its size."""
+        return self.model(sample, timestep, hidden, class_labels=self._labels[sample.shape[0]]).sample
+
     def _particle(self, x_t: torch.Tensor, t: torch.Tensor, particle_cond: Conditioning) -> torch.Tensor:
         """ε̂_φ alone (every row through the adapters), chunked like the teacher's calls."""
         out = torch.empty_like(x_t)
         labels = self._camera_labels(particle_cond)
+        channels = x_t.shape[1]
         for start in range(0, x_t.shape[0], self.teacher.max_batch):
             rows = slice(start, start + self.teacher.max_batch)
-            alpha_bar = self.teacher.alphas_cumprod[t[rows]].to(x_t.dtype)
-            raw = self._unet(x_t[rows], t[rows], particle_cond.cond[rows], labels[rows])
-            out[rows] = model_output_to_noise(raw, x_t[rows], alpha_bar, self.prediction_type)
+            x, tt = x_t[rows], t[rows]
+            buffer = self._labels.get(x.shape[0])
+            if buffer is None:
+                buffer = self._labels[x.shape[0]] = torch.zeros(x.shape[0], CAMERA_FEATURES, device=self.device)
+            buffer.copy_(labels[rows])
+            raw = self._particle_call(x.to(self.dtype), tt, particle_cond.cond[rows].to(self.device, self.dtype))
+            raw = raw[:, :channels].to(self.teacher._output_dtype)
+            alpha_bar = self.teacher.alphas_cumprod[tt].to(x_t.dtype)
+            out[rows] = model_output_to_noise(raw, x, alpha_bar, self.prediction_type)
         return out
 
     @torch.no_grad()
