@@ -27,7 +27,8 @@ SDS's injected noise ε by ε̂_φ, a noise predictor of the *current renders'* 
   replays of CUDA graphs (``teacher.cuda_graph``), which cost less than one eager mixed-batch call
   — peft's mixed batches index every adapted layer's rows with Python lists (a host-to-device copy
   each) and run the camera layers row by row. On a CPU the fused call runs fewer ops.
-- **Training** (:meth:`LoRAParticle.update`): the standard diffusion loss
+- **Training** (:meth:`LoRAParticle.update`), forward and backward replayed from CUDA graphs
+  (``torch.cuda.make_graphed_callables``) when the teacher's call is: the standard diffusion loss
   ``mean ‖out(√ᾱ_t x + √(1−ᾱ_t) ε, t) − target‖²`` with target ε, v = √ᾱ_t ε − √(1−ᾱ_t) x or x for
   ε-, v- and x₀-predicting teachers, one AdamW step of its own (learning rate ``lora_lr``). A step
   whose loss is not finite is skipped: on CUDA on the device (fused AdamW's ``found_inf``, no host
@@ -55,6 +56,19 @@ CAMERA_FEATURES = 16  # a flattened 4×4 camera-to-world matrix
 CAMERA_LAYERS = ("class_embedding.linear_1", "class_embedding.linear_2")  # trained copies (peft modules_to_save)
 ADAPTER = "default"  # peft's adapter name
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class _TrainingForward(torch.nn.Module):
+    """The copy's forward as a module of tensor arguments only, for ``torch.cuda.make_graphed_callables``
+    (which records forward and backward of a module; its trainable parameters are the LoRA's)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        return self.model(sample, timestep, hidden, class_labels=labels).sample
 
 
 def _peft() -> Any:
@@ -121,6 +135,9 @@ class LoRAParticle:
             from carv3d.teacher.fast import CapturedUNet
 
             self._particle_call = CapturedUNet(self._particle_forward)
+        # The training forward and backward as CUDA graphs too (one per batch shape; eager on failure).
+        self._graph_training = bool(teacher.fast.cuda_graph) and self.device.type == "cuda"
+        self._training_calls: dict[tuple, Any] = {}
         self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.sync_free = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(list(self.trainable.values()), lr=float(lr), betas=tuple(betas),
@@ -242,9 +259,34 @@ class LoRAParticle:
             target = a ** 0.5 * noise - (1 - a) ** 0.5 * x
         else:  # "sample"
             target = x
+        labels = self._camera_labels(particle_cond, camera_kept)
         with torch.enable_grad():
-            out = self._unet(x_t, t, particle_cond.cond, self._camera_labels(particle_cond, camera_kept))
+            if self._graph_training:
+                inputs = (x_t.to(self.dtype), t, particle_cond.cond.to(self.device, self.dtype), labels)
+                out = self._training_call(inputs)(*inputs)[:, : x.shape[1]].to(self.teacher._output_dtype)
+            else:
+                out = self._unet(x_t, t, particle_cond.cond, labels)
             return F.mse_loss(out.float(), target.float())
+
+    def _training_call(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        """The graphed training forward for these input shapes, recorded on first use (3 warm-up
+        iterations, as ``make_graphed_callables`` does); the eager module when recording fails."""
+        key = tuple((tuple(i.shape), i.dtype) for i in inputs)
+        call = self._training_calls.get(key)
+        if call is None:
+            module = _TrainingForward(self.model)
+            try:
+                call = torch.cuda.make_graphed_callables(module, tuple(i.clone() for i in inputs))
+                logger.info("vsd: captured CUDA graphs of the LoRA's training forward and backward for %s",
+                            tuple(inputs[0].shape))
+            except Exception as err:  # noqa: BLE001 — any capture failure falls back to eager, logged
+                logger.warning("vsd: CUDA graph capture of the LoRA's training step failed for %s (%s: %s); "
+                               "running it eagerly", tuple(inputs[0].shape), type(err).__name__,
+                               str(err).splitlines()[0][:200] if str(err) else "")
+                torch.cuda.synchronize(self.device)
+                call = module
+            self._training_calls[key] = call
+        return call
 
     def update(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, particle_cond: Conditioning,
                camera_kept: Optional[torch.Tensor] = None) -> torch.Tensor:
