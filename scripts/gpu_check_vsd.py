@@ -38,8 +38,9 @@ JSON is rewritten after every section and every configuration):
 
     python scripts/gpu_check_vsd.py OUT_DIR --sections variance --budget-s 600
 
-Look at: ``correctness.*.ok``, ``sd21_step.results[*].ms_per_step_median / split_ms / peak_memory_gb``,
-``projection.hours``, ``world.summary``, ``variance.best_ecm``.
+Look at: ``correctness.*.ok`` (``*.graph_matches_eager_after_updates``: the CUDA-graph prediction and
+training paths against eager), ``sd21_step.results[*].ms_per_step_median / split_ms / peak_memory_gb``,
+``sd21_step.vsd_over_sds_at_K8``, ``projection.hours``, ``world.summary``, ``variance.best_ecm``.
 """
 
 from __future__ import annotations
