@@ -353,7 +353,6 @@ def test_resume_is_bit_identical_with_the_lora_and_its_optimiser(tiny_sd_path, t
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
-@pytest.mark.slow
 def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path, tiny_sd_path, monkeypatch):
     """`carv3d variance` with guidance.type vsd: --guidance-warmup trains the LoRA at the frozen scene,
     then every estimator of the grid (with and without CARV) uses that same LoRA, which the
