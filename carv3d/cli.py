@@ -50,9 +50,24 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Optional[Sequence[str
     return args
 
 
+class _InterruptSeen:
+    """Python's SIGINT handler that also remembers the interrupt: a Ctrl-C inside a module's import
+    can surface as another exception (numpy's lazy ``np.dtypes``, imported by accelerate while
+    diffusers loads, turns it into a RecursionError), which is then an interrupt, not a bug."""
+
+    seen = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen = True
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # Ctrl-C can arrive anywhere, also while the parser's imports load torch: a clean exit 130 then.
     command = "carv3d"
+    interrupt = _InterruptSeen()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
     try:
         from carv3d.log import setup_logging
 
@@ -69,6 +84,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the exit stays clean whatever arrives now
         print(f"{command}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Exception:
+        if not interrupt.seen:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print(f"{command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        if signal.getsignal(signal.SIGINT) is interrupt:  # main() called in-process: leave Python's handler
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def entry() -> None:

@@ -212,21 +212,48 @@ class DiffusersTeacherConfig(TeacherConfig):
 class GuidanceConfig:
     """The residual each draw contributes; ``type`` picks it (``GUIDANCE_TYPES``, carv3d.estimator.guidance)."""
 
-    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
+    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond | vsd: ε̂_guided − ε̂_LoRA")
 
 
 @dataclass
 class SDSGuidanceConfig(GuidanceConfig):
     """``guidance.type: sds`` — ε̂_guided − ε (DreamFusion)."""
 
-    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
+    type: str = described("sds", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond | vsd: ε̂_guided − ε̂_LoRA")
 
 
 @dataclass
 class CSDGuidanceConfig(GuidanceConfig):
     """``guidance.type: csd`` — ε̂_cond − ε̂_uncond (Classifier Score Distillation, Yu et al. 2023)."""
 
-    type: str = described("csd", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond")
+    type: str = described("csd", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond | vsd: ε̂_guided − ε̂_LoRA")
+
+
+@dataclass
+class VSDGuidanceConfig(GuidanceConfig):
+    """``guidance.type: vsd`` — ε̂_pretrained,guided − ε̂_φ (ProlificDreamer's variational score
+    distillation): ε̂_φ is the teacher's U-Net with LoRA adapters (peft) and a camera embedding,
+    trained on the renders alongside the scene (carv3d.teacher.lora). Defaults: threestudio's
+    ``stable-diffusion-vsd-guidance`` and ``configs/prolificdreamer.yaml``."""
+
+    type: str = described("vsd", "sds: ε̂_guided − ε (DreamFusion) | csd: ε̂_cond − ε̂_uncond | vsd: ε̂_guided − ε̂_LoRA")
+    # diffusers' LoRAAttnProcessor default rank, which ProlificDreamer/threestudio use
+    lora_rank: int = between(1, 1024, 4, help="rank of the LoRA adapters on the U-Net's attention projections")
+    # peft's lora_alpha = lora_scale · rank; 1 is threestudio's unscaled adapters at any rank
+    lora_scale: float = between(0.0, 100.0, 1.0, low_open=True, help="LoRA output scale alpha/rank")
+    lora_lr: float = between(0.0, 10.0, 1e-4, help="AdamW learning rate of the LoRA and camera embedding (0 freezes them)")
+    lora_betas: List[float] = between(0.0, 1.0, [0.9, 0.99], high_open=True, length=2, help="AdamW (β1, β2) of the LoRA, each in [0, 1)")
+    lora_eps: float = between(0.0, 1.0, 1e-15, low_open=True, help="AdamW ε of the LoRA")
+    lora_weight_decay: float = between(0.0, 10.0, 0.01, help="AdamW decoupled weight decay of the LoRA")
+    lora_samples: int = between(1, 1024, 1, help="LoRA training draws (t, ε) per render per step")
+    # threestudio trains the LoRA on t ~ U{0, ..., T − 1}: fractions 0 and 1; lora_t_min < lora_t_max
+    lora_t_min: float = fraction(0.0, help="lowest LoRA training timestep, a fraction of the teacher's timesteps")
+    lora_t_max: float = fraction(1.0, help="LoRA training timesteps are below lora_t_max · T")
+    camera_condition: bool = described(True, "condition ε̂_φ on the camera pose (c2w through a small MLP)")
+    camera_dropout: float = fraction(0.1, help="probability of training a LoRA draw with the null camera")
+    # Off: on CUDA the teacher's and the copy's calls are two CUDA-graph replays, cheaper than one eager
+    # mixed-batch call (peft indexes every adapted layer's rows from Python lists); on a CPU fused runs fewer ops
+    fused_call: bool = described(False, "pretrained (CFG) and LoRA predictions in one eager mixed-batch U-Net call")
 
 
 @dataclass
@@ -348,7 +375,8 @@ class Config:
 # carv3d.teacher.TEACHERS, carv3d.estimator.guidance.GUIDANCES).
 SCENE_TYPES: dict[str, type] = {"nerf": NeRFSceneConfig, "gaussians": GaussianSceneConfig}
 TEACHER_TYPES: dict[str, type] = {"diffusers": DiffusersTeacherConfig}
-GUIDANCE_TYPES: dict[str, type] = {"sds": SDSGuidanceConfig, "csd": CSDGuidanceConfig}
+GUIDANCE_TYPES: dict[str, type] = {"sds": SDSGuidanceConfig, "csd": CSDGuidanceConfig,
+                                  "vsd": VSDGuidanceConfig}
 SEAMS: dict[str, dict[str, type]] = {"scene": SCENE_TYPES, "teacher": TEACHER_TYPES, "guidance": GUIDANCE_TYPES}
 DEFAULT_TYPES: dict[str, str] = {"scene": "nerf", "teacher": "diffusers", "guidance": "sds"}
 
@@ -652,6 +680,10 @@ def _validate(cfg: DictConfig, types: Optional[Types] = None) -> None:
     if est.min_noise_draws > est.max_noise_draws:
         raise ConfigError(f"estimator.min_noise_draws ({est.min_noise_draws}) is above estimator.max_noise_draws "
                           f"({est.max_noise_draws}); the auto-K bounds need min <= max.")
+    guidance = cfg.guidance
+    if guidance.type == "vsd" and not guidance.lora_t_min < guidance.lora_t_max:
+        raise ConfigError(f"guidance.lora_t_min and lora_t_max must satisfy 0 <= lora_t_min < lora_t_max <= 1, not "
+                          f"guidance.lora_t_min = {guidance.lora_t_min}, guidance.lora_t_max = {guidance.lora_t_max}.")
     schedule = [list(point) for point in est.t_max_schedule]
     for i, (step, t_max) in enumerate(schedule):
         if i and step < schedule[i - 1][0]:

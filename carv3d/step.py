@@ -28,16 +28,24 @@ from carv3d.estimator.timing import StepTimer
 from carv3d.scene import Scene, build_scene
 from carv3d.teacher import load_teacher
 from carv3d.teacher.base import Conditioning, Teacher
+from carv3d.teacher.lora import build_particle
 
-SECTIONS = ("render", "encode", "teacher", "backward", "optimizer")  # the step's timed sections
+SECTIONS = ("render", "encode", "teacher", "particle", "backward", "optimizer")  # the step's timed sections
 
 
 class TeacherPredictor:
     """The teacher's predictions for the estimator's rows (:class:`carv3d.estimator.NoisePredictor`):
-    each row takes the conditioning of the render it was noised from."""
+    each row takes the conditioning of the render it was noised from.
 
-    def __init__(self, teacher: Teacher, cond: Conditioning, guidance_scale: float, timer: StepTimer):
+    With a particle model (VSD, :class:`carv3d.teacher.lora.LoRAParticle`) it is also a
+    :class:`carv3d.estimator.ParticlePredictor`; ``particle_cond`` holds each render's plain-prompt
+    text and camera pose, what the particle model is conditioned on.
+    """
+
+    def __init__(self, teacher: Teacher, cond: Conditioning, guidance_scale: float, timer: StepTimer,
+                 particle: Any = None, particle_cond: Optional[Conditioning] = None):
         self.teacher, self.cond, self.guidance_scale, self.timer = teacher, cond, float(guidance_scale), timer
+        self.particle, self.particle_cond = particle, particle_cond
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, upstream_index: torch.Tensor) -> torch.Tensor:
         with self.timer("teacher"):
@@ -47,6 +55,27 @@ class TeacherPredictor:
                  upstream_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.timer("teacher"):
             return self.teacher.predict_noise_branches(x_t, t, self.cond.select(upstream_index))
+
+    def _particle_rows(self, upstream_index: torch.Tensor) -> Conditioning:
+        if self.particle is None or self.particle_cond is None:
+            raise TypeError("this guidance needs a particle model (guidance.type vsd builds one in "
+                            "DistillationStep.from_config)")
+        return self.particle_cond.select(upstream_index)
+
+    def guided_and_particle(self, x_t: torch.Tensor, t: torch.Tensor,
+                            upstream_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε̂_s, ε̂_φ) for the rows, from one mixed-batch U-Net call (``guidance.fused_call``)."""
+        particle_rows = self._particle_rows(upstream_index)
+        with self.timer("teacher"):
+            return self.particle.predict(x_t, t, self.cond.select(upstream_index), particle_rows,
+                                         self.guidance_scale)
+
+    def update_particle(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, upstream_index: torch.Tensor,
+                        camera_kept: torch.Tensor) -> torch.Tensor:
+        """One training step of the particle model on the clean rows x; returns its loss."""
+        particle_rows = self._particle_rows(upstream_index)
+        with self.timer("particle"):
+            return self.particle.update(x, t, noise, particle_rows, camera_kept)
 
 
 @dataclass
@@ -111,14 +140,17 @@ class DistillationStep:
         scene = build_scene(cfg.scene, cfg.render, device, seed)
         if scene_state is not None:
             scene.load_state_dict(scene_state, strict=False)
-        estimator = build_estimator(cfg.estimator, teacher.alphas_cumprod, device, cfg.guidance)
+        particle = build_particle(cfg.guidance, teacher, seed)  # VSD's LoRA copy; None for SDS and CSD
+        estimator = build_estimator(cfg.estimator, teacher.alphas_cumprod, device, cfg.guidance, particle)
         return cls(cfg, scene, teacher, estimator, CameraSampler.from_config(cfg.camera), seed)
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, step: int, n_renders: Optional[int] = None, frozen: bool = False) -> StepOutput:
+    def __call__(self, step: int, n_renders: Optional[int] = None, frozen: bool = False,
+                 update_guidance: Optional[bool] = None) -> StepOutput:
         """One step at training step ``step`` with R = ``n_renders`` (default
         ``estimator.upstream_samples``); the gradient accumulates into the parameters' ``.grad``.
-        ``frozen``: the scene is held fixed (gradient measurements), so its per-step hook is skipped."""
+        ``frozen``: the scene is held fixed (gradient measurements), so its per-step hook is skipped.
+        ``update_guidance``: train the guidance's own parts (VSD's LoRA); default: unless frozen."""
         cfg = self.cfg
         self.scene.train()
         if not frozen:
@@ -137,8 +169,14 @@ class DistillationStep:
             with self.timer("encode"):
                 latents = self.teacher.encode(out.rgb)
         cond = self.teacher.conditioning(self.embedding, labels, cameras.c2w)
-        predictor = TeacherPredictor(self.teacher, cond, cfg.teacher.guidance_scale, self.timer)
-        result = self.estimator.estimate(latents, predictor, self.device_generator, step)
+        particle = getattr(self.estimator.guidance, "particle", None)
+        particle_cond = None
+        if particle is not None:  # the particle model sees the plain prompt and the camera (threestudio's VSD)
+            particle_cond = self.teacher.conditioning(self.embedding, [None] * n_renders, cameras.c2w)
+        predictor = TeacherPredictor(self.teacher, cond, cfg.teacher.guidance_scale, self.timer, particle,
+                                     particle_cond)
+        result = self.estimator.estimate(latents, predictor, self.device_generator, step,
+                                         update_guidance=not frozen if update_guidance is None else update_guidance)
         regularisers = self.regularisers(out)
         loss = result.surrogate + sum(regularisers.values(), torch.zeros((), device=self.device))
         with self.estimator.timer("upstream"), self.timer("backward"):

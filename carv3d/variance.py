@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from carv3d.errors import CheckpointError
 from carv3d.estimator import build_estimator
 from carv3d.io import atomic_path
 
@@ -118,7 +119,8 @@ class FrozenScene:
     step's generators are shared, and nothing updates the scene (no optimiser, no scene hooks).
     """
 
-    def __init__(self, cfg: DictConfig, device: torch.device, scene_state: Optional[dict] = None, seed: int = 0):
+    def __init__(self, cfg: DictConfig, device: torch.device, scene_state: Optional[dict] = None, seed: int = 0,
+                 guidance_state: Optional[dict] = None):
         from carv3d.step import DistillationStep
 
         self.cfg, self.device, self.seed = cfg, device, seed
@@ -127,6 +129,22 @@ class FrozenScene:
         self.step.device_generator.manual_seed(seed + 1)
         self.teacher = self.step.teacher
         self.params = self.step.parameters()
+        # The guidance's trainable parts (VSD's LoRA) as the run left them; held fixed while measuring.
+        self.guidance = self.step.estimator.guidance
+        if guidance_state:
+            try:
+                self.guidance.load_state_dict(guidance_state)
+            except (KeyError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"the run's guidance state does not fit guidance.type {cfg.guidance.type} "
+                                      f"({str(err).splitlines()[0][:200]}).") from None
+
+    def warm_up_guidance(self, steps: int) -> None:
+        """Train the guidance's own parts (VSD's LoRA) for ``steps`` steps at the frozen scene, so that
+        an initial scene is measured with a particle model fitted to its renders (the scene does not move)."""
+        for i in range(int(steps)):
+            self.step(i, frozen=True, update_guidance=True)
+            for p in self.params:
+                p.grad = None
 
     def camera_sampler(self, stratified_cameras: bool):
         from carv3d.cameras import CameraSampler
@@ -151,7 +169,10 @@ class FrozenScene:
 
 def make_estimator(cfg: DictConfig, scene: FrozenScene, method: str, R: int, K: int):
     est_cfg = OmegaConf.merge(cfg.estimator, {"upstream_samples": R, "noise_draws": K, **METHODS[method]})
-    return build_estimator(est_cfg, scene.teacher.alphas_cumprod, scene.device, cfg.guidance)
+    estimator = build_estimator(est_cfg, scene.teacher.alphas_cumprod, scene.device, cfg.guidance,
+                                getattr(scene.guidance, "particle", None))
+    estimator.guidance = scene.guidance  # every cell shares the one guidance (VSD: the same fixed LoRA)
+    return estimator
 
 
 def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Sequence[tuple[int, int]], draws: int,

@@ -88,9 +88,9 @@ MUST_REJECT = [
 ]
 
 # Keys whose in-range value may still be refused by a check across keys (t_min < t_max,
-# min_noise_draws <= max_noise_draws, each scheduled t_max above t_min).
+# min_noise_draws <= max_noise_draws, each scheduled t_max above t_min, VSD's lora_t_min < lora_t_max).
 CROSS_KEY = {"estimator.t_min", "estimator.t_max", "estimator.min_noise_draws", "estimator.max_noise_draws",
-             "estimator.t_max_schedule"}
+             "estimator.t_max_schedule", "guidance.lora_t_min", "guidance.lora_t_max"}
 
 
 def _seam_choices() -> list[dict[str, str]]:

@@ -163,7 +163,9 @@ def test_step_section_timers_cover_the_step(tiny_sd_path, tmp_path):
     wall_ms = 1000 * (time.perf_counter() - started) / 2
     timing = trainer.timing_metrics()
     assert set(timing) == {f"time_{name}_ms" for name in SECTIONS}
-    assert all(v > 0 for v in timing.values()), timing
+    # every section but VSD's particle training (this is an SDS run: no particle model)
+    assert all(v > 0 for k, v in timing.items() if k != "time_particle_ms"), timing
+    assert timing["time_particle_ms"] == 0.0
     assert sum(timing.values()) <= wall_ms * 1.01  # disjoint sections inside the step
     assert sum(timing.values()) > 0.5 * wall_ms  # and they are most of it
     assert trainer.timing_metrics() == {f"time_{name}_ms": 0.0 for name in SECTIONS}

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
     parser.add_argument("--window", type=int, default=0,
                         help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
+    parser.add_argument("--guidance-warmup", type=int, default=0,
+                        help="guidance.type vsd: LoRA training steps at the frozen scene before measuring (a run "
+                             "directory brings its own LoRA; the LoRA is held fixed while measuring)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the initial scene)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the run's train.device)")
     parser.add_argument("--out", default=None,
@@ -76,7 +79,7 @@ def variance_command(args: argparse.Namespace) -> str:
     out = Path(args.out) if args.out else Path(args.run_dir or ".") / "variance.json"
     if out.exists() and not args.overwrite:
         raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
-    scene_state = None
+    scene_state = guidance_state = None
     source: dict[str, Any]
     if args.run_dir:
         from carv3d.checkpoint import latest_checkpoint, load_checkpoint
@@ -88,6 +91,7 @@ def variance_command(args: argparse.Namespace) -> str:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt)
         scene_state = checkpoint_scene_state(state)
+        guidance_state = (state.get("estimator") or {}).get("guidance")  # VSD: the run's LoRA
         source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
     else:
         cfg = load_config(args.config, args.overrides, args.prompt)
@@ -100,14 +104,19 @@ def variance_command(args: argparse.Namespace) -> str:
     from carv3d.sizing import size_for_device
 
     size_for_device(cfg, device)
-    scene = FrozenScene(cfg, device, scene_state, seed=args.seed)
+    scene = FrozenScene(cfg, device, scene_state, seed=args.seed, guidance_state=guidance_state)
     if args.window and args.draws < 2 * args.window:
         raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
+    if args.guidance_warmup < 0:
+        raise ConfigError("--guidance-warmup must be 0 or more.")
+    if args.guidance_warmup:
+        scene.warm_up_guidance(args.guidance_warmup)
     report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
                      camera_stratified=args.camera_stratified, window=args.window)
     report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot})
+                   "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot,
+                   "guidance": cfg.guidance.type, "guidance_warmup": args.guidance_warmup})
     mark_few_draws(report)
     atomic_write_text(out, json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))

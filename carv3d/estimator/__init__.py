@@ -46,8 +46,11 @@ from carv3d.estimator.guidance import (
     Draws,
     Guidance,
     NoisePredictor,
+    ParticleModel,
+    ParticlePredictor,
     PredictNoise,
     ScoreDistillation,
+    VariationalScoreDistillation,
     build_guidance,
 )
 from carv3d.estimator.timesteps import (
@@ -68,7 +71,10 @@ __all__ = [
     "GUIDANCES",
     "Guidance",
     "NoisePredictor",
+    "ParticleModel",
+    "ParticlePredictor",
     "ScoreDistillation",
+    "VariationalScoreDistillation",
     "build_guidance",
     "AnovaSplit",
     "AutoNoiseDraws",

@@ -31,7 +31,9 @@ in this fixed order:
    stratified, K = 1: ``torch.rand((1, R), float64)`` jitter, R strata across the renders, then
    ``torch.rand((1, R), float64)`` keys of a random permutation (so each render's draw is marginally
    q-distributed even when the renders are not exchangeable);
-2. noise ε = ``torch.randn((R·K, ...), dtype=x.dtype)``, row n = r·K + k.
+2. noise ε = ``torch.randn((R·K, ...), dtype=x.dtype)``, row n = r·K + k;
+3. the guidance's own draws in ``Guidance.update``, if it trains a part of its own (VSD's particle
+   model; SDS and CSD draw nothing).
 
 With R = K = 1, the uniform proposal and no stratification, these are threestudio's draws
 (``randint`` for t, then one ``randn`` of x's shape for ε), x_t is computed with diffusers'
@@ -307,6 +309,7 @@ class ScoreDistillationEstimator:
         generator: torch.Generator,
         step: int,
         max_batch: Optional[int] = None,
+        update_guidance: bool = True,
     ) -> EstimateResult:
         """One gradient estimate.
 
@@ -319,6 +322,9 @@ class ScoreDistillationEstimator:
             step: the training step (schedules, adaptive refreshes, the K controller's windows).
                 Required: with a constant default those would silently never happen.
             max_batch: chunk the teacher call; None = one call.
+            update_guidance: let the guidance train its own parts on this upstream after the
+                residual (VSD's particle model); False holds them fixed (gradient measurements).
+                Timed as upstream: the training is per upstream sample, not per draw.
 
         Returns:
             :class:`EstimateResult`. The K of this step is ``stats["noise_draws"]``; a new K chosen
@@ -356,8 +362,13 @@ class ScoreDistillationEstimator:
                 self.adaptive.accumulate(t_flat, ratio, mean_square)
             if K >= 2:  # leaves renders with a non-finite draw out itself
                 self.anova.update(weighted.reshape(R, K, -1))
+        guidance_stats: dict[str, Stat] = {}
+        if update_guidance:
+            with self.timer("upstream"):
+                guidance_stats = self.guidance.update(x, as_predictor(predict_noise), generator)
         surrogate = (upstream * g).sum() / R
         stats = self._stats(R, K, t_flat, ratio, mean_square)
+        stats.update(guidance_stats)
         stats["nonfinite_draws"] = nonfinite
         stats["nonfinite_draws_window"] = self._nonfinite_window
         stats["nonfinite_draws_total"] = self._nonfinite_total
@@ -444,14 +455,15 @@ class ScoreDistillationEstimator:
 
 
 def build_estimator(estimator_cfg: Any, alphas_cumprod: torch.Tensor, device: Any = None,
-                    guidance_cfg: Any = None) -> ScoreDistillationEstimator:
+                    guidance_cfg: Any = None, particle: Any = None) -> ScoreDistillationEstimator:
     """The estimator an ``estimator`` config section describes (``carv3d.config.EstimatorConfig``).
 
     Every field is read from the typed section (its defaults live there, once); presets
     (``estimator.preset``) are resolved by ``carv3d.config.load_config`` before this is called.
     With ``noise_draws="auto"``, K starts at 4 (clamped to the bounds). ``upstream_samples`` (R) is
     the caller's: the estimator takes R from the upstream tensor. ``guidance_cfg`` is the
-    ``guidance`` section (its ``type``); None = SDS.
+    ``guidance`` section (its ``type``); None = SDS. ``particle``: the trainable model of a guidance
+    that has one (VSD: ``carv3d.teacher.lora.build_particle``).
     """
     cfg = estimator_cfg
     device = torch.device(device) if device is not None else alphas_cumprod.device
@@ -479,5 +491,5 @@ def build_estimator(estimator_cfg: Any, alphas_cumprod: torch.Tensor, device: An
         t_max_schedule=[list(point) for point in cfg.t_max_schedule],
         accounting_every=every,
         timer=StepTimer(device),
-        guidance=build_guidance(guidance_cfg),
+        guidance=build_guidance(guidance_cfg, particle),
     )
