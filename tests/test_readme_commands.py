@@ -44,9 +44,14 @@ def shorter(line: str, tiny_sd: Path) -> str:
 
 
 SHORTER: list[tuple[str, str]] = [
-    # A GPU config on the tiny SD folder (the README's CPU recipe), then every new run shortened.
-    (r"--config configs/sd21\.yaml", "--config configs/sd21.yaml teacher.pretrained={tiny_sd} teacher.resolution=64 "
-                                     "render.width=32 render.height=32 render.samples_per_ray=16"),
+    # Installing an extra of this checkout: the extra exists in setup.cfg (this test must not change
+    # its own environment; installing is bench_setup.py's part).
+    (r'^pip install -e "\.\[(\w+)\]"$', "python -c \"import configparser, sys; c = configparser.ConfigParser(); "
+                                      f"c.read('{ROOT / 'setup.cfg'}'); "
+                                      "sys.exit('\\1' not in c['options.extras_require'])\""),
+    # An SD config on the tiny SD folder (the README's CPU recipe), then every new run shortened.
+    (r"--config configs/((?:\w+_)?sd21)\.yaml", r"--config configs/\1.yaml teacher.pretrained={tiny_sd} teacher.resolution=64 "
+                                                 "render.width=32 render.height=32 render.samples_per_ray=16"),
     (r"^(carv3d train (?!--resume|--help-config).*)$", rf"\1 {SHORT_TRAIN}"),
     (r"(--resume \S+) train\.steps=\d+", r"\1 train.steps=6"),
     (r"--resolution 256", "--resolution 48"),
