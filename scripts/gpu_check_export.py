@@ -17,7 +17,7 @@ Sections (each in its own try/except; an error is recorded in the JSON and the r
   and the npm package are installed (``validator``; bar 0 / 0), and Blender's view where a Python with
   bpy is found (``blender``).
 
-The lead's command on the device: ``python scripts/gpu_check_export.py $OUT``; read
+On a CUDA machine: ``python scripts/gpu_check_export.py $OUT``; read
 ``$OUT/gpu_check_export.json``.
 """
 
