@@ -509,12 +509,14 @@ def _expected_type(key: str) -> str:
         return type(leaf).__name__
 
 
-def _translate(err: OmegaConfBaseException, source: str) -> ConfigError:
+def _translate(err: OmegaConfBaseException, source: str, schema: Optional[DictConfig] = None) -> ConfigError:
+    """One ConfigError for an OmegaConf error; ``schema``: the tree being merged into (its seam
+    types' keys are the ones to suggest: ``guidance.lora_rnk`` → ``guidance.lora_rank`` under vsd)."""
     key = getattr(err, "full_key", None) or ""
     where = f" (in {source})" if source else ""
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         return ConfigError(
-            f"unknown config key '{key}'{where}. Nearest valid keys: {_nearest(key, all_keys())}."
+            f"unknown config key '{key}'{where}. Nearest valid keys: {_nearest(key, all_keys(schema))}."
         )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
@@ -552,7 +554,7 @@ def _merge_into(cfg: DictConfig, layer: Any, source: str) -> None:
     try:
         OmegaConf.unsafe_merge(cfg, layer)
     except OmegaConfBaseException as err:
-        raise _translate(err, source) from None
+        raise _translate(err, source, cfg) from None
 
 
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:

@@ -52,6 +52,17 @@ def test_unknown_key_names_nearest():
     assert "train" in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, suggested", [
+    (["guidance.type=vsd", "guidance.lora_rnk=3"], "guidance.lora_rank"),
+    (["scene.type=gaussians", "scene.density.max_gausians=3"], "scene.density.max_gaussians"),
+])
+def test_a_typo_in_a_seam_implementation_key_names_that_implementation_key(overrides, suggested):
+    """The suggestions come from the schema of the chosen seam types, not the default ones."""
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    assert f"Nearest valid keys: {suggested}" in str(err.value)
+
+
 def test_unknown_key_in_file(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("render:\n  widht: 32\n")
