@@ -59,7 +59,8 @@ def other_setup_blocks(tmp: Path, clone: Path) -> list[dict]:
     results = []
     for lines in readme_setup_blocks():
         if all(line.startswith(("make ", "bash scripts/run_gpu_checks.sh")) for line in lines):
-            results.append({"lines": lines, "covered_by": "make_demo / make_test above; run_gpu_checks.sh needs a GPU"})
+            results.append({"lines": lines, "covered_by": "make_demo / make_test above; make test-blender installs bpy "
+                            "(~1 GB) and is its own run (docs/BENCHMARKS.md); run_gpu_checks.sh needs a GPU"})
         elif lines[0].startswith("source .venv/bin/activate"):
             # After `make install`: the activated shell finds carv3d on PATH (the check is the `then`).
             results.append(run_block(lines, clone, tmp / "path_block.log", then="carv3d --version && python -c 'import carv3d'"))
