@@ -54,10 +54,11 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Rewritten atomically after every run, so a killed benchmark keeps what it measured."""
+    from carv3d.io import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
 
 
 # ------------------------------------------------------------------ one run (a child process)

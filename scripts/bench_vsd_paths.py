@@ -71,7 +71,9 @@ def main(argv=None) -> int:
         del trainer
     sds = report["results"]["sds"]["ms_per_step"]
     report["relative_to_sds"] = {name: round(r["ms_per_step"] / sds, 2) for name, r in report["results"].items()}
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    from carv3d.io import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(report, indent=2))
     print(json.dumps(report["relative_to_sds"]))
     return 0
 

@@ -28,26 +28,11 @@ def _points(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed)) * 2.4 - 1.2  # some outside the box
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def test_compile_head_is_skipped_on_cpu_and_logged():
-    handler, old_level = _Capture(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+def test_compile_head_is_skipped_on_cpu_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger=logger.name):
         asked = _field(compile_head=True)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     assert not asked.head_compiled and asked._compiled_head is None
-    assert "scene: field head (MLP, activation) not compiled on cpu (scene.compile_head is for CUDA only)" in handler.messages
+    assert "scene: field head (MLP, activation) not compiled on cpu (scene.compile_head is for CUDA only)" in caplog.messages
     plain, x = _field(), _points(300, 2)
     for a, b in zip(asked(x), plain(x)):
         assert torch.equal(a, b)

@@ -44,23 +44,11 @@ SMALL = dict(n_levels=8, n_features_per_level=2, log2_hashmap_size=16, base_reso
 TINY = dict(n_levels=3, n_features_per_level=2, log2_hashmap_size=6, base_resolution=2, per_level_scale=2.0)
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture()
-def log_messages():
-    handler, old_level = _Capture(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+def log_messages(caplog):
+    """pytest's caplog on the carv3d logger at INFO (read ``.messages`` after the code logged)."""
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        yield caplog
 
 
 # ------------------------------------------------------------------------ the choice (no kernels)
@@ -123,7 +111,7 @@ def test_auto_on_cuda_without_tcnn_builds_and_logs_triton(monkeypatch, log_messa
     assert name == "triton" and isinstance(encoding, Stub)
     assert built["args"] == (16, 2, 19, 16, 1.447269) and built["kwargs"]["device"] == torch.device("cuda")
     assert any(m.startswith("hash grid: Triton backend (auto: CUDA device, tinycudann does not import")
-               for m in log_messages)
+               for m in log_messages.messages)
 
 
 # ------------------------------------------------------------------ compiled for a GPU, on the CPU
@@ -331,7 +319,7 @@ if INTERPRETED:  # the kernel tests: defined only in the interpreted process
                                   generator=torch.Generator().manual_seed(0)) for name in ("torch", "triton")}
         assert fields["triton"].encoding_backend == "triton"
         assert isinstance(fields["triton"].encoding, TritonHashGridEncoding)
-        assert any(m == "hash grid: Triton backend (requested by scene.grid.backend=triton)" for m in log_messages)
+        assert any(m == "hash grid: Triton backend (requested by scene.grid.backend=triton)" for m in log_messages.messages)
         assert torch.equal(fields["triton"].encoding.params, fields["torch"].encoding.params)
         fields["triton"].load_state_dict(fields["torch"].state_dict())  # same keys both ways
         x = torch.rand(500, 3, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
