@@ -352,6 +352,16 @@ class TrainConfig:
     run_name: str = described("", "run directory name; default: prompt slug + timestamp")
     progress: bool = described(True, "show a progress bar while training")
     tensorboard: bool = described(True, "write TensorBoard event files into the run directory")
+    # Early stopping without ground truth (carv3d/convergence.py): the change between probe renders.
+    stop_when_converged: bool = described(False, "stop once the probe renders change by less than converge_tolerance "
+                                                 "at converge_patience checks in a row (after converge_min_steps)")
+    converge_check_every: int = between(1, MAX_STEPS, 100, help="render the convergence probes every this many steps")
+    # a change is a fraction of the silhouette (or a colour difference per channel): 1 is everything moved
+    converge_tolerance: float = between(0.0, 1.0, 0.01, low_open=True,
+                                        help="a check is still when max(1 − soft IoU of the probe opacities, colour "
+                                             "change) is below this")
+    converge_patience: int = between(1, 10**4, 3, help="still checks in a row that mean converged")
+    converge_min_steps: int = between(0, MAX_STEPS, 500, help="never stop before this many steps")
 
 
 @dataclass

@@ -5,6 +5,10 @@ this module only decides what happens around it::
 
     zero_grad ──► distill(step) ──► guard.step(optimizer, finite) ──► scene.after_step ──► log / validate / save
 
+With ``train.stop_when_converged`` the loop also renders the convergence probes every
+``train.converge_check_every`` steps (:mod:`carv3d.convergence`, outside the training clock and the
+random streams) and ends early, with the normal end-of-run outputs, once they stopped changing.
+
 Signals: Ctrl-C (SIGINT) and SIGTERM (schedulers, ``docker stop``) both end the loop at the next
 step boundary with a checkpoint, so every stopped run can be resumed with ``carv3d train --resume``.
 """
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 from carv3d import outputs
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from carv3d.config import to_yaml
+from carv3d.convergence import ConvergenceCheck, ConvergenceDetector
 from carv3d.devices import resolve_device
 from carv3d.errors import CheckpointError, TrainingDivergedError, UserError
 from carv3d.guard import NonFiniteGuard, gradient_norm
@@ -75,6 +80,7 @@ class Trainer:
         self.elapsed_seconds = 0.0
         self._timed_steps = 0
         self._last_checkpoint: Optional[Path] = None
+        self.convergence = ConvergenceDetector.from_config(cfg, self.device) if cfg.train.stop_when_converged else None
         logger.info("device %s; scene %s (%s); teacher %s; guidance %s; sync-free steps %s", self.device,
                     cfg.scene.type, ", ".join(f"{k} {v}" for k, v in self.scene.backends.items()),
                     cfg.teacher.type, cfg.guidance.type, "on" if self.sync_free else "off")
@@ -101,8 +107,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {**self.distill.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self.guard.state_dict(), "elapsed_seconds": self.elapsed_seconds}
+        state = {**self.distill.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 **self.guard.state_dict(), "elapsed_seconds": self.elapsed_seconds}
+        if self.convergence is not None:
+            state["convergence"] = self.convergence.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
@@ -117,6 +126,9 @@ class Trainer:
         self.step = int(state["step"])
         self.guard.load_state_dict(state)
         self.elapsed_seconds = float(state.get("elapsed_seconds", 0.0))
+        # A checkpoint of a run without the detector (or before it): its first check starts afresh.
+        if self.convergence is not None and "convergence" in state:
+            self.convergence.load_state_dict(state["convergence"])
 
     def check_divergence(self) -> None:
         """Stop with :class:`TrainingDivergedError` after ``train.max_nonfinite_steps`` skips in a row."""
@@ -182,11 +194,32 @@ class Trainer:
         return taken
 
     # ------------------------------------------------------------------ the loop
+    def _check_convergence(self, stepped: bool) -> Optional[ConvergenceCheck]:
+        """The convergence probes at this step when due (None otherwise); a skipped (non-finite) step
+        changed nothing, so it is not checked. Not training time: the clock is not running."""
+        if self.convergence is None or not self.convergence.due(self.step) or not stepped:
+            return None
+        check = self.convergence.check(self.scene, self.step)
+        if check.converged:
+            rule = self.convergence.rule
+            logger.info("converged at step %d of %d: the probe renders changed by less than %g (train.converge_tolerance) "
+                        "at %d checks in a row, %d steps apart; stopping here (probes took %.1f s in all; "
+                        "train.stop_when_converged=false trains every step)", self.step, int(self.cfg.train.steps),
+                        rule.tolerance, check.still, self.convergence.check_every, check.seconds)
+        return check
+
     def _loop(self, writer: outputs.MetricsWriter, bar: tqdm) -> None:
         cfg = self.cfg.train
+        if self.convergence is not None and self.convergence.stopped_at is not None:
+            logger.info("this run had converged at step %d; continuing to step %d (it stops again after %d still checks "
+                        "in a row)", self.convergence.stopped_at, int(cfg.steps), self.convergence.rule.patience)
+            self.convergence.restart()
         while self.step < cfg.steps:
             started = time.perf_counter()
             metrics = self.train_step()
+            stepped = metrics is not None
+            if self.sync_free and self.convergence is not None and self.convergence.due(self.step):
+                stepped = self.guard.in_a_row(self.step) == 0  # sync-free steps only know it here (a sync)
             log_step = self.step % cfg.log_every == 0 or self.step == cfg.steps
             checkpoint_step = cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0
             if self.sync_free and (log_step or checkpoint_step) and self.device.type == "cuda":
@@ -195,16 +228,23 @@ class Trainer:
             bar.update(1)
             if self.sync_free and (log_step or checkpoint_step):
                 self.check_divergence()  # sync-free steps read their skip counters only here
-            if metrics is not None and log_step:
+            check = self._check_convergence(stepped)
+            stop = check is not None and check.converged
+            if metrics is not None and (log_step or stop):
                 metrics.update(self.timing_metrics())
+                metrics.update(check.metrics() if check is not None else {})
                 logged = writer.write(self.step, metrics, elapsed_seconds=self.elapsed_seconds)
                 bar.set_postfix(sds=f"{logged['sds_gradient_norm']:.3g}", K=logged.get("noise_draws", "-"))
+            elif check is not None:  # a check between logged steps gets a row of its own
+                writer.write(self.step, check.metrics(), elapsed_seconds=self.elapsed_seconds)
             if cfg.val_every > 0 and self.step % cfg.val_every == 0:
                 outputs.attempt("validation sheet", outputs.write_validation, self.scene, self.estimator,
                                 self.run_dir, self.step, cfg.val_resolution)
             # No checkpoint inside a run of skipped steps: the last one saved stays the last good one.
             if checkpoint_step and self.guard.in_a_row(self.step) == 0:
                 self.save()
+            if stop:  # run() writes the final checkpoint and the outputs, as at the last step
+                break
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -241,10 +281,11 @@ class Trainer:
             self._write_stopped(err)
             raise
         failed = self._finish()
+        convergence = {"convergence": self.convergence.summary()} if self.convergence is not None else {}
         write_status(self.run_dir, status="interrupted" if interrupted else "finished", step=self.step,
                      steps=int(cfg.train.steps), elapsed_seconds=self.elapsed_seconds,
                      nonfinite_steps=self.guard.total(self.step), checkpoint=self._last_checkpoint.name,
-                     outputs_failed=failed)
+                     outputs_failed=failed, **convergence)
         if interrupted:
             raise KeyboardInterrupt
         return self.run_dir
