@@ -18,7 +18,9 @@ config's tolerance, patience and min_steps (the headline), and on a grid of tole
 is not a false stop (it saves nothing). Saved: the steps after the stop, and the training seconds
 after it minus the probe seconds spent up to it.
 
-The JSON is rewritten after every finished run (``carv3d.io.atomic_write_text``).
+The JSON is rewritten after every finished run (``carv3d.io.atomic_write_text``). ``--replay FILE``
+trains nothing: it applies the rule of ``--config`` and the overrides (e.g. other defaults) to the runs
+recorded in FILE and writes the report again.
 """
 
 from __future__ import annotations
@@ -158,6 +160,27 @@ def report_of(runs: list[dict[str, Any]], margin: float) -> dict[str, Any]:
             "grid": grid}
 
 
+def replay_file(recorded: Path, out: Path, args: argparse.Namespace) -> int:
+    """``--replay``: the recorded runs of ``recorded`` under the rule of ``--config`` and the overrides."""
+    from carv3d.config import load_config
+    from carv3d.io import atomic_write_text
+
+    report = json.loads(recorded.read_text())
+    train = load_config(args.config, args.overrides).train
+    rule = {"check_every": int(train.converge_check_every), "tolerance": float(train.converge_tolerance),
+            "patience": int(train.converge_patience), "min_steps": int(train.converge_min_steps)}
+    for run in report["runs"]:
+        if run["rule"]["check_every"] != rule["check_every"]:
+            raise SystemExit(f"{recorded} was recorded with checks every {run['rule']['check_every']} steps, not "
+                             f"{rule['check_every']}: pass train.converge_check_every={run['rule']['check_every']}")
+        run["rule"] = rule
+    report.update(report_of(report["runs"], args.margin), margin=args.margin,
+                  replayed=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    atomic_write_text(out, json.dumps(report, indent=1))
+    print(json.dumps(report["headline"], indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="config file (default: the built-in defaults)")
@@ -170,6 +193,8 @@ def main() -> int:
                         help="a stop is false when the final IoU is more than this above the IoU at the stop")
     parser.add_argument("--parallel", type=int, default=1, help="runs side by side (worker processes)")
     parser.add_argument("--out", default="bench_convergence.json")
+    parser.add_argument("--replay", default=None, metavar="FILE",
+                        help="no training: the rule of --config and the overrides on the runs recorded in FILE")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.converge_tolerance=0.02)")
     args = parser.parse_args()
     if args.parallel < 1:
@@ -187,6 +212,8 @@ def main() -> int:
     setup_logging()
     prompts = args.prompts or list(DEFAULT_PROMPTS)
     out = Path(args.out)
+    if args.replay:
+        return replay_file(Path(args.replay), out, args)
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

@@ -164,3 +164,38 @@ def test_detector_state_round_trips_through_a_checkpoint(tiny_sd_path, tmp_path)
     assert again.rule.still == detector.rule.still == 1 and again.checks == 2
     assert again.last_change == detector.last_change == 0.0  # the scene did not change
     assert torch.equal(again.previous.opacity, detector.previous.opacity)
+
+
+# ------------------------------------------------------------------------- the benchmark's bookkeeping
+def _bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_convergence.py"
+    spec = importlib.util.spec_from_file_location("bench_convergence", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(ious, changes, steps=800):
+    checks = [{"step": s, "t_train": s / 10.0, "probe_seconds": s / 1000.0, "change": c, "shape": c, "iou": i}
+              for s, c, i in zip(STEPS, changes, ious)]
+    return {"prompt": "a red cube", "seed": 0, "steps": steps, "checks": checks}
+
+
+def test_bench_counts_a_stop_below_the_final_iou_minus_the_margin_as_false():
+    bench = _bench()
+    late_gain = _run([0.5, 0.6, 0.7, 0.8, 0.85, 0.86, 0.87, 0.90], CHANGES)  # stops at 700 with 0.87 < 0.90 − 0.02
+    flat = _run([0.5, 0.6, 0.7, 0.8, 0.85, 0.86, 0.89, 0.90], CHANGES)       # 0.89: within the margin
+    a = bench.replay(late_gain, 0.01, 3, 0, margin=0.02)
+    b = bench.replay(flat, 0.01, 3, 0, margin=0.02)
+    assert a["stop_step"] == b["stop_step"] == 700 and a["false_stop"] and not b["false_stop"]
+    assert a["steps_saved"] == 100 and a["seconds_saved"] == pytest.approx(80.0 - 70.0 - 0.7)
+    never = bench.replay(flat, 0.01, 5, 0, margin=0.02)
+    assert never["stop_step"] is None and not never["false_stop"] and never["steps_saved"] == 0
+    summary = bench.summarise([late_gain, flat], 0.01, 3, 0, margin=0.02)
+    assert summary["false_stop_rate"] == 0.5 and summary["stopped"] == 2
+    assert summary["steps_saved_fraction"] == pytest.approx(200 / 1600)
