@@ -193,6 +193,8 @@ def main() -> int:
                         help="a stop is false when the final IoU is more than this above the IoU at the stop")
     parser.add_argument("--parallel", type=int, default=1, help="runs side by side (worker processes)")
     parser.add_argument("--out", default="bench_convergence.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already recorded in --out (same settings) and record only the missing ones")
     parser.add_argument("--replay", default=None, metavar="FILE",
                         help="no training: the rule of --config and the overrides on the runs recorded in FILE")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.converge_tolerance=0.02)")
@@ -221,8 +223,16 @@ def main() -> int:
         "seeds": seeds, "margin": args.margin, "parallel": args.parallel,
         "false_stop": f"the final IoU (step {args.steps}) is more than {args.margin} above the IoU at the stop",
         "runs": []}
+    if args.resume and out.exists():
+        earlier = json.loads(out.read_text())
+        for key in ("config", "overrides", "steps", "device"):
+            if earlier[key] != report[key]:
+                raise SystemExit(f"--resume: {out} was recorded with {key} {earlier[key]!r}, not {report[key]!r}")
+        report["runs"] = [run for run in earlier["runs"] if run["prompt"] in prompts and run["seed"] in seeds]
+        report["commands"] = [*earlier.get("commands", [earlier["command"]]), report["command"]]
+    done = {(run["prompt"], run["seed"]) for run in report["runs"]}
     jobs = [Job(prompt, seed, args.steps, args.config, args.device, tuple(args.overrides))
-            for prompt in prompts for seed in seeds]
+            for prompt in prompts for seed in seeds if (prompt, seed) not in done]
 
     def on_result(run: dict[str, Any]) -> None:
         if "error" in run:
@@ -243,7 +253,7 @@ def main() -> int:
     run_in_workers(jobs, args.parallel, threads, on_result, worker=record_run)
     if report["runs"]:
         print(json.dumps(report["headline"], indent=2))
-    return 0 if len(report["runs"]) == len(jobs) else 1
+    return 0 if len(report["runs"]) == len(prompts) * len(seeds) else 1
 
 
 if __name__ == "__main__":
