@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How often `train.stop_when_converged` stops too early: its false-stop rate on the embedded world.
 
-    python scripts/bench_convergence.py --config configs/demo_cpu.yaml --steps 2500 --out docs/bench_convergence_cpu.json
+    python scripts/bench_convergence.py --config configs/demo_cpu.yaml --steps 1000 --parallel 2 --out docs/bench_convergence_cpu.json
     python scripts/bench_convergence.py --device cuda --parallel 6 --seeds 0,1,2 --steps 10000 --out bench_convergence_gpu.json
 
 For every world prompt × seed the config is trained for ``--steps`` steps without stopping. At every
@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DEFAULT_PROMPTS = ("a red cube", "a green torus", "a yellow duck", "an orange chair")
+DEFAULT_PROMPTS = ("a red cube", "a green torus", "a yellow duck", "a blue sphere", "an orange chair")
 # Nothing written to disk, no outputs: only the steps, the probes and the evaluations.
 BENCH_OVERRIDES = ("train.turntable_frames=0", "export.at_end=false", "train.progress=false",
                    "train.tensorboard=false", "train.val_every=0", "train.checkpoint_every=0",
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--prompt", action="append", dest="prompts",
                         help="world prompt '<colour> <object>' (repeat); default: " + ", ".join(DEFAULT_PROMPTS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--steps", type=int, default=2500, help="steps of each long run (default 2500)")
+    parser.add_argument("--steps", type=int, default=1000, help="steps of each long run (default 1000)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--margin", type=float, default=0.02,
                         help="a stop is false when the final IoU is more than this above the IoU at the stop")
