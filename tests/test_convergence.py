@@ -199,3 +199,31 @@ def test_bench_counts_a_stop_below_the_final_iou_minus_the_margin_as_false():
     summary = bench.summarise([late_gain, flat], 0.01, 3, 0, margin=0.02)
     assert summary["false_stop_rate"] == 0.5 and summary["stopped"] == 2
     assert summary["steps_saved_fraction"] == pytest.approx(200 / 1600)
+
+
+def test_sync_free_steps_stop_at_the_same_step(tiny_sd_path, tmp_path):
+    """Sync-free steps learn of a skipped step only by reading the guard: the check does, and stops alike."""
+    run = train(_cfg(tiny_sd_path, tmp_path, "sync_free", 10, **STOPS, **{"train.sync_free": "on"}))
+    assert json.loads((run / "run.json").read_text())["convergence"]["converged_at"] == 6
+
+
+def test_a_skipped_step_is_not_checked(tiny_sd_path, tmp_path):
+    """A non-finite step changed nothing: its check is skipped (it would read as still)."""
+    from carv3d.run_dir import create_run_dir
+    from carv3d.train import Trainer
+
+    cfg = _cfg(tiny_sd_path, tmp_path, "skipped", 10, **STOPS)
+    trainer = Trainer(cfg)
+    trainer.run_dir = create_run_dir(cfg)
+    clean_predict, calls = trainer.teacher.predict_noise, {"n": 0}
+
+    def predict_noise(*args, **kwargs):  # step 4 (the 4th call, R = 2 renders in one call) is NaN
+        calls["n"] += 1
+        out = clean_predict(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    trainer.teacher.predict_noise = predict_noise
+    trainer.run()
+    rows = read_metrics(trainer.run_dir)
+    assert [r["step"] for r in rows if "convergence_still_checks" in r] == [2, 6, 8]
+    assert json.loads((trainer.run_dir / "run.json").read_text())["convergence"]["converged_at"] == 8
