@@ -64,26 +64,49 @@ def _fraction(point: Optional[dict[str, Any]]) -> str:
     return "—" if point is None or point.get("mean") is None else f"{point['mean']:.0%}"
 
 
+def _arm_name(arm: str) -> str:
+    """A short column name: the two presets' labels stay, sweep labels lose their key prefixes."""
+    return arm.replace("preset_", "").replace("guidance_type_", "").replace("-", " ")
+
+
 def quality_table(report: dict[str, Any]) -> str:
-    """Per prompt and overall (scripts/bench_quality.py): final silhouette IoU of each method (mean ± std
-    over seeds), the time CARV needs to reach SDS's final IoU, whether CARV is ahead at every
-    equal-time checkpoint, and the shares of runs whose best match is the prompted object and whose
-    front is on the front."""
+    """Per prompt and overall (scripts/bench_quality.py): each arm's final silhouette IoU (mean ± std
+    over seeds); for each arm against the baseline the time it needs to reach the baseline's final
+    IoU and whether it is ahead at every equal-time checkpoint on IoU and colour error; the share of
+    runs whose best match is the prompted object. Reports from before arms (sds and carv only, with
+    carv_* fields) are read too."""
     budget = report["settings"]["budget_seconds"]
-    lines = [f"| prompt | SDS IoU at {budget:g} s | CARV IoU at {budget:g} s | CARV reaches SDS's final IoU at | "
-             "CARV ahead at every checkpoint | best match = prompt (SDS / CARV) | front on the front (SDS / CARV) |",
-             "|---|---|---|---|---|---|---|"]
     summary = report["summary"]
-    rows = [*summary["per_prompt"].items(), ("**all prompts**", summary["overall"])]
+    overall = summary["overall"]
+    arms = list(overall["curves"])
+    legacy = "versus_baseline" not in overall
+    baseline = "sds" if legacy else overall["baseline"]
+    others = [arm for arm in arms if arm != baseline]
+    header = [f"{_arm_name(arm)} IoU at {budget:g} s" for arm in arms]
+    for arm in others:
+        header += [f"{_arm_name(arm)} reaches {_arm_name(baseline)}'s final IoU at",
+                   f"{_arm_name(arm)} ahead at every checkpoint (IoU / colour)"]
+    header.append(f"best match = prompt ({' / '.join(_arm_name(arm) for arm in arms)})")
+    lines = ["| prompt | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    rows = [*summary["per_prompt"].items(), ("**all prompts**", overall)]
     for name, row in rows:
         curves = row["curves"]
-        seconds, fraction = row.get("carv_seconds_to_baseline_final_iou"), row.get("carv_fraction_of_budget")
-        reach = "never" if seconds is None else f"{seconds:.1f} s ({fraction:.0%})"
-        best = " / ".join(_fraction(_final(curves, m, "best_match_is_prompted")) for m in ("sds", "carv"))
-        front = " / ".join(_fraction(_final(curves, m, "front_matches_front")) for m in ("sds", "carv"))
-        lines.append(f"| {name} | {_mean_std(_final(curves, 'sds', 'silhouette_iou'))} | "
-                     f"{_mean_std(_final(curves, 'carv', 'silhouette_iou'))} | {reach} | "
-                     f"{'yes' if row['carv_ahead_on_iou']['every_checkpoint'] else 'no'} | {best} | {front} |")
+        cells = [_mean_std(_final(curves, arm, "silhouette_iou")) for arm in arms]
+        for arm in others:
+            if legacy:
+                seconds, fraction = row.get("carv_seconds_to_baseline_final_iou"), row.get("carv_fraction_of_budget")
+                ahead_iou = row["carv_ahead_on_iou"]["every_checkpoint"]
+                colour = row.get("carv_ahead_on_colour_error")
+                ahead_colour = None if colour is None else colour["every_checkpoint"]
+            else:
+                result = row["versus_baseline"][arm]
+                seconds, fraction = result["seconds_to_baseline_final_iou"], result["fraction_of_budget"]
+                ahead_iou = result["ahead_on_iou"]["every_checkpoint"]
+                ahead_colour = result["ahead_on_colour_error"]["every_checkpoint"]
+            cells.append("never" if seconds is None else f"{seconds:.1f} s ({fraction:.0%})")
+            cells.append(" / ".join({True: "yes", False: "no", None: "—"}[flag] for flag in (ahead_iou, ahead_colour)))
+        cells.append(" / ".join(_fraction(_final(curves, arm, "best_match_is_prompted")) for arm in arms))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
