@@ -318,8 +318,7 @@ def with_and_without_carv(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not carv:
         return {}
     best = max(carv, key=lambda r: r["ecm"])
-    out: dict[str, Any] = {"best": {k: best[k] for k in ("method", "upstream_samples", "noise_draws", "variance",
-                                                         "cost_seconds", "ecm")}}
+    out: dict[str, Any] = {"best": dict(best)}
     for R, row in sorted(plain.items()):
         out[f"ecm_vs_uniform_R{R}_K1"] = (row["variance"] * row["cost_seconds"]) / (best["variance"] * best["cost_seconds"])
     return out
