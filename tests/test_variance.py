@@ -216,3 +216,14 @@ def test_the_cpu_clock_is_refused_on_a_gpu():
         FrozenScene(None, torch.device("cuda"), clock="cpu")
     with pytest.raises(ValueError, match="clock must be one of"):
         FrozenScene(None, torch.device("cpu"), clock="process")
+
+
+def test_guidance_state_of_a_checkpoint():
+    """What the variance command and the benchmark scripts load into the guidance: VSD's particle
+    state, and None for SDS and CSD checkpoints (an empty dict) and checkpoints without an estimator."""
+    from carv3d.step import guidance_state
+
+    particle = {"particle": {"weights": {"a": torch.zeros(1)}, "optimizer": {}}}
+    assert guidance_state({"estimator": {"guidance": particle}}) is particle
+    assert guidance_state({"estimator": {"guidance": {}}}) is None
+    assert guidance_state({"estimator": {}}) is None and guidance_state({}) is None
