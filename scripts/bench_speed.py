@@ -408,6 +408,8 @@ def run_full(args: argparse.Namespace, folder: Path, report: dict[str, Any], out
         entry: dict[str, Any] = {"cache": state, "cache_files_before": sum(1 for p in cache.rglob("*") if p.is_file())}
         if state == "cold" and entry["cache_files_before"]:
             entry["note"] = "the cache folder was not empty: not a cold start"
+        elif state == "warm" and not entry["cache_files_before"]:
+            entry["note"] = "the cache folder was empty: a cold start (on a CPU nothing is compiled)"
         if left < 30:
             entry.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up")
             section["runs"].append(entry)
