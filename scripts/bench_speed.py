@@ -26,6 +26,32 @@ with FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real m
 shapes, the matmul rate measured here on a large fp16/bf16 matmul, the bandwidth on a large copy,
 and the hash-grid bytes modelled from the points the encoding saw in one step (see
 ``grid_bytes_per_step``). The JSON is rewritten after every configuration, so a timeout loses nothing.
+
+``--scene gaussians`` (or ``nerf,gaussians``): the same rows for configs/gaussians_sd21.yaml's step —
+a 512² render of 3D Gaussians (``--rasterizers``: auto = gsplat on CUDA when installed, else the
+torch rasteriser), no upsampling, VAE encode, the same teacher call — with the same split and peak
+memory fields, plus ``rasterizer`` and ``render_size``; its floor counts FLOPs only (no hash grid).
+``--tiny`` scales the render as it scales the teacher (512² → 64²).
+
+Two more modes, one at a time instead of the sweep:
+
+    python scripts/bench_speed.py --profile --grids triton --out profile.json       # K = 8, fast teacher
+    python scripts/bench_speed.py --full-run-steps 300 --out full.json             # configs/sd21.yaml
+    python scripts/bench_speed.py --full-run-steps 1000 --full-run-config configs/gaussians_sd21.yaml --out g.json
+
+- ``--profile``: the first of ``--teachers``/``--grids``/``--samplers`` (default fast/auto/auto) at
+  ``--profile-draws`` K (8): ``--warmup`` steps, ``--steps`` steps timed without the profiler, then
+  ``--profile-steps`` (3) under ``torch.profiler`` (CUDA activity on CUDA): the top ``--profile-top``
+  (10) kernels by self device time (CPU: operators by self CPU time) with calls, total ms, ms per
+  step, % of the profiled step's wall clock and the step section each belongs to
+  (``carv3d.testing.profile``); ``profile_markdown`` is the table for docs/BENCHMARKS.md
+  (``python scripts/tables.py profile FILE``).
+- ``--full-run-steps N``: ``carv3d train --config FULL_RUN_CONFIG teacher.pretrained=<the random-weight
+  folder> train.steps=N`` end to end in a fresh process, once per ``--full-run-caches`` (cold: an
+  empty ``teacher.compile_cache`` folder; warm: the same folder again): wall clock, start-up, the
+  first step, training clock and steps/s, K over the run (auto-K), validation, checkpoint and export
+  times, peak GPU memory, and a projection to ``--full-run-total`` (10,000) steps with its formula
+  (``carv3d.testing.full_run``; ``python scripts/tables.py fullrun FILE``).
 """
 
 from __future__ import annotations
@@ -188,7 +214,7 @@ def config_overrides(args: argparse.Namespace, folder: Path, k: int, grid: Optio
 
     if args.tiny:
         overrides += TINY_SD_SCENE_OVERRIDES if scene == "nerf" else TINY_SD_GAUSSIAN_OVERRIDES
-    return overrides
+    return overrides + list(args.set)
 
 
 def cases(args: argparse.Namespace, teacher_mode: str) -> list[dict[str, Any]]:
@@ -492,6 +518,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     full.add_argument("--full-run-total", type=int, default=10000, help="steps of the projected full-length run")
     full.add_argument("--full-run-set", nargs="*", default=[], metavar="key=value", help="more overrides for the run")
     full.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: removed)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="more config overrides for the sweep and --profile (e.g. teacher.cuda_graph=off)")
     parser.add_argument("--prompt", default="a red cube")
     args = parser.parse_args(argv)
     if args.profile and args.full_run_steps:
