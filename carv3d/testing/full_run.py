@@ -74,7 +74,7 @@ def run_cli(args: Sequence[str], timeout_s: float, log_path: Path, env: Optional
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CLI_WITH_PEAK, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1, env=env,
-                            cwd=str(cwd) if cwd else None, start_new_session=True)
+                            cwd=str(cwd) if cwd else None)  # our process group: stopping ours stops it too
 
     def read() -> None:
         with log_path.open("w") as handle:
@@ -91,14 +91,11 @@ def run_cli(args: Sequence[str], timeout_s: float, log_path: Path, env: Optional
         code: Optional[int] = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:  # SIGTERM first: the run saves a checkpoint and says so; then SIGKILL
-            os.killpg(proc.pid, signal.SIGTERM)
+        try:  # SIGTERM first: the run saves a checkpoint and writes its outputs; SIGKILL after 20 s
+            proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except subprocess.TimeoutExpired:
+            proc.kill()
             proc.wait()
         code = None
     wall = time.perf_counter() - started
