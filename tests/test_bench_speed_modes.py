@@ -1,7 +1,8 @@
 """bench_speed's --profile, --scene gaussians and --full-run-steps modes, and scripts/gpu_speed_suite.py.
 
 The helpers (carv3d/testing/profile.py, carv3d/testing/full_run.py) are tested on synthetic input;
-each mode end to end on the tiny random SD-shaped models on the CPU (marked slow).
+each mode end to end on the tiny random SD-shaped models on the CPU (the full runs and the suite
+marked slow: about 1 and 3 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -186,7 +187,6 @@ def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench_models")
 
 
-@pytest.mark.slow
 def test_bench_speed_profile_mode_on_tiny_models(tmp_path, model_dir):
     bench = _script("bench_speed")
     out = tmp_path / "profile.json"
@@ -205,7 +205,6 @@ def test_bench_speed_profile_mode_on_tiny_models(tmp_path, model_dir):
     assert report["profile_markdown"].count("\n| ") == len(prof["kernels"])  # the rows after the header
 
 
-@pytest.mark.slow
 def test_bench_speed_gaussian_rows_beside_the_nerf_rows_on_tiny_models(tmp_path, model_dir):
     bench = _script("bench_speed")
     from carv3d.testing.tiny_teachers import TINY_SD_RENDER_SCALE
