@@ -75,6 +75,45 @@ def test_kernel_summary_attributes_operators_to_the_annotated_sections_on_the_cp
     assert set(out["sections_ms_per_step"]) <= SECTIONS
 
 
+def test_kernel_summary_on_cuda_links_kernels_to_their_launching_operator_and_its_section():
+    """Synthetic CUDA events (no GPU here): the kernel's section is that of the host operator it is
+    linked to, whatever thread it ran on and whenever the device ran it; device-side copies of the
+    ranges are not kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, device, start, end, id_=0, linked=0, annotation=False, thread=1):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end),
+                               id=id_, linked_correlation_id=linked, is_user_annotation=annotation,
+                               self_cpu_time_total=end - start, thread=thread)
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("carv3d.teacher", cpu, 0, 100, id_=1, annotation=True),
+        event("carv3d.backward", cpu, 100, 200, id_=2, annotation=True),
+        event("aten::mm", cpu, 10, 20, id_=5),
+        event("aten::mm", cpu, 120, 130, id_=7, thread=2),  # autograd's thread, inside the backward range
+        event("cudaLaunchKernel", cpu, 11, 12, id_=50, linked=5),  # runtime call: not a launcher itself
+        event("void gemm_kernel<float>(Params)", cuda, 300, 330, id_=50, linked=5),  # runs after the host moved on
+        event("void gemm_kernel<float>(Params)", cuda, 400, 420, id_=51, linked=7),
+        event("graph_kernel", cuda, 340, 350, id_=52, linked=1),  # a CUDA-graph replay inside the teacher range
+        event("orphan_kernel", cuda, 500, 505, id_=53, linked=99),
+        event("carv3d.teacher", cuda, 300, 350, annotation=True),  # the range's device-side copy
+        event("## Call CompiledFxGraph fabc ##", cuda, 300, 350),
+    ]
+    out = kernel_summary(events, "cuda", 1, 100.0)
+    rows = {row["name"]: row for row in out["kernels"]}
+    assert set(rows) == {"gemm_kernel<float>", "graph_kernel", "orphan_kernel"}
+    gemm = rows["gemm_kernel<float>"]
+    assert gemm["calls"] == 2 and gemm["total_ms"] == pytest.approx(0.05) and gemm["section"] == "teacher"
+    assert gemm["sections_ms"] == {"backward": pytest.approx(0.02), "teacher": pytest.approx(0.03)}
+    assert rows["graph_kernel"]["section"] == "teacher" and rows["orphan_kernel"]["section"] == "unlinked"
+    assert out["kernel_ms_per_step"] == pytest.approx(0.065) and out["top_percent_of_step"] == pytest.approx(0.065)
+    assert out["sections_ms_per_step"] == {"backward": pytest.approx(0.02), "teacher": pytest.approx(0.04),
+                                           "unlinked": pytest.approx(0.005)}
+
+
 def test_profile_markdown_has_one_row_per_kernel_and_the_step_total():
     profile = {"status": "ok", "config": "fast/triton/occupancy_grid/K8", "device": "cuda:0", "steps": 3, "step_ms": 80.0,
                "unprofiled_step_ms": 75.5, "kernel_ms_per_step": 60.0, "kernels_distinct": 412, "top_percent_of_step": 50.0,

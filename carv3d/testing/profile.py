@@ -98,11 +98,13 @@ def _section_at(t: float, starts: list[float], ends: list[float], names: list[st
     return OTHER
 
 
+# Ranges that libraries open (Inductor's compiled graphs, the profiler's steps): on CUDA the profiler
+# also shows them on the device, spanning their kernels; counting them would count the kernels twice.
+_RANGE_NAMES = (RANGE_PREFIX, "ProfilerStep", "## Call CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction")
+
+
 def _is_annotation(event: Any) -> bool:
-    if getattr(event, "is_user_annotation", False):
-        return True
-    name = str(event.name)
-    return name.startswith(RANGE_PREFIX) or name.startswith("ProfilerStep")
+    return bool(getattr(event, "is_user_annotation", False)) or str(event.name).startswith(_RANGE_NAMES)
 
 
 def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: float, top: int = 10) -> dict[str, Any]:
