@@ -249,7 +249,9 @@ def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
                        "steps_per_s_steady": run["steps_per_s_steady"], "extra_validation_sheets": extra_sheets,
                        "sheet_s": sheet, "outputs_s": run["outputs_s"]},
             "notes": "checkpoints beyond the measured run's are left out (a few 100 ms each); the steady rate "
-                     "includes auto-K's K changes as far as the measured run saw them"}
+                     "carries the measured run's auto-K changes (each new K: a CUDA-graph capture and, with "
+                     "teacher.compile, a recompile) spread over its steps, while a longer run visits at most "
+                     "the 15 values of [2, 16] once each: after a run that changed K, the projection is high"}
 
 
 def step_policy(cfg: Any, steps: int, total_steps: int) -> dict[str, Any]:
