@@ -475,10 +475,11 @@ def run_full(args: argparse.Namespace, folder: Path, report: dict[str, Any], out
                 f"{proj if proj is None else round(proj)} s")
         else:
             log(f"{state}: {entry.get('status')} {entry.get('reason', '')} {entry.get('log_tail', [])[-3:]}")
-    if not args.keep_runs:
-        shutil.rmtree(work / "runs", ignore_errors=True)
+    if not args.keep_runs:  # the runs and, unless --full-run-cache-dir named one, the compile cache
+        shutil.rmtree(work, ignore_errors=True)
     else:
         section["runs_dir"] = str(work / "runs")
+        write_json(out_path, report)
 
 
 # ------------------------------------------------------------------ main
@@ -523,7 +524,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     full.add_argument("--full-run-timeout", type=float, default=560.0, help="seconds per run; a run past it is stopped")
     full.add_argument("--full-run-total", type=int, default=10000, help="steps of the projected full-length run")
     full.add_argument("--full-run-set", nargs="*", default=[], metavar="key=value", help="more overrides for the run")
-    full.add_argument("--keep-runs", action="store_true", help="keep the run directories (default: removed)")
+    full.add_argument("--keep-runs", action="store_true",
+                      help="keep the run directories and the compile cache (default: removed)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
                         help="more config overrides for the sweep and --profile (e.g. teacher.cuda_graph=off)")
     parser.add_argument("--prompt", default="a red cube")
