@@ -5,6 +5,8 @@
     python scripts/tables.py quality docs/bench_quality_h200.json
     python scripts/tables.py world docs/quality_cpu.json
     python scripts/tables.py variance docs/variance_h200.json
+    python scripts/tables.py profile OUT/profile.json        # bench_speed --profile: the top-10 kernels
+    python scripts/tables.py fullrun OUT/gaussians_full_run.json   # bench_speed --full-run-steps
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ def speed_table(report: dict[str, Any]) -> str:
     missing = set()
     for row in report["results"]:
         if row.get("status") != "ok":
-            missing.add(f"{row['grid']} ({row.get('status')}: {row.get('reason', row.get('error', ''))})".strip())
+            missing.add(f"{row.get('grid') or row.get('rasterizer_requested')} ({row.get('status')}: {row.get('reason', row.get('error', ''))})".strip())
             continue
         split = row["split_ms"]
+        grid, sampler = row["grid"], row["sampler"]
+        if row.get("scene") == "gaussians":  # splats: the rasterizer and the render size instead
+            height, width = row["render_size"]
+            grid, sampler = f"splats, {row['rasterizer']}", f"{height}²" if height == width else f"{height}×{width}"
         lines.append(
-            f"| {row['teacher']} | {row['grid']} | {row['sampler']} | {row['noise_draws']} | "
+            f"| {row['teacher']} | {grid} | {sampler} | {row['noise_draws']} | "
             f"{row['ms_per_step_median']:.1f} | {row['it_per_s']:.1f} | {split['render']:.1f} | {split['encode']:.1f} | "
             f"{split['teacher']:.1f} | {split['backward']:.1f} | {split['optimizer']:.1f} | "
-            f"{row['peak_memory_gb']:.2f} | {row['floor_ms']:.1f} | {row['step_over_floor']:.1f} |")
+            f"{_fmt(row['peak_memory_gb'], '.2f')} | {row['floor_ms']:.1f} | {row['step_over_floor']:.1f} |")
     card = report.get("card", {})
     lines.append("")
     lines.append(f"Card: {report.get('device_name')}, measured matmul {card.get('matmul_tflops_best', 0):.0f} TFLOP/s "
@@ -214,14 +220,50 @@ def variance_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(report: dict[str, Any]) -> str:
+    """scripts/bench_speed.py --profile: the top kernels of the step with their section (the formatter
+    lives in carv3d.testing.profile, next to the code that makes the numbers)."""
+    from carv3d.testing.profile import profile_markdown
+
+    profile = report["profile"]
+    if profile.get("status") != "ok":
+        return f"Not measured: {profile.get('config')} ({profile.get('status')}: {profile.get('reason', '')})."
+    return profile_markdown(profile)
+
+
+def full_run_table(report: dict[str, Any]) -> str:
+    """scripts/bench_speed.py --full-run-steps: one row per run (cold / warm compile cache), seconds."""
+    section = report["full_run"]
+    total = section["projected_steps"]
+    lines = [f"| config | steps | cache | wall s | start-up s | first step done s | steps/s (steady) | "
+             f"outputs s (export) | peak GB | {total:,}-step run s (projected) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in section["runs"]:
+        if run.get("status") != "ok":
+            lines.append(f"| {section['config']} | {section['steps']} | {run['cache']} | {run.get('status')}: "
+                         f"{run.get('reason', '')} | | | | | | |")
+            continue
+        projected = (run.get("projection") or {}).get("projected_s")
+        lines.append(
+            f"| {section['config']} | {run['steps_done']} | {run['cache']} | {run['wall_s']:.1f} | "
+            f"{_fmt(run.get('startup_s'), '.1f')} | {_fmt(run.get('time_to_first_step_s'), '.1f')} | "
+            f"{_fmt(run.get('steps_per_s_steady'), '.2f')} | {_fmt(run.get('outputs_s'), '.1f')} "
+            f"({_fmt(run.get('export_s'), '.1f')}) | {_fmt(run.get('peak_memory_gb'), '.2f')} | {_fmt(projected, '.0f')} |")
+    lines.append("")
+    lines.append(f"{report.get('device_name')}, torch {report.get('torch')}, {report.get('date')}; "
+                 f"K over the runs: {', '.join(str(r.get('noise_draws_path')) for r in section['runs'])}. "
+                 f"Projection: {next((r['projection'].get('formula') for r in section['runs'] if r.get('projection')), '—')}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("speed", "quality", "world", "variance"))
+    parser.add_argument("kind", choices=("speed", "quality", "world", "variance", "profile", "fullrun"))
     parser.add_argument("json")
     args = parser.parse_args()
     with open(args.json) as handle:
         report = json.load(handle)
-    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table}
+    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table,
+              "profile": profile_table, "fullrun": full_run_table}
     print(tables[args.kind](report))
 
 
