@@ -65,7 +65,8 @@ def test_kernel_summary_attributes_operators_to_the_annotated_sections_on_the_cp
         wall_ms = 1000 * (time.perf_counter() - started) / steps
     out = kernel_summary(prof.events(), "cpu", steps, wall_ms)
     assert timer.totals().keys() == {"render", "teacher", "backward"}  # the step's clocks still run
-    rows = {row["name"]: row for row in out["kernels"]}
+    # every operator, so that a small one (relu) is not pushed out of the top 10 by timing noise
+    rows = {row["name"]: row for row in kernel_summary(prof.events(), "cpu", steps, wall_ms, top=1000)["kernels"]}
     assert rows["aten::relu"]["section"] == "render" or rows.get("aten::clamp_min", {}).get("section") == "render"
     assert rows["aten::sigmoid"]["section"] == "teacher"
     assert rows["aten::mm"]["sections_ms"].keys() >= {"render", "backward"}  # forward and backward matmuls
