@@ -267,7 +267,7 @@ class EstimatorConfig:
     stratified: bool = described(False, "stratified timesteps (inverse CDF) across the K draws")
     weighting: str = described("sds", "timestep weighting w(t): sds | uniform | fantasia3d")
     t_min: float = fraction(0.02, help="lowest timestep, a fraction of the teacher's timesteps; t_min < t_max")
-    t_max: float = fraction(0.98, help="highest timestep, a fraction of the teacher's timesteps")
+    t_max: float = fraction(0.98, help="highest timestep, a fraction of the teacher's timesteps (the presets set 0.75)")
     # steps non-decreasing, each t_max above t_min
     t_max_schedule: List[List[float]] = rows([], step=Range(0, MAX_STEPS), t_max=Range(0.0, 1.0),
                                              help="piecewise linear t_max over training, [[step, t_max], ...]")
@@ -292,8 +292,8 @@ class OptimConfig:
     # and MLP weights near 1, so lr = 1 already diverges and 10 is far past any sane run. The bound
     # turns a typo (1e3, 1e30) into an error instead of a run that "finishes" with garbage. 0 freezes
     # that group (e.g. a fixed background).
-    lr_grid: float = between(0.0, 10.0, 0.01, help="Adam learning rate of the hash-grid features (0 freezes them)")
-    lr_mlp: float = between(0.0, 10.0, 0.001, help="Adam learning rate of the MLP weights (0 freezes them)")
+    lr_grid: float = between(0.0, 10.0, 0.01, help="Adam learning rate of the hash-grid features (0 freezes them; presets: carv 0.04, sds 0.08)")
+    lr_mlp: float = between(0.0, 10.0, 0.001, help="Adam learning rate of the MLP weights (0 freezes them; presets: carv 0.004, sds 0.008)")
     lr_background: float = between(0.0, 10.0, 0.001, help="Adam learning rate of a learned background (0 freezes it)")
     betas: List[float] = between(0.0, 1.0, [0.9, 0.99], high_open=True, length=2, help="Adam's (β1, β2), each in [0, 1)")
     eps: float = between(0.0, 1.0, 1e-15, low_open=True, help="Adam's ε")
@@ -400,12 +400,20 @@ DEFAULT_TYPES: dict[str, str] = {"scene": "nerf", "teacher": "diffusers", "guida
 # a step is launch-bound, so the second render is free and halves the between-render variance
 # (docs/variance_h200_r2.json, docs/quality_h200_r2_camera.json). Where a render is not free (a CPU,
 # or Stable Diffusion's VAE encode) the configs set upstream_samples: 1.
+# Each preset also carries its own tuned learning rates and t_max: a 20-arm grid (2 presets × 5 Adam
+# learning-rate pairs × t_max ∈ {0.98, 0.75}) judged by final mean IoU at 60 s of training on three
+# world prompts × two seeds (docs/tune_world_h100.json, configs/sweeps/tune_world.yaml). Lower
+# variance tolerates larger steps only up to a point: carv's best is 4× the old learning rates (8× is
+# worse); plain sds's best is 8×, the grid's edge, on a plateau from 2× (0.903–0.912).
 ESTIMATOR_PRESETS: dict[str, dict[str, Any]] = {
-    "sds": {"estimator": dict(upstream_samples=1, noise_draws=1, proposal="uniform", stratified=False, weighting="sds"),
-            "camera": dict(stratified=False)},
+    "sds": {"estimator": dict(upstream_samples=1, noise_draws=1, proposal="uniform", stratified=False, weighting="sds",
+                              t_max=0.75),
+            "camera": dict(stratified=False),
+            "optim": dict(lr_grid=0.08, lr_mlp=0.008)},
     "carv": {"estimator": dict(upstream_samples=2, noise_draws="auto", proposal="adaptive", stratified=True,
-                               weighting="sds"),
-             "camera": dict(stratified=True)},
+                               weighting="sds", t_max=0.75),
+             "camera": dict(stratified=True),
+             "optim": dict(lr_grid=0.04, lr_mlp=0.004)},
     "none": {},
 }
 

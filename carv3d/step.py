@@ -230,3 +230,9 @@ def scene_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
         return checkpoint["scene"]
     return {**{f"field.{k}": v for k, v in checkpoint["field"].items()},
             **{f"renderer.{k}": v for k, v in checkpoint["renderer"].items()}}
+
+
+def guidance_state(checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The guidance's own state in a checkpoint (VSD: the LoRA's weights and optimiser), or None when
+    it has none (SDS, CSD, checkpoints from before guidances had state)."""
+    return (checkpoint.get("estimator") or {}).get("guidance") or None

@@ -4,9 +4,16 @@ For every estimator of a grid — (R, K) pairs × timestep methods — draw M pa
 ĝ at the same frozen parameters θ, and report
 
     Var  = tr Cov(ĝ) = Σ_i Var(ĝ_i)        (Welford, over all field parameters)
-    cost = median wall-clock seconds per ĝ (render + encode + teacher + backward, synchronised)
+    cost = median wall-clock seconds per ĝ (render + encode + teacher + backward, synchronised);
+           with ``clock="cpu"`` (CPU devices only) the process's CPU seconds instead, which other work
+           on a shared machine does not inflate (run single-threaded: spin-waiting threads count)
     ECM  = (Var_base · cost_base) / (Var · cost)     base: uniform t, R = 2, K = 1
     RE   = Var_uniform(R, K) / Var                   same (R, K), uniform independent t
+
+A guidance that trains a part of its own each step (VSD's LoRA) pays that training in every training
+step, once per render: the cost of each draw includes it (the step runs the guidance's update and
+the guidance's state is put back untimed afterwards, so every draw sees the same fixed LoRA), and
+each row reports the median seconds of it (``guidance_training_seconds``).
     bias z = (‖d‖² − Var/M) / (sqrt(2 Σ_i Var_i²) / M),   d = mean − ref
 
 With ``--window W`` each row also reports the variance of the mean of W consecutive draws, times W:
@@ -27,6 +34,7 @@ draws are part of the reference); a bias b adds ‖b‖² to the numerator and g
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field as dc_field
@@ -52,6 +60,8 @@ METHODS: dict[str, dict[str, Any]] = {
 # The paper's baseline (2, 1), render reuse at R = 1, and the carv preset's own R = 2 with K = 16.
 DEFAULT_RK = ((2, 1), (1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 16))
 BASELINE = ("uniform", 2, 1)
+# What a gradient's cost is read from: wall-clock seconds, or this process's CPU seconds (CPU devices).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -62,8 +72,10 @@ class GradientStats:
     mean: Optional[torch.Tensor] = None
     m2: Optional[torch.Tensor] = None
     seconds: list[float] = dc_field(default_factory=list)
+    guidance_seconds: list[float] = dc_field(default_factory=list)
 
-    def update(self, grad: torch.Tensor, seconds: float) -> None:
+    def update(self, grad: torch.Tensor, seconds: float, guidance_seconds: float = 0.0) -> None:
+        self.guidance_seconds.append(guidance_seconds)
         grad = grad.double()
         self.count += 1
         if self.mean is None:
@@ -85,8 +97,17 @@ class GradientStats:
 
     @property
     def cost(self) -> float:
-        values = sorted(self.seconds[1:] or self.seconds)  # the first draw of an estimator warms caches
-        return values[len(values) // 2]
+        return _median_after_first(self.seconds)
+
+    @property
+    def guidance_cost(self) -> float:
+        """Median seconds of the guidance's own training per draw (0 for SDS and CSD)."""
+        return _median_after_first(self.guidance_seconds) if self.guidance_seconds else 0.0
+
+
+def _median_after_first(seconds: list[float]) -> float:
+    values = sorted(seconds[1:] or seconds)  # the first draw of an estimator warms caches
+    return values[len(values) // 2]
 
 
 class WindowMeans:
@@ -117,14 +138,29 @@ class FrozenScene:
 
     Each grid cell swaps in its own estimator and camera sampler; the scene, teacher and the
     step's generators are shared, and nothing updates the scene (no optimiser, no scene hooks).
+
+    ``guidance_training_cost``: each draw also runs the guidance's own training step (VSD's LoRA),
+    timed with the draw as a training step pays it, and then puts the guidance's state back
+    (untimed), so every draw sees the same fixed guidance. False: the training is left out of the
+    cost (what ``carv3d variance`` measured before; an equal-wall-clock comparison needs it in).
     """
 
     def __init__(self, cfg: DictConfig, device: torch.device, scene_state: Optional[dict] = None, seed: int = 0,
-                 guidance_state: Optional[dict] = None):
+                 guidance_state: Optional[dict] = None, guidance_training_cost: bool = True, clock: str = "wall"):
+        from carv3d.estimator.timing import StepTimer
         from carv3d.step import DistillationStep
 
-        self.cfg, self.device, self.seed = cfg, device, seed
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+        if clock == "cpu" and device.type != "cpu":
+            raise ValueError("clock 'cpu' (the process's CPU time) measures CPU work only; on a GPU use 'wall'")
+        self.cfg, self.device, self.seed, self.clock = cfg, device, seed, clock
+        self.guidance_training_cost = bool(guidance_training_cost)
+        self._guidance_snapshot: Optional[dict] = None
+        self.last_guidance_seconds = 0.0
         self.step = DistillationStep.from_config(cfg, device, scene_state=scene_state)
+        if clock == "cpu":
+            self.step.timer = StepTimer(device, clock=CLOCKS[clock])
         self.step.host_generator.manual_seed(seed)
         self.step.device_generator.manual_seed(seed + 1)
         self.teacher = self.step.teacher
@@ -141,10 +177,17 @@ class FrozenScene:
     def warm_up_guidance(self, steps: int) -> None:
         """Train the guidance's own parts (VSD's LoRA) for ``steps`` steps at the frozen scene, so that
         an initial scene is measured with a particle model fitted to its renders (the scene does not move)."""
+        self._guidance_snapshot = None
         for i in range(int(steps)):
             self.step(i, frozen=True, update_guidance=True)
             for p in self.params:
                 p.grad = None
+
+    @property
+    def trains_guidance(self) -> bool:
+        """Whether a draw runs (and pays) the guidance's own training: asked for, and the guidance has a
+        trainable state (VSD; SDS and CSD have none)."""
+        return self.guidance_training_cost and bool(self.guidance.state_dict())
 
     def camera_sampler(self, stratified_cameras: bool):
         from carv3d.cameras import CameraSampler
@@ -154,17 +197,27 @@ class FrozenScene:
         return sampler
 
     def gradient(self, estimator, cameras_sampler, n_renders: int, step: int) -> tuple[torch.Tensor, float]:
-        """One parameter-space gradient draw and its synchronised wall-clock cost."""
+        """One parameter-space gradient draw and its synchronised wall-clock cost (with the guidance's
+        own training step when :attr:`trains_guidance`; its seconds alone: :attr:`last_guidance_seconds`)."""
+        train_guidance = self.trains_guidance
+        if train_guidance and self._guidance_snapshot is None:
+            self._guidance_snapshot = copy.deepcopy(self.guidance.state_dict())
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.step.timer.reset()
+        now = CLOCKS[self.clock]
         sync()
-        started = time.perf_counter()
+        started = now()
         self.step.estimator, self.step.camera_sampler = estimator, cameras_sampler
         for p in self.params:
             p.grad = None
-        self.step(step, n_renders, frozen=True)
+        self.step(step, n_renders, frozen=True, update_guidance=train_guidance)
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         sync()
-        return grad.detach(), time.perf_counter() - started
+        seconds = now() - started
+        self.last_guidance_seconds = self.step.timer.seconds("particle") if train_guidance else 0.0
+        if train_guidance:  # the same fixed guidance for the next draw (a copy: the optimiser updates in place)
+            self.guidance.load_state_dict(copy.deepcopy(self._guidance_snapshot))
+        return grad.detach(), seconds
 
 
 def make_estimator(cfg: DictConfig, scene: FrozenScene, method: str, R: int, K: int):
@@ -203,7 +256,7 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         stats, windowed = GradientStats(), WindowMeans(window) if window >= 2 else None
         for _ in range(draws):
             grad, seconds = scene.gradient(estimator, sampler, R, step)
-            stats.update(grad, seconds)
+            stats.update(grad, seconds, getattr(scene, "last_guidance_seconds", 0.0))
             if windowed is not None:
                 windowed.update(grad)
             step += 1
@@ -225,7 +278,7 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         uniform = runs[("uniform", R, K)]
         rows.append({
             "method": method, "upstream_samples": R, "noise_draws": K, "draws": s.count,
-            "variance": s.trace, "cost_seconds": s.cost,
+            "variance": s.trace, "cost_seconds": s.cost, "guidance_training_seconds": s.guidance_cost,
             "ecm": (base.trace * base.cost) / (s.trace * s.cost) if s.trace > 0 else math.nan,
             "relative_efficiency": uniform.trace / s.trace if s.trace > 0 else math.nan,
             "bias_z": (distance2 - s.trace / s.count) / spread if spread > 0 else math.nan,
@@ -233,7 +286,10 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
                 "windows": windows[(method, R, K)].stats.count} if (method, R, K) in windows else {}),
         })
     rows.sort(key=lambda r: (r["upstream_samples"], r["noise_draws"], list(METHODS).index(r["method"])))
-    return {
+    report = {
+        "guidance": str(getattr(cfg.guidance, "type", "sds")),
+        "guidance_training_in_cost": bool(getattr(scene, "trains_guidance", False)),
+        "clock": getattr(scene, "clock", "wall"),
         "reference_gradient_norm": float(reference.norm()),
         "n_parameters": int(reference.numel()),
         "baseline": {"method": BASELINE[0], "upstream_samples": BASELINE[1], "noise_draws": BASELINE[2]},
@@ -242,6 +298,30 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         "rows": rows,
         "variance_split": variance_split(rows),
     }
+    report["with_and_without_carv"] = with_and_without_carv(rows)
+    return report
+
+
+def uses_carv(row: dict[str, Any]) -> bool:
+    """A row of the grid is "with CARV" when it uses any part of it: more than one draw per render,
+    or a timestep proposal or stratification other than uniform independent t. "Without CARV" is
+    the plain estimator, uniform t with K = 1 (R = 1 is threestudio's SDS and VSD; R = 2 the
+    paper's baseline and the ECM's)."""
+    return row["method"] != "uniform" or int(row["noise_draws"]) > 1
+
+
+def with_and_without_carv(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best row with CARV (highest ECM) against the plain rows without it: its ECM against uniform
+    t at R = 2, K = 1 (the report's baseline) and, when measured, against uniform t at R = 1, K = 1."""
+    plain = {int(r["upstream_samples"]): r for r in rows if not uses_carv(r)}
+    carv = [r for r in rows if uses_carv(r) and math.isfinite(r["ecm"])]
+    if not carv:
+        return {}
+    best = max(carv, key=lambda r: r["ecm"])
+    out: dict[str, Any] = {"best": dict(best)}
+    for R, row in sorted(plain.items()):
+        out[f"ecm_vs_uniform_R{R}_K1"] = (row["variance"] * row["cost_seconds"]) / (best["variance"] * best["cost_seconds"])
+    return out
 
 
 def variance_split(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -289,7 +369,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("seconds per gradient")
     ax.set_ylabel("tr Cov of the parameter gradient")
-    ax.set_title("estimator variance against cost (lower left is better)")
+    guidance = str(report.get("guidance", "sds"))
+    ax.set_title(f"{GUIDANCE_NAMES.get(guidance, guidance)}: estimator variance against cost (lower left is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -325,10 +406,46 @@ def _split_line(split: dict[str, Any]) -> str:
             f"ECM bound from reuse alone ≈ {f'{bound:.2f}' if usable else na}")
 
 
+GUIDANCE_NAMES = {"sds": "SDS", "csd": "CSD", "vsd": "VSD"}
+
+
+def title_line(report: dict[str, Any]) -> str:
+    """What was measured: the guidance (and VSD's LoRA), with CARV against without it, and what the
+    cost includes."""
+    guidance = str(report.get("guidance", "sds"))
+    name = GUIDANCE_NAMES.get(guidance, guidance)
+    base = report.get("baseline") or {"method": BASELINE[0], "upstream_samples": BASELINE[1], "noise_draws": BASELINE[2]}
+    line = (f"{name} (guidance.type {guidance}) with and without CARV: ECM against {name} without CARV "
+            f"({base['method']} t, R = {base['upstream_samples']}, K = {base['noise_draws']})")
+    lora = report.get("guidance_state_source")
+    if lora:
+        line += f"; LoRA: {lora}, held fixed"
+    if report.get("guidance_training_in_cost"):
+        line += "; cost includes the LoRA's training step, as in training"
+    if report.get("clock") == "cpu":
+        line += "; cost in CPU seconds of this process"
+    return line
+
+
+def carv_line(report: dict[str, Any]) -> str:
+    """The best estimator with CARV against the plain ones without it ("" when the grid has none)."""
+    best = (report.get("with_and_without_carv") or {}).get("best")
+    if not best:
+        return ""
+    name = GUIDANCE_NAMES.get(str(report.get("guidance", "sds")), str(report.get("guidance", "sds")))
+    parts = [f"{name} with CARV, best: {best['method']} R = {best['upstream_samples']}, K = {best['noise_draws']}: "
+             f"ECM {best['ecm']:.2f} against {name} without CARV (uniform t, K = 1, R = 2)"]
+    vs1 = report["with_and_without_carv"].get("ecm_vs_uniform_R1_K1")
+    if vs1 is not None:
+        parts.append(f"{vs1:.2f} against R = 1")
+    return ", ".join(parts)
+
+
 def format_table(report: dict[str, Any]) -> str:
     window = report.get("window")
     extra = f" W·Var, W = {window} |" if window else ""
-    lines = ["| method | R | K | Var | ms/grad | ECM | RE | bias z |" + extra,
+    lines = [title_line(report) + "\n",
+             "| method | R | K | Var | ms/grad | ECM | RE | bias z |" + extra,
              "|---|---|---|---|---|---|---|---|" + ("---|" if window else "")]
     for r in report["rows"]:
         cell = ""
@@ -337,6 +454,9 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['method']} | {r['upstream_samples']} | {r['noise_draws']} | {r['variance']:.4g} | "
                      f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z']:.2f} |"
                      + cell)
+    best = carv_line(report)
+    if best:
+        lines.append("\n" + best)
     split = report.get("variance_split") or {}
     if split:
         lines.append("\n" + _split_line(split))

@@ -1,30 +1,33 @@
 #!/usr/bin/env python
-"""Quality against ground truth: CARV against plain SDS at equal wall clock (issue #6).
+"""Quality against ground truth: arms (plain SDS against CARV by default) at equal wall clock.
 
-For every world prompt × seed, the same config is trained twice — once with ``estimator.preset=sds``
-(R = 1, K = 1, uniform t, independent draws) and once with the default ``estimator.preset=carv`` —
-each for the same training wall-clock budget. At N + 1 equal-time checkpoints (0, B/N, …, B) the live
-scene is evaluated in-process against the embedded world's ground truth
+For every world prompt × seed, the same config is trained once per *arm* — by default ``sds``
+(``estimator.preset=sds``: R = 1, K = 1, uniform t, independent draws) and ``carv`` (the default
+preset) — each for the same training wall-clock budget. ``--arms SWEEP.yaml`` takes the arms from a
+carv3d sweep file instead (one arm per run its grid/zip expands to: a tuning grid, or VSD against SDS),
+and ``--baseline`` names the arm the others are measured against. At N + 1 equal-time checkpoints
+(0, B/N, …, B) the live scene is evaluated in-process against the embedded world's ground truth
 (:func:`carv3d.world.evaluate.evaluate_scene`: silhouette IoU, masked colour error, PSNR, whether the
 best-matching world object is the prompted one, the front/back multi-face check; Chamfer with
 ``--chamfer``). The training clock is :meth:`carv3d.train.Trainer.train_until`'s: it stops while the
-scene is evaluated, so evaluation never eats into a method's budget.
+scene is evaluated, so evaluation never eats into an arm's budget.
 
 Side by side. A GPU step of the embedded teacher is launch-bound (~40–60 ms), so ``--parallel P``
-worker processes train side by side on the one GPU. Runs are scheduled in pairs — the sds run and the
-carv run of the same (prompt, seed) are dispatched back to back, first one then the other method first
-on alternate pairs — so the two methods share the GPU under the same contention at all times, and a
-run's budget is wall clock under that contention. With ``--resume`` finished runs of an earlier JSON
-(same settings) are reused and only the missing ones run.
+worker processes train side by side on the one GPU. The runs of one (prompt, seed) are dispatched back
+to back, every arm once, the order reversed on alternate groups, so the arms share the GPU under the
+same contention at all times, and a run's budget is wall clock under that contention. With
+``--resume`` finished runs of an earlier JSON (same settings) are reused and only the missing ones run.
 
 Report (JSON, rewritten after every finished run; PNG beside it): per prompt and overall
-(mean ± std over seeds) quality at each checkpoint for each method; the training wall clock CARV
-needs to reach the baseline's final mean IoU (linear interpolation on the checkpoint grid; null if
-never) and its ratio to the budget (target ≤ 0.40); whether CARV is ahead on mean IoU at every
-equal-time checkpoint after t = 0.
+(mean ± std over seeds) quality and mean step count at each checkpoint for each arm; for each arm
+against the baseline, the training wall clock (and steps) it needs to reach the baseline's final mean
+IoU (linear interpolation on the checkpoint grid; null if never), its ratio to the budget (target
+≤ 0.40), whether it is ahead at every equal-time checkpoint after t = 0 on IoU, colour error and PSNR;
+and the arms of each preset ranked by final mean IoU (the tuning result).
 
     python3 scripts/bench_quality.py --preset h200 --out OUT/bench_quality_h200.json --plot OUT/bench_quality_h200.png
     python scripts/bench_quality.py --preset cpu --budget 60 --out bench_quality_cpu.json
+    python scripts/bench_quality.py --arms configs/sweeps/tune_world.yaml --prompt "a red cube" ... --out tune.json
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (the GPU machine)
     sys.path.insert(0, str(REPO_ROOT))
 
-METHODS = ("sds", "carv")
-BASELINE, CANDIDATE = "sds", "carv"
-TARGET_RATIO = 0.40  # issue #6: CARV should reach the baseline's final quality in ≤ 40% of its budget
+# An arm is a labelled list of overrides, trained on every (prompt, seed). By default the two presets;
+# `--arms SWEEP.yaml` takes them from a carv3d sweep file's grid (one arm per run it expands to).
+DEFAULT_ARMS = {"sds": ["estimator.preset=sds"], "carv": ["estimator.preset=carv"]}
+DEFAULT_BASELINE = "sds"
+TARGET_RATIO = 0.40  # issue #16: CARV should reach the baseline's final quality in ≤ 40% of its budget
 # Every run: no turntable (no imageio-ffmpeg on the GPU machine), no exports, nothing written to disk.
 BENCH_OVERRIDES = ("train.turntable_frames=0", "export.at_end=false", "train.progress=false",
                    "train.tensorboard=false", "train.val_every=0", "train.checkpoint_every=0")
@@ -158,40 +163,110 @@ def aggregate(runs: Sequence[dict[str, Any]], metric: str, n_points: int) -> lis
     return [mean_std(curve[i] for curve in by_seed.values()) for i in range(n_points)]
 
 
-def finished_runs(report: dict[str, Any], method: str, prompt: Optional[str] = None) -> list[dict[str, Any]]:
-    return [run for run in report["runs"].values() if run["method"] == method and "error" not in run
+def finished_runs(report: dict[str, Any], arm: str, prompt: Optional[str] = None) -> list[dict[str, Any]]:
+    return [run for run in report["runs"].values() if run["method"] == arm and "error" not in run
             and (prompt is None or run["prompt"] == prompt)]
 
 
-def compare(report: dict[str, Any], prompt: Optional[str], times: Sequence[float]) -> dict[str, Any]:
-    """Both methods' curves for one prompt (or all when None), the time CARV needs to reach the
-    baseline's final mean IoU, and whether CARV is ahead at every checkpoint."""
-    n_points = len(times)
-    curves = {method: {metric: aggregate(finished_runs(report, method, prompt), metric, n_points)
-                       for metric in METRICS} for method in METHODS}
-    means = {method: [point["mean"] for point in curves[method]["silhouette_iou"]] for method in METHODS}
-    target = means[BASELINE][-1]
-    reach = None if target is None else time_to_reach(times, means[CANDIDATE], target)
+def report_arms(report: dict[str, Any]) -> tuple[dict[str, list[str]], str]:
+    """The report's arms (label → overrides) and baseline label; reports older than arms had the two presets."""
+    settings = report["settings"]
+    return settings.get("arms") or DEFAULT_ARMS, settings.get("baseline") or DEFAULT_BASELINE
+
+
+def interpolate(times: Sequence[float], values: Sequence[Optional[float]], at: float) -> Optional[float]:
+    """``values(times)`` linearly interpolated at ``at`` (within the grid; None where a neighbour is missing)."""
+    for (t0, v0), (t1, v1) in zip(zip(times, values), zip(times[1:], values[1:])):
+        if t0 <= at <= t1:
+            if v0 is None or v1 is None:
+                return None
+            return v0 if t1 == t0 else v0 + (at - t0) / (t1 - t0) * (v1 - v0)
+    return None
+
+
+def mean_steps(runs: Sequence[dict[str, Any]], n_points: int) -> list[Optional[float]]:
+    """Mean optimisation step reached at each checkpoint, over the runs."""
+    return [mean_std(run["evaluations"][i]["step"] for run in runs)["mean"] for i in range(n_points)]
+
+
+def versus(curves: dict[str, Any], steps: Sequence[Optional[float]], baseline_curves: dict[str, Any],
+           baseline_steps: Sequence[Optional[float]], times: Sequence[float]) -> dict[str, Any]:
+    """One arm against the baseline: when it reaches the baseline's final mean IoU (seconds, fraction
+    of the budget, optimisation steps), and whether it is ahead at every equal-time checkpoint."""
+    def means(c: dict[str, Any], metric: str) -> list[Optional[float]]:
+        return [point["mean"] for point in c[metric]]
+
+    iou, baseline_iou = means(curves, "silhouette_iou"), means(baseline_curves, "silhouette_iou")
+    target = baseline_iou[-1]
+    reach = None if target is None else time_to_reach(times, iou, target)
     budget = times[-1]
     return {
-        "runs": {method: len(finished_runs(report, method, prompt)) for method in METHODS},
-        "curves": curves,
-        "baseline_final_mean_iou": target,
-        "carv_seconds_to_baseline_final_iou": reach,
-        "carv_fraction_of_budget": None if reach is None else reach / budget,
+        "final_mean_iou": iou[-1],
+        "seconds_to_baseline_final_iou": reach,
+        "fraction_of_budget": None if reach is None else reach / budget,
         "meets_target_fraction": None if reach is None else reach / budget <= TARGET_RATIO,
-        "carv_ahead_on_iou": ahead_at_every_checkpoint(means[CANDIDATE], means[BASELINE]),
-        "carv_ahead_on_colour_error": ahead_at_every_checkpoint(
-            [p["mean"] for p in curves[CANDIDATE]["masked_colour_error"]],
-            [p["mean"] for p in curves[BASELINE]["masked_colour_error"]], higher_is_better=False),
+        "steps_to_baseline_final_iou": None if reach is None else interpolate(times, steps, reach),
+        "baseline_steps_in_budget": baseline_steps[-1],
+        "ahead_on_iou": ahead_at_every_checkpoint(iou, baseline_iou),
+        "ahead_on_colour_error": ahead_at_every_checkpoint(
+            means(curves, "masked_colour_error"), means(baseline_curves, "masked_colour_error"), higher_is_better=False),
+        "ahead_on_psnr": ahead_at_every_checkpoint(means(curves, "psnr"), means(baseline_curves, "psnr")),
     }
+
+
+def compare(report: dict[str, Any], prompt: Optional[str], times: Sequence[float]) -> dict[str, Any]:
+    """Every arm's curves for one prompt (or all when None), and each arm against the baseline."""
+    arms, baseline = report_arms(report)
+    n_points = len(times)
+    runs = {arm: finished_runs(report, arm, prompt) for arm in arms}
+    curves = {arm: {metric: aggregate(runs[arm], metric, n_points) for metric in METRICS} for arm in arms}
+    steps = {arm: mean_steps(runs[arm], n_points) if runs[arm] else [None] * n_points for arm in arms}
+    return {
+        "runs": {arm: len(runs[arm]) for arm in arms},
+        "curves": curves,
+        "mean_steps": steps,
+        "baseline": baseline,
+        "baseline_final_mean_iou": curves[baseline]["silhouette_iou"][-1]["mean"],
+        "versus_baseline": {arm: versus(curves[arm], steps[arm], curves[baseline], steps[baseline], times)
+                            for arm in arms if arm != baseline},
+    }
+
+
+def arm_group(overrides: Sequence[str], key: str, default: str) -> str:
+    """The value an arm sets for ``key`` (its last override of it), else ``default``."""
+    value = default
+    for override in overrides:
+        name, _, text = override.partition("=")
+        if name.strip() == key:
+            value = text.strip().strip('"')
+    return value
+
+
+def ranking(report: dict[str, Any], overall: dict[str, Any]) -> dict[str, Any]:
+    """Arms grouped by their estimator.preset, best first: highest final mean IoU at the budget (the
+    tuning criterion: judged at a fixed wall clock), ties broken by the lower final colour error."""
+    arms, _ = report_arms(report)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for arm, overrides in arms.items():
+        curves = overall["curves"][arm]
+        iou, colour = curves["silhouette_iou"][-1]["mean"], curves["masked_colour_error"][-1]["mean"]
+        groups.setdefault(arm_group(overrides, "estimator.preset", "carv"), []).append(
+            {"arm": arm, "overrides": list(overrides), "final_mean_iou": iou, "final_colour_error": colour,
+             "mean_iou_over_checkpoints": mean_std(p["mean"] for p in curves["silhouette_iou"][1:])["mean"],
+             "runs": overall["runs"][arm]})
+    for rows in groups.values():
+        rows.sort(key=lambda row: (row["final_mean_iou"] is None, -(row["final_mean_iou"] or 0.0),
+                                   row["final_colour_error"] if row["final_colour_error"] is not None else math.inf))
+    return {"criterion": "final mean IoU at the budget, then final colour error", "by_preset": groups,
+            "best": {group: rows[0]["arm"] for group, rows in groups.items() if rows[0]["final_mean_iou"] is not None}}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     times = report["settings"]["checkpoint_seconds"]
     prompts = report["settings"]["prompts"]
-    return {"overall": compare(report, None, times), "per_prompt": {p: compare(report, p, times) for p in prompts},
-            "target_fraction_of_budget": TARGET_RATIO}
+    overall = compare(report, None, times)
+    return {"overall": overall, "per_prompt": {p: compare(report, p, times) for p in prompts},
+            "ranking": ranking(report, overall), "target_fraction_of_budget": TARGET_RATIO}
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -199,9 +274,9 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 class RunSpec:
     prompt: str
     seed: int
-    method: str
+    method: str  # the arm's label
     config: Optional[str]
-    overrides: list[str]
+    overrides: list[str]  # the common overrides, then the arm's
     checkpoint_seconds: list[float]
     eval_views: int
     eval_resolution: int
@@ -218,13 +293,15 @@ def run_key(prompt: str, seed: int, method: str) -> str:
     return f"{prompt} | seed {seed} | {method}"
 
 
-def paired_schedule(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int, str]]:
-    """(prompt, seed, method) in dispatch order: each sds run next to its carv twin, alternating which
-    goes first, so that side-by-side workers always hold both methods in equal numbers."""
+def paired_schedule(prompts: Sequence[str], seeds: Sequence[int],
+                    arms: Sequence[str] = tuple(DEFAULT_ARMS)) -> list[tuple[str, int, str]]:
+    """(prompt, seed, arm) in dispatch order: the runs of one (prompt, seed) back to back, every arm
+    once, the order reversed on alternate groups, so that side-by-side workers always hold the arms in
+    about equal numbers (with two arms: each sds run next to its carv twin, alternating which goes first)."""
     schedule = []
-    for pair, (seed, prompt) in enumerate((s, p) for s in seeds for p in prompts):
-        methods = METHODS if pair % 2 == 0 else METHODS[::-1]
-        schedule.extend((prompt, seed, method) for method in methods)
+    for group, (seed, prompt) in enumerate((s, p) for s in seeds for p in prompts):
+        ordered = list(arms) if group % 2 == 0 else list(arms)[::-1]
+        schedule.extend((prompt, seed, arm) for arm in ordered)
     return schedule
 
 
@@ -232,7 +309,7 @@ def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """What must match for a finished run of an earlier JSON to be reused by --resume."""
     keys = ("budget_seconds", "checkpoint_seconds", "config_file_sha256", "overrides", "eval_views",
             "eval_resolution", "chamfer")
-    return {key: settings[key] for key in keys}
+    return {**{key: settings[key] for key in keys}, "arms": settings.get("arms") or DEFAULT_ARMS}
 
 
 def file_sha256(path: Optional[str]) -> Optional[str]:
@@ -284,7 +361,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     wall_start = time.time()
     started = time.perf_counter()
     print(f"[bench_quality] start {spec.key} (worker {os.getpid()})", flush=True)
-    overrides = [*spec.overrides, *BENCH_OVERRIDES, f"estimator.preset={spec.method}", f"train.seed={spec.seed}"]
+    overrides = [*spec.overrides, *BENCH_OVERRIDES, f"train.seed={spec.seed}"]
     cfg = load_config(spec.config, overrides, spec.prompt)
     trainer = Trainer(cfg)
     setup_seconds = time.perf_counter() - started
@@ -327,15 +404,25 @@ def format_point(point: dict[str, Any]) -> str:
 
 
 def format_summary(report: dict[str, Any]) -> str:
+    """Mean IoU per arm at each checkpoint, then each arm against the baseline; with more than two
+    arms, the best arm per preset (the tuning result)."""
     overall = report["summary"]["overall"]
     times = report["settings"]["checkpoint_seconds"]
-    lines = ["  t (s)   sds IoU        carv IoU", *(
-        f"{t:7.1f}   {format_point(s)}   {format_point(c)}"
-        for t, s, c in zip(times, overall["curves"]["sds"]["silhouette_iou"], overall["curves"]["carv"]["silhouette_iou"]))]
-    reach, fraction = overall["carv_seconds_to_baseline_final_iou"], overall["carv_fraction_of_budget"]
-    reached = "never" if reach is None else f"{reach:.1f} s ({fraction:.0%} of the budget)"
-    lines.append(f"baseline final mean IoU {overall['baseline_final_mean_iou']}; CARV reaches it at {reached}; "
-                 f"ahead at every checkpoint: {overall['carv_ahead_on_iou']['every_checkpoint']}")
+    arms = list(overall["curves"])
+    lines = ["  t (s)  " + "".join(f"{arm[:22]:>24s}" for arm in arms)]
+    for i, t in enumerate(times):
+        lines.append(f"{t:7.1f}  " + "".join(f"{format_point(overall['curves'][arm]['silhouette_iou'][i]):>24s}"
+                                             for arm in arms))
+    lines.append(f"baseline {overall['baseline']}: final mean IoU {overall['baseline_final_mean_iou']}")
+    for arm, result in overall["versus_baseline"].items():
+        reach, fraction = result["seconds_to_baseline_final_iou"], result["fraction_of_budget"]
+        reached = "never" if reach is None else f"{reach:.1f} s ({fraction:.0%} of the budget)"
+        lines.append(f"  {arm}: reaches it at {reached}; ahead on IoU at every checkpoint: "
+                     f"{result['ahead_on_iou']['every_checkpoint']}, on colour error: "
+                     f"{result['ahead_on_colour_error']['every_checkpoint']}")
+    if len(arms) > 2:
+        for group, arm in report["summary"]["ranking"]["best"].items():
+            lines.append(f"best {group} arm: {arm}")
     return "\n".join(lines)
 
 
@@ -371,22 +458,34 @@ def try_plot(report: dict[str, Any], path: Path) -> None:
         print(f"[bench_quality] could not plot {path}: {err}", file=sys.stderr, flush=True)
 
 
+def arm_colours(arms: Sequence[str]) -> dict[str, Any]:
+    """The two presets keep their colours (grey baseline, red CARV); other arms take a colour map."""
+    import matplotlib
+
+    fixed = {"sds": "tab:gray", "carv": "tab:red"}
+    if set(arms) <= set(fixed):
+        return {arm: fixed[arm] for arm in arms}
+    cmap = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"]
+    return {arm: cmap(i % cmap.N) for i, arm in enumerate(arms)}
+
+
 def draw_panel(axis: Any, comparison: dict[str, Any], times: Sequence[float], title: str) -> None:
-    colours = {"sds": "tab:gray", "carv": "tab:red"}
-    for method in METHODS:
-        points = comparison["curves"][method]["silhouette_iou"]
+    colours = arm_colours(list(comparison["curves"]))
+    for arm in comparison["curves"]:
+        points = comparison["curves"][arm]["silhouette_iou"]
         xs = [t for t, p in zip(times, points) if p["mean"] is not None]
         mean = [p["mean"] for p in points if p["mean"] is not None]
         std = [p["std"] or 0.0 for p in points if p["mean"] is not None]
-        n = comparison["runs"][method]
-        axis.plot(xs, mean, marker="o", ms=3, color=colours[method], label=f"{method} (n={n})")
+        n = comparison["runs"][arm]
+        axis.plot(xs, mean, marker="o", ms=3, color=colours[arm], label=f"{arm[:40]} (n={n})")
         axis.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                          color=colours[method], alpha=0.2, linewidth=0)
-    target, reach = comparison["baseline_final_mean_iou"], comparison["carv_seconds_to_baseline_final_iou"]
+                          color=colours[arm], alpha=0.2, linewidth=0)
+    target = comparison["baseline_final_mean_iou"]
     if target is not None:
-        axis.axhline(target, color=colours["sds"], linestyle=":", linewidth=1)
-    if reach is not None:
-        axis.axvline(reach, color=colours["carv"], linestyle=":", linewidth=1)
+        axis.axhline(target, color=colours[comparison["baseline"]], linestyle=":", linewidth=1)
+    for arm, result in comparison["versus_baseline"].items():
+        if result["seconds_to_baseline_final_iou"] is not None:
+            axis.axvline(result["seconds_to_baseline_final_iou"], color=colours[arm], linestyle=":", linewidth=1)
     axis.set_title(title, fontsize=9)
     axis.set_xlabel("training wall clock (s)")
     axis.set_ylabel("silhouette IoU")
@@ -405,7 +504,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=int, default=None, help="evaluations at budget·i/N, i = 1..N (+ t = 0)")
     parser.add_argument("--parallel", type=int, default=None, help="runs side by side (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default cores/P)")
-    parser.add_argument("--config", default=None, help="config file for both methods (default: the preset's)")
+    parser.add_argument("--config", default=None, help="config file for every arm (default: the preset's)")
+    parser.add_argument("--arms", default=None, metavar="SWEEP.yaml",
+                        help="a carv3d sweep file whose runs are the arms (its grid/zip/overrides; no prompt, seed "
+                             "or base: the bench sets those); default: the sds and carv presets")
+    parser.add_argument("--baseline", default=None,
+                        help="label of the baseline arm (default: sds, or the first arm of --arms)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for both methods (repeat)")
     parser.add_argument("--eval-views", type=int, default=16)
@@ -429,8 +533,15 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     checkpoints = args.checkpoints if args.checkpoints is not None else preset.checkpoints
     if budget <= 0 or checkpoints < 1 or parallel < 1:
         raise SystemExit("--budget must be positive, --checkpoints and --parallel at least 1")
+    arms = arms_from_sweep(args.arms) if args.arms else dict(DEFAULT_ARMS)
+    baseline = args.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in arms else next(iter(arms)))
+    if baseline not in arms:
+        raise SystemExit(f"--baseline {baseline!r} is not an arm; arms: {', '.join(arms)}")
     return {
         "preset": args.preset,
+        "arms": arms,
+        "arms_file": args.arms,
+        "baseline": baseline,
         "prompts": list(args.prompt or preset.prompts),
         "seeds": list(range(args.seeds if args.seeds is not None else preset.seeds)),
         "budget_seconds": budget,
@@ -447,17 +558,57 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def arms_from_sweep(path: str) -> dict[str, list[str]]:
+    """Arms from a carv3d sweep file: one per run it expands to, labelled by its axis values (the run
+    name without its hash while those are unique), holding that run's overrides. Only the file's
+    structure is checked here; :func:`check_arms` resolves each arm's config. The bench sets prompts
+    and seeds itself."""
+    from carv3d.errors import UserError
+    from carv3d.sweep.spec import load_sweep
+
+    try:
+        spec = load_sweep(path, validate=False)
+    except UserError as err:
+        raise SystemExit(f"--arms: {err}") from None
+    if spec.base is not None:
+        raise SystemExit(f"--arms {path}: 'base:' is not used by the bench; pass the config with --config.")
+    for key in ("prompt", "train.seed"):
+        if key in spec.axis_keys or key in spec.overrides:
+            raise SystemExit(f"--arms {path}: sets {key}; the bench sets prompts (--prompt) and seeds (--seeds) itself.")
+    labels = [run.name.rsplit("-", 1)[0] for run in spec.runs]
+    if len(set(labels)) < len(labels):
+        labels = [run.name for run in spec.runs]
+    return {label: list(run.overrides) for label, run in zip(labels, spec.runs)}
+
+
+def check_arms(settings: dict[str, Any]) -> None:
+    """Resolve every arm's config (as `carv3d train` would) before any run starts: a typo in a key, a
+    wrong type or a value out of range stops the bench with the config's own message."""
+    from carv3d.config import load_config
+    from carv3d.errors import UserError
+
+    for label, overrides in settings["arms"].items():
+        try:
+            load_config(settings["config_file"], [*settings["overrides"], *overrides], settings["prompts"][0])
+        except UserError as err:
+            raise SystemExit(f"arm {label}: {err}") from None
+
+
 def protocol_text(settings: dict[str, Any]) -> str:
-    return (f"Each (prompt, seed) is trained with estimator.preset=sds and =carv, everything else identical (config "
+    arms = settings.get("arms") or DEFAULT_ARMS
+    described = "; ".join(f"{label}: {' '.join(overrides)}" for label, overrides in arms.items())
+    return (f"Each (prompt, seed) is trained once per arm ({described}), everything else identical (config "
             f"{settings['config_file'] or 'defaults'}, overrides {settings['overrides']}), for "
             f"{settings['budget_seconds']:g} s of training wall clock each; the scene is evaluated in-process at "
             f"{len(settings['checkpoint_seconds'])} equal-time checkpoints {settings['checkpoint_seconds']} with the "
             f"training clock paused (Trainer.train_until; CUDA synchronised per step), so a checkpoint's clock overshoots "
             f"its nominal time by less than one step (t_train). {settings['parallel']} runs train side by side on one "
-            f"device; runs are dispatched in sds/carv pairs of the same prompt and seed (alternating which goes first), "
-            f"so both methods run concurrently under the same contention and a budget is wall clock under that "
-            f"contention. Aggregates: mean ± sample std over seeds of the prompt-averaged metric. Time to reach: CARV's "
-            f"mean IoU curve, linearly interpolated on the checkpoint grid, against the baseline's final mean IoU. "
+            f"device; the runs of one prompt and seed are dispatched back to back, every arm once (the order reversed "
+            f"on alternate groups), so the arms run concurrently under the same contention and a budget is wall clock "
+            f"under that contention. Aggregates: mean ± sample std over seeds of the prompt-averaged metric. Time to "
+            f"reach: an arm's mean IoU curve, linearly interpolated on the checkpoint grid, against the baseline "
+            f"({settings.get('baseline') or DEFAULT_BASELINE}) arm's final mean IoU; steps to reach: the arms' mean "
+            f"step count interpolated at that time. "
             f"Runs reused with --resume were measured under the contention of their own session.")
 
 
@@ -468,7 +619,7 @@ def new_report(settings: dict[str, Any], command: str) -> dict[str, Any]:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
     settings = {**settings, "device": device}
-    return {"benchmark": "quality: CARV vs SDS at equal wall clock (issue #6)", "command": command,
+    return {"benchmark": "quality: arms (CARV vs SDS by default) at equal wall clock against the world's ground truth", "command": command,
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "settings": settings,
             "protocol": protocol_text(settings), "runs": {}, "sessions": []}
 
@@ -487,8 +638,8 @@ def reusable_runs(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 def build_specs(settings: dict[str, Any], done: Iterable[str]) -> list[RunSpec]:
     done = set(done)
     specs = []
-    for order, (prompt, seed, method) in enumerate(paired_schedule(settings["prompts"], settings["seeds"])):
-        spec = RunSpec(prompt, seed, method, settings["config_file"], list(settings["overrides"]),
+    for order, (prompt, seed, method) in enumerate(paired_schedule(settings["prompts"], settings["seeds"], list(settings["arms"]))):
+        spec = RunSpec(prompt, seed, method, settings["config_file"], [*settings["overrides"], *settings["arms"][method]],
                        list(settings["checkpoint_seconds"]), settings["eval_views"], settings["eval_resolution"],
                        settings["chamfer"], settings["threads_per_worker"], order)
         if spec.key not in done:
@@ -514,7 +665,7 @@ class Progress:
         self.done += 1
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * (self.total - self.done)
-        what = f"{result['method']:4s} {result['prompt']!r} seed {result['seed']}"
+        what = f"{result['method']} {result['prompt']!r} seed {result['seed']}"
         if "error" in result:
             outcome = f"FAILED: {result['error']}"
         else:
@@ -533,6 +684,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.summarize_only:  # recompute the summary (and plot) of a finished JSON with the current rules
         out = Path(args.out)
         report = json.loads(out.read_text())
+        if args.baseline:  # compare the same runs against another arm (copy the JSON first to keep both)
+            arms, _ = report_arms(report)
+            if args.baseline not in arms:
+                raise SystemExit(f"--baseline {args.baseline!r} is not an arm of {out}; arms: {', '.join(arms)}")
+            report["settings"]["baseline"] = args.baseline
         report["summary"] = summarize(report)
         write_json(out, report)
         try_plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
@@ -540,6 +696,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     settings = resolve_settings(args)
     check_prompts(settings["prompts"])
+    check_arms(settings)
     out = Path(args.out)
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -548,7 +705,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.resume and out.is_file():  # keep the earlier sessions' timings next to the runs they made
         report["sessions"] = json.loads(out.read_text()).get("sessions", [])
     report["runs"].update({key: run for key, run in reused.items()
-                           if key in {run_key(*entry) for entry in paired_schedule(settings["prompts"], settings["seeds"])}})
+                           if key in {run_key(*entry) for entry in paired_schedule(settings["prompts"], settings["seeds"], list(settings["arms"]))}})
     specs = build_specs(settings, report["runs"])
     session: dict[str, Any] = {"started": time.time(), "runs_planned": len(specs), "runs_reused": len(report["runs"])}
     report["sessions"].append(session)

@@ -26,6 +26,32 @@ with FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the real m
 shapes, the matmul rate measured here on a large fp16/bf16 matmul, the bandwidth on a large copy,
 and the hash-grid bytes modelled from the points the encoding saw in one step (see
 ``grid_bytes_per_step``). The JSON is rewritten after every configuration, so a timeout loses nothing.
+
+``--scene gaussians`` (or ``nerf,gaussians``): the same rows for configs/gaussians_sd21.yaml's step —
+a 512² render of 3D Gaussians (``--rasterizers``: auto = gsplat on CUDA when installed, else the
+torch rasteriser), no upsampling, VAE encode, the same teacher call — with the same split and peak
+memory fields, plus ``rasterizer`` and ``render_size``; its floor counts FLOPs only (no hash grid).
+``--tiny`` scales the render as it scales the teacher (512² → 64²).
+
+Two more modes, one at a time instead of the sweep:
+
+    python scripts/bench_speed.py --profile --grids triton --out profile.json       # K = 8, fast teacher
+    python scripts/bench_speed.py --full-run-steps 300 --out full.json             # configs/sd21.yaml
+    python scripts/bench_speed.py --full-run-steps 1000 --full-run-config configs/gaussians_sd21.yaml --out g.json
+
+- ``--profile``: the first of ``--teachers``/``--grids``/``--samplers`` (default fast/auto/auto) at
+  ``--profile-draws`` K (8): ``--warmup`` steps, ``--steps`` steps timed without the profiler, then
+  ``--profile-steps`` (3) under ``torch.profiler`` (CUDA activity on CUDA): the top ``--profile-top``
+  (10) kernels by self device time (CPU: operators by self CPU time) with calls, total ms, ms per
+  step, % of the profiled step's wall clock and the step section each belongs to
+  (``carv3d.testing.profile``); ``profile_markdown`` is the table for docs/BENCHMARKS.md
+  (``python scripts/tables.py profile FILE``).
+- ``--full-run-steps N``: ``carv3d train --config FULL_RUN_CONFIG teacher.pretrained=<the random-weight
+  folder> train.steps=N`` end to end in a fresh process, once per ``--full-run-caches`` (cold: an
+  empty ``teacher.compile_cache`` folder; warm: the same folder again): wall clock, start-up, the
+  first step, training clock and steps/s, K over the run (auto-K), validation, checkpoint and export
+  times, peak GPU memory, and a projection to ``--full-run-total`` (10,000) steps with its formula
+  (``carv3d.testing.full_run``; ``python scripts/tables.py fullrun FILE``).
 """
 
 from __future__ import annotations
@@ -166,23 +192,53 @@ def grid_bytes_per_step(field: Any, points: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ one configuration
-def config_overrides(args: argparse.Namespace, folder: Path, k: int, grid: str, sampler: str, teacher_mode: str) -> list[str]:
+BASE_CONFIGS = {"nerf": "configs/sd21.yaml", "gaussians": "configs/gaussians_sd21.yaml"}
+
+
+def config_overrides(args: argparse.Namespace, folder: Path, k: int, grid: Optional[str], sampler: Optional[str],
+                     teacher_mode: str, scene: str = "nerf", rasterizer: Optional[str] = None) -> list[str]:
     fast = "auto" if teacher_mode == "fast" else "off"
     overrides = [
         f"teacher.pretrained={folder}", "estimator.preset=carv", f"estimator.noise_draws={k}",
-        f"scene.grid.backend={grid}", f"render.sampler={sampler}", f"train.device={args.device}",
+        f"train.device={args.device}",
         f"teacher.cuda_graph={fast}", f"teacher.channels_last={fast if args.channels_last else 'off'}",
         f"teacher.compile={args.compile and teacher_mode == 'fast'}",
         f"train.sync_free={'auto' if teacher_mode == 'fast' else 'off'}",
         "train.progress=false", "train.tensorboard=false", "train.seed=0",
     ]
-    from carv3d.testing.tiny_teachers import TINY_SD_SCENE_OVERRIDES
+    if scene == "nerf":
+        overrides += [f"scene.grid.backend={grid}", f"render.sampler={sampler}"]
+    else:
+        overrides += [f"scene.rasterizer={rasterizer}"]
+    from carv3d.testing.tiny_teachers import TINY_SD_GAUSSIAN_OVERRIDES, TINY_SD_SCENE_OVERRIDES
 
-    return overrides + (TINY_SD_SCENE_OVERRIDES if args.tiny else [])
+    if args.tiny:
+        overrides += TINY_SD_SCENE_OVERRIDES if scene == "nerf" else TINY_SD_GAUSSIAN_OVERRIDES
+    return overrides + list(args.set)
+
+
+def cases(args: argparse.Namespace, teacher_mode: str) -> list[dict[str, Any]]:
+    """The configurations of one teacher mode: per scene, (grid × sampler) or rasterizer, × K."""
+    out = []
+    for scene in args.scenes:
+        if scene == "nerf":
+            backends = [(g, s, None) for g in args.grid_list for s in args.sampler_list]
+        else:
+            backends = [(None, None, r) for r in args.rasterizer_list]
+        for grid, sampler, rasterizer in backends:
+            for k in args.draws:
+                name = (f"{teacher_mode}/{grid}/{sampler}/K{k}" if scene == "nerf"
+                        else f"{teacher_mode}/gaussians-{rasterizer}/K{k}")
+                entry = {"name": name, "scene": scene, "teacher": teacher_mode, "grid": grid,
+                         "sampler_requested": sampler, "noise_draws": k}
+                if scene != "nerf":
+                    entry["rasterizer_requested"] = rasterizer
+                out.append(entry)
+    return out
 
 
 def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str, Any],
-               flops_cache: dict[int, dict[str, int]]) -> dict[str, Any]:
+               flops_cache: dict[Any, dict[str, int]]) -> dict[str, Any]:
     from carv3d.train import Trainer
 
     device = teacher.device
@@ -193,10 +249,13 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
     trainer = Trainer(cfg, teacher=teacher)
     k = int(cfg.estimator.noise_draws)
 
+    nerf = cfg.scene.type == "nerf"
     points = {"n": 0}
-    hook = trainer.scene.field.encoding.register_forward_hook(lambda m, inp, out: points.__setitem__("n", points["n"] + inp[0].shape[0]))
+    hook = (trainer.scene.field.encoding.register_forward_hook(
+        lambda m, inp, out: points.__setitem__("n", points["n"] + inp[0].shape[0])) if nerf else None)
     trainer.train_step()  # first step: builds lazy state (occupancy grid, nerfacc kernels, CUDA graphs)
-    hook.remove()
+    if hook is not None:
+        hook.remove()
     for _ in range(max(args.warmup - 1, 0)):
         trainer.train_step()
     synchronize(device)
@@ -222,14 +281,14 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
         wall = time.perf_counter() - wall
     split = trainer.timing_metrics()
 
-    if k not in flops_cache:
-        render_size = int(cfg.render.width)
-        flops_cache[k] = teacher_flops(teacher, k, float(cfg.teacher.guidance_scale), render_size)
-    flops = flops_cache[k]
-    grid = grid_bytes_per_step(trainer.scene.field, points["n"])
+    render_size = int(cfg.render.width)
+    if (k, render_size) not in flops_cache:
+        flops_cache[(k, render_size)] = teacher_flops(teacher, k, float(cfg.teacher.guidance_scale), render_size)
+    flops = flops_cache[(k, render_size)]
+    grid = grid_bytes_per_step(trainer.scene.field, points["n"]) if nerf else None
     rate = card["matmul_tflops_best"] * 1e12
     floor_ms = 1000.0 * ((flops["unet"] + flops["vae_encode_forward_backward"]) / rate
-                         + grid["bytes"] / (card["copy_bandwidth_gb_s"] * 1e9))
+                         + (grid["bytes"] if grid else 0) / (card["copy_bandwidth_gb_s"] * 1e9))
     median = statistics.median(step_seconds)
     result = {
         "ms_per_step_median": 1000.0 * median,
@@ -243,8 +302,11 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
         "hash_grid": grid,
         "floor_ms": floor_ms,
         "step_over_floor": 1000.0 * median / floor_ms,
-        "hash_grid_backend": trainer.scene.backends["hash_grid"],
-        "sampler": trainer.scene.backends["sampler"],
+        "hash_grid_backend": trainer.scene.backends.get("hash_grid"),
+        "sampler": trainer.scene.backends.get("sampler"),
+        "rasterizer": trainer.scene.backends.get("rasterizer"),
+        "render_size": [int(cfg.render.height), int(cfg.render.width)],
+        "scene_parameters": sum(p.numel() for p in trainer.scene.parameters()),
         "fast_paths": teacher.fast.describe(),
         "sync_free": trainer.sync_free,
         "cuda_graph_replays": getattr(getattr(teacher, "_unet_call", None), "replays", None),
@@ -254,8 +316,8 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
 
 
 def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each target against the configurations it is about (fast teacher; K = 8 / 16)."""
-    done = [r for r in results if r.get("status") == "ok"]
+    """Each target against the configurations it is about (the NeRF, fast teacher; K = 8 / 16)."""
+    done = [r for r in results if r.get("status") == "ok" and r.get("scene", "nerf") == "nerf"]
     fast = [r for r in done if r["teacher"] == "fast"] or done
     out: dict[str, Any] = {"targets": TARGETS}
     k8 = [r for r in fast if r["noise_draws"] == 8]
@@ -276,6 +338,150 @@ def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ --profile
+def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> dict[str, Any]:
+    """Warm steps, then ``--profile-steps`` steps under torch.profiler: the top kernels, split by section."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from carv3d.testing.profile import annotated_sections, kernel_summary
+    from carv3d.train import Trainer
+
+    device = teacher.device
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(cfg, teacher=teacher)
+    for _ in range(max(args.warmup, 1)):  # the first builds lazy state and captures the CUDA graph
+        trainer.train_step()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):  # the same steps without the profiler, for comparison (one sync at the end)
+        trainer.train_step()
+    synchronize(device)
+    unprofiled_ms = 1000.0 * (time.perf_counter() - t0) / args.steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    # One step under a warming profiler first (CUPTI's start-up stays out of the window), then the
+    # profiled steps as one recorded window, timed between two synchronisations.
+    with annotated_sections(trainer.distill):
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+            trainer.train_step()
+            synchronize(device)
+            prof.step()
+            trainer.timing_metrics()  # reset: the split below covers the profiled steps
+            t0 = time.perf_counter()
+            for _ in range(args.profile_steps):
+                trainer.train_step()
+            synchronize(device)
+            wall = time.perf_counter() - t0
+            split = trainer.timing_metrics()
+            prof.step()
+    step_ms = 1000.0 * wall / args.profile_steps
+    summary = kernel_summary(prof.events(), device.type, args.profile_steps, step_ms, top=args.profile_top)
+    result = {
+        "status": "ok", "config": name, "device": str(device), "noise_draws": int(cfg.estimator.noise_draws),
+        "scene": str(cfg.scene.type), "render_size": [int(cfg.render.height), int(cfg.render.width)],
+        "backends": dict(trainer.scene.backends), "fast_paths": teacher.fast.describe(),
+        "sync_free": trainer.sync_free, "unprofiled_step_ms": unprofiled_ms, "profiled_wall_ms": 1000.0 * wall,
+        "split_ms": {k.replace("time_", "").replace("_ms", ""): v for k, v in split.items()},
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        **summary,
+    }
+    del trainer, prof
+    return result
+
+
+# ------------------------------------------------------------------ --full-run-steps
+def run_full(args: argparse.Namespace, folder: Path, report: dict[str, Any], out_path: Path) -> None:
+    """``carv3d train --config CONFIG`` end to end in a fresh process, cold then warm compile cache."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from carv3d.config import load_config
+    from carv3d.testing.full_run import phases, projection, run_cli, step_policy
+    from carv3d.testing.tiny_teachers import (TINY_RUN_OUTPUT_OVERRIDES, TINY_SD_GAUSSIAN_OVERRIDES,
+                                              TINY_SD_SCENE_OVERRIDES)
+
+    config = Path(args.full_run_config)
+    config = config if config.is_absolute() else REPO_ROOT / config
+    scene = str(load_config(config, [], args.prompt).scene.type)
+    work = Path(tempfile.mkdtemp(prefix="carv3d-full-run-"))
+    cache = Path(args.full_run_cache_dir) if args.full_run_cache_dir else work / "compile_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    n = int(args.full_run_steps)
+    overrides = [f"teacher.pretrained={folder}", f"train.steps={n}", f"train.device={args.device}",
+                 f"train.output_dir={work / 'runs'}", f"teacher.compile_cache={cache}", "train.progress=false"]
+    if args.tiny:
+        overrides += (TINY_SD_SCENE_OVERRIDES if scene == "nerf" else TINY_SD_GAUSSIAN_OVERRIDES) + TINY_RUN_OUTPUT_OVERRIDES
+    overrides += list(args.full_run_set)
+    command = ["train", "--config", str(config.relative_to(REPO_ROOT) if config.is_relative_to(REPO_ROOT) else config),
+               "--prompt", args.prompt, *overrides]
+    section: dict[str, Any] = {
+        "config": str(config.relative_to(REPO_ROOT)) if config.is_relative_to(REPO_ROOT) else str(config),
+        "scene": scene, "steps": n, "projected_steps": args.full_run_total, "command": "carv3d " + " ".join(command),
+        "how": "the console script's entry (carv3d.cli:entry) in a fresh process per run, plus an exit hook that "
+               "records torch.cuda.max_memory_allocated; phases from its stamped log lines, its files' times, "
+               "run.json and metrics.jsonl (carv3d/testing/full_run.py)",
+        "cache_note": "cold = an empty teacher.compile_cache folder (Inductor's caches); nerfacc's and gsplat's "
+                      "CUDA extension builds and Triton's own cache are outside it and are not emptied",
+        "policy_from_config": step_policy(load_config(config, overrides, args.prompt), n, args.full_run_total),
+        "runs": [],
+    }
+    report["full_run"] = section
+    write_json(out_path, report)
+    env = dict(os.environ)
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # an explicit one would win over teacher.compile_cache
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    logs = out_path.parent / f"{out_path.stem}_logs"
+    started = time.perf_counter()
+    for state in [c for c in args.full_run_caches.split(",") if c]:
+        left = args.budget_s - (time.perf_counter() - started)
+        entry: dict[str, Any] = {"cache": state, "cache_files_before": sum(1 for p in cache.rglob("*") if p.is_file())}
+        if state == "cold" and entry["cache_files_before"]:
+            entry["note"] = "the cache folder was not empty: not a cold start"
+        elif state == "warm" and not entry["cache_files_before"]:
+            entry["note"] = "the cache folder was empty: a cold start (on a CPU nothing is compiled)"
+        if left < 30:
+            entry.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up")
+            section["runs"].append(entry)
+            write_json(out_path, report)
+            continue
+        log(f"full run ({state} compile cache): carv3d {' '.join(command)}")
+        try:
+            result = run_cli(command, min(args.full_run_timeout, left), logs / f"{scene}_{state}.log", env=env,
+                             cwd=REPO_ROOT)
+            entry.update(phases(result))
+            entry["status"] = ("ok" if result["exit"] == 0 else "timed out" if result["timed_out"]
+                               else f"exit {result['exit']}")
+            entry["peak_memory_gb"] = result["peak_gpu_bytes"] / 1e9 if result["peak_gpu_bytes"] is not None else None
+            entry["peak_reserved_gb"] = (result["peak_gpu_reserved_bytes"] / 1e9
+                                         if result["peak_gpu_reserved_bytes"] is not None else None)
+            run_dir = Path(entry["run_dir"]) if entry.get("run_dir") else None
+            if run_dir is not None and (run_dir / "config.yaml").is_file():  # the run's own (CPU sizing applied)
+                entry["policy"] = step_policy(OmegaConf.load(run_dir / "config.yaml"), n, args.full_run_total)
+            entry["projection"] = projection({**entry, "policy": entry.get("policy", section["policy_from_config"])},
+                                             args.full_run_total)
+        except Exception as err:  # noqa: BLE001 — recorded; the next run still goes
+            entry.update(status="error", reason=f"{type(err).__name__}: {err}"[:500])
+        entry["cache_files_after"] = sum(1 for p in cache.rglob("*") if p.is_file())
+        section["runs"].append(entry)
+        write_json(out_path, report)
+        if entry.get("status") == "ok":
+            proj = entry["projection"].get("projected_s")
+            log(f"{state}: {entry['wall_s']:.1f} s wall, {entry.get('steps_per_s_steady') or 0:.2f} steps/s steady, "
+                f"first step at {entry.get('time_to_first_step_s') or float('nan'):.1f} s, outputs "
+                f"{entry.get('outputs_s') or float('nan'):.1f} s; {args.full_run_total} steps projected "
+                f"{proj if proj is None else round(proj)} s")
+        else:
+            log(f"{state}: {entry.get('status')} {entry.get('reason', '')} {entry.get('log_tail', [])[-3:]}")
+    if not args.keep_runs:  # the runs and, unless --full-run-cache-dir named one, the compile cache
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        section["runs_dir"] = str(work / "runs")
+        write_json(out_path, report)
+
+
 # ------------------------------------------------------------------ main
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,10 +490,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="K ∈ {1, 8} and fewer steps")
     parser.add_argument("--tiny", action="store_true", help="tiny random SD-shaped models and scene (CPU checks)")
     parser.add_argument("--scale", default="sd21", choices=("sd21", "sd15"), help="published shapes of the teacher")
+    parser.add_argument("--scene", default="nerf",
+                        help="nerf (configs/sd21.yaml), gaussians (configs/gaussians_sd21.yaml: 512² splats), or both: "
+                             "nerf,gaussians")
     parser.add_argument("--draws", default=None, help="comma-separated K values (default 1,4,8,16; quick 1,8)")
-    parser.add_argument("--grids", default="torch,tcnn")
-    parser.add_argument("--samplers", default="stratified,occupancy_grid")
-    parser.add_argument("--teachers", default="eager,fast")
+    parser.add_argument("--grids", default=None, help="NeRF hash grids (default torch,tcnn; --profile: auto)")
+    parser.add_argument("--samplers", default=None, help="NeRF samplers (default stratified,occupancy_grid; --profile: auto)")
+    parser.add_argument("--rasterizers", default="auto", help="Gaussian rasterizers: auto, torch, gsplat (comma-separated)")
+    parser.add_argument("--teachers", default=None, help="eager, fast (default both; --profile: fast)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 8; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30; quick 10)")
     parser.add_argument("--compile", action="store_true", help="fast teacher also uses teacher.compile (slow to start)")
@@ -296,12 +506,45 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              "the 2026-11-29 tables were measured with it on)")
     parser.add_argument("--model-dir", default=None, help="reuse (or build into) this folder instead of a temporary one")
     parser.add_argument("--budget-s", type=float, default=390.0,
-                        help="skip the remaining configurations once this many seconds have passed")
+                        help="skip the remaining configurations (full runs) once this many seconds have passed")
+    profile = parser.add_argument_group("--profile: the top kernels of one configuration under torch.profiler")
+    profile.add_argument("--profile", action="store_true",
+                         help="profile the first of --teachers/--grids/--samplers (default fast/auto/auto) at "
+                              "--profile-draws instead of the sweep")
+    profile.add_argument("--profile-draws", type=int, default=8, help="K of the profiled step")
+    profile.add_argument("--profile-steps", type=int, default=None, help="profiled steps (default 3; tiny 2)")
+    profile.add_argument("--profile-top", type=int, default=10, help="rows of the kernel table")
+    full = parser.add_argument_group("--full-run-steps: a complete `carv3d train` run, cold and warm compile cache")
+    full.add_argument("--full-run-steps", type=int, default=None,
+                      help="run `carv3d train --config FULL_RUN_CONFIG train.steps=N` end to end instead of the sweep")
+    full.add_argument("--full-run-config", default="configs/sd21.yaml", help="configs/sd21.yaml or configs/gaussians_sd21.yaml")
+    full.add_argument("--full-run-caches", default="cold,warm",
+                      help="runs in order, on one teacher.compile_cache folder: cold (empty), warm (reused)")
+    full.add_argument("--full-run-cache-dir", default=None, help="the compile cache folder (default: a new empty one)")
+    full.add_argument("--full-run-timeout", type=float, default=560.0, help="seconds per run; a run past it is stopped")
+    full.add_argument("--full-run-total", type=int, default=10000, help="steps of the projected full-length run")
+    full.add_argument("--full-run-set", nargs="*", default=[], metavar="key=value", help="more overrides for the run")
+    full.add_argument("--keep-runs", action="store_true",
+                      help="keep the run directories and the compile cache (default: removed)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                        help="more config overrides for the sweep and --profile (e.g. teacher.cuda_graph=off)")
+    parser.add_argument("--prompt", default="a red cube")
     args = parser.parse_args(argv)
+    if args.profile and args.full_run_steps:
+        parser.error("--profile and --full-run-steps are separate modes: run them one at a time")
+    args.scenes = [s for s in args.scene.split(",") if s]
+    for scene in args.scenes:
+        if scene not in BASE_CONFIGS:
+            parser.error(f"--scene: unknown scene {scene!r}; expected nerf, gaussians or nerf,gaussians")
+    args.grid_list = [g for g in (args.grids or ("auto" if args.profile else "torch,tcnn")).split(",") if g]
+    args.sampler_list = [s for s in (args.samplers or ("auto" if args.profile else "stratified,occupancy_grid")).split(",") if s]
+    args.teacher_list = [t for t in (args.teachers or ("fast" if args.profile else "eager,fast")).split(",") if t]
+    args.rasterizer_list = [r for r in args.rasterizers.split(",") if r]
     args.draws = [int(v) for v in (args.draws or ("1,8" if args.quick else "1,4,8,16")).split(",")]
     # --tiny is a CPU check of the script, not a measurement: a few steps are enough.
     args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 4 if args.quick else 8)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 10 if args.quick else 30)
+    args.profile_steps = args.profile_steps or (2 if args.tiny else 3)
     return args
 
 
@@ -330,11 +573,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     from carv3d.config import load_config
     from carv3d.devices import resolve_device
-    from carv3d.errors import UserError
     from carv3d.log import setup_logging
-    from carv3d.scene.hashgrid import tinycudann_import_error
     from carv3d.teacher import load_teacher
-    from carv3d.teacher.fast import resolve_fast_paths
 
     setup_logging()
     device = resolve_device(args.device, option="--device")
@@ -343,89 +583,132 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     out_path = Path(args.out)
+    card: dict[str, Any] = {}
+    mode = "full_run" if args.full_run_steps else "profile" if args.profile else "sweep"
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "torch": torch.__version__, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "scale": "tiny" if args.tiny else args.scale, "base_config": "configs/sd21.yaml",
+        "scale": "tiny" if args.tiny else args.scale, "mode": mode, "scenes": args.scenes,
+        "base_config": ", ".join(BASE_CONFIGS[s] for s in args.scenes),
         "estimator": "carv preset, fixed K", "warmup_steps": args.warmup, "timed_steps": args.steps,
         "targets": TARGETS, "results": [], "status": "running",
     }
+    if args.tiny:
+        from carv3d.testing.tiny_teachers import TINY_SD_RENDER_SCALE
+
+        report["tiny_render_scale"] = TINY_SD_RENDER_SCALE
     write_json(out_path, report)
 
-    log("measuring the card (matmul rate, copy bandwidth)")
-    report["card"] = card = measure_card(device, args.tiny)
-    log(f"card: {card}")
-    write_json(out_path, report)
+    if mode == "sweep":
+        log("measuring the card (matmul rate, copy bandwidth)")
+        report["card"] = card = measure_card(device, args.tiny)
+        log(f"card: {card}")
+        write_json(out_path, report)
 
     t0 = time.perf_counter()
     holder, folder = build_models(args, device)
     report["model_build_seconds"] = time.perf_counter() - t0
     log(f"models in {folder} ({report['model_build_seconds']:.1f} s)")
 
+    if mode == "full_run":
+        try:
+            run_full(args, folder, report, out_path)
+        except Exception as err:  # noqa: BLE001 — recorded in the JSON
+            report["full_run_error"] = f"{type(err).__name__}: {err}"[:2000]
+            log(f"full run failed: {report['full_run_error']}")
+    elif mode == "profile":
+        scene = args.scenes[0]
+        teacher_mode, grid, sampler = args.teacher_list[0], args.grid_list[0], args.sampler_list[0]
+        rasterizer = args.rasterizer_list[0]
+        name = (f"{teacher_mode}/{grid}/{sampler}/K{args.profile_draws}" if scene == "nerf"
+                else f"{teacher_mode}/gaussians-{rasterizer}/K{args.profile_draws}")
+        try:
+            cfg = load_config(REPO_ROOT / BASE_CONFIGS[scene],
+                              config_overrides(args, folder, args.profile_draws, grid, sampler, teacher_mode, scene,
+                                               rasterizer), args.prompt)
+            teacher = load_teacher(cfg.teacher, device)
+            log(f"profiling {name}: {args.warmup} warm steps, {args.steps} timed, {args.profile_steps} profiled")
+            report["profile"] = run_profile(args, cfg, teacher, name)
+            from carv3d.testing.profile import profile_markdown
+
+            report["profile_markdown"] = profile_markdown(report["profile"])
+            log("\n" + report["profile_markdown"])
+        except Exception as err:  # noqa: BLE001 — recorded in the JSON
+            report["profile"] = {"status": "error", "config": name,
+                                 "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:2000]}
+            log(f"profile failed: {report['profile']['reason']}")
+    else:
+        run_sweep(args, report, out_path, folder, device, card, started)
+    report["status"] = "finished"
+    report["elapsed_seconds"] = time.perf_counter() - started
+    write_json(out_path, report)
+    log(f"done in {report['elapsed_seconds']:.0f} s; summary {json.dumps(report.get('summary', {}))}")
+    if holder is not None:
+        holder.cleanup()
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, report: dict[str, Any], out_path: Path, folder: Path, device: torch.device,
+              card: dict[str, Any], started: float) -> None:
+    """Every configuration: teacher mode × scene × backends × K (one teacher load per mode)."""
+    from carv3d.config import load_config
+    from carv3d.errors import UserError
+    from carv3d.scene.hashgrid import tinycudann_import_error
+    from carv3d.teacher import load_teacher
+    from carv3d.teacher.fast import resolve_fast_paths
+
     tcnn_error = tinycudann_import_error()
-    grids = [g for g in args.grids.split(",") if g]
-    samplers = [s for s in args.samplers.split(",") if s]
-    teachers = [t for t in args.teachers.split(",") if t]
-    flops_cache: dict[int, dict[str, int]] = {}
+    flops_cache: dict[Any, dict[str, int]] = {}
     loaded = None  # one copy of the weights for all modes; eager first, then re-wrapped with fast paths
-    for teacher_mode in teachers:
+    for teacher_mode in args.teacher_list:
         teacher = None
-        for grid in grids:
-            for sampler in samplers:
-                for k in args.draws:
-                    name = f"{teacher_mode}/{grid}/{sampler}/K{k}"
-                    entry: dict[str, Any] = {"name": name, "teacher": teacher_mode, "grid": grid,
-                                             "sampler_requested": sampler, "noise_draws": k}
-                    elapsed = time.perf_counter() - started
-                    if grid == "tcnn" and tcnn_error:
-                        entry.update(status="unavailable", reason=f"tinycudann: {tcnn_error}")
-                    elif sampler == "occupancy_grid" and device.type != "cuda":
-                        entry.update(status="unavailable", reason="the occupancy grid sampler needs CUDA")
-                    elif elapsed > args.budget_s:
-                        entry.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up")
-                    else:
-                        cfg = load_config(REPO_ROOT / "configs" / "sd21.yaml",
-                                          config_overrides(args, folder, k, grid, sampler, teacher_mode), "a red cube")
-                        try:
-                            if teacher is None:
-                                t_load = time.perf_counter()
-                                if loaded is None:
-                                    loaded = teacher = load_teacher(cfg.teacher, device)
-                                else:
-                                    teacher = loaded.with_fast_paths(resolve_fast_paths(cfg.teacher, device))
-                                log(f"{teacher_mode} teacher ready in {time.perf_counter() - t_load:.1f} s "
-                                    f"(fast paths: {teacher.fast.describe()})")
-                            t_cfg = time.perf_counter()
-                            entry.update(status="ok", **run_config(args, cfg, teacher, card, flops_cache))
-                            entry["seconds"] = time.perf_counter() - t_cfg
-                        except UserError as err:  # a backend that is missing here
-                            entry.update(status="unavailable", reason=str(err).splitlines()[0])
-                        except Exception as err:  # noqa: BLE001 — record and go on: one failure must not lose the rest
-                            entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-                    report["results"].append(entry)
-                    report["summary"] = check_targets(report["results"])
-                    report["elapsed_seconds"] = time.perf_counter() - started
-                    write_json(out_path, report)
-                    if entry["status"] == "ok":
-                        log(f"{name}: {entry['ms_per_step_median']:.1f} ms/step ({entry['it_per_s']:.1f} it/s), "
-                            f"split {', '.join(f'{k2} {v:.1f}' for k2, v in entry['split_ms'].items())} ms, "
-                            f"peak {entry['peak_memory_gb'] or 0:.2f} GB, floor {entry['floor_ms']:.1f} ms "
-                            f"(×{entry['step_over_floor']:.1f})")
-                    else:
-                        log(f"{name}: {entry['status']} ({entry.get('reason', '')})")
+        for entry in cases(args, teacher_mode):
+            name, scene, grid, sampler, k = (entry["name"], entry["scene"], entry["grid"], entry["sampler_requested"],
+                                             entry["noise_draws"])
+            elapsed = time.perf_counter() - started
+            if scene == "nerf" and grid == "tcnn" and tcnn_error:
+                entry.update(status="unavailable", reason=f"tinycudann: {tcnn_error}")
+            elif scene == "nerf" and sampler == "occupancy_grid" and device.type != "cuda":
+                entry.update(status="unavailable", reason="the occupancy grid sampler needs CUDA")
+            elif elapsed > args.budget_s:
+                entry.update(status="skipped", reason=f"time budget of {args.budget_s:.0f} s used up")
+            else:
+                try:
+                    cfg = load_config(REPO_ROOT / BASE_CONFIGS[scene],
+                                      config_overrides(args, folder, k, grid, sampler, teacher_mode, scene,
+                                                       entry.get("rasterizer_requested")), args.prompt)
+                    if teacher is None:
+                        t_load = time.perf_counter()
+                        if loaded is None:
+                            loaded = teacher = load_teacher(cfg.teacher, device)
+                        else:
+                            teacher = loaded.with_fast_paths(resolve_fast_paths(cfg.teacher, device))
+                        log(f"{teacher_mode} teacher ready in {time.perf_counter() - t_load:.1f} s "
+                            f"(fast paths: {teacher.fast.describe()})")
+                    t_cfg = time.perf_counter()
+                    entry.update(status="ok", **run_config(args, cfg, teacher, card, flops_cache))
+                    entry["seconds"] = time.perf_counter() - t_cfg
+                except UserError as err:  # a backend that is missing here
+                    entry.update(status="unavailable", reason=str(err).splitlines()[0])
+                except Exception as err:  # noqa: BLE001 — record and go on: one failure must not lose the rest
+                    entry.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            report["results"].append(entry)
+            report["summary"] = check_targets(report["results"])
+            report["elapsed_seconds"] = time.perf_counter() - started
+            write_json(out_path, report)
+            if entry["status"] == "ok":
+                log(f"{name}: {entry['ms_per_step_median']:.1f} ms/step ({entry['it_per_s']:.1f} it/s), "
+                    f"split {', '.join(f'{k2} {v:.1f}' for k2, v in entry['split_ms'].items())} ms, "
+                    f"peak {entry['peak_memory_gb'] or 0:.2f} GB, floor {entry['floor_ms']:.1f} ms "
+                    f"(×{entry['step_over_floor']:.1f})")
+            else:
+                log(f"{name}: {entry['status']} ({entry.get('reason', '')})")
         del teacher  # drops its CUDA graphs (and their memory pool) before the next mode
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report["status"] = "finished"
-    report["elapsed_seconds"] = time.perf_counter() - started
-    write_json(out_path, report)
-    log(f"done in {report['elapsed_seconds']:.0f} s; summary {json.dumps(report['summary'])}")
-    if holder is not None:
-        holder.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

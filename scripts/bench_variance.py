@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     from carv3d.log import setup_logging
     from carv3d.train import resume, train
     from carv3d.commands.variance import parse_rk
+    from carv3d.step import guidance_state as checkpoint_guidance_state
     from carv3d.step import scene_state as checkpoint_scene_state
     from carv3d.variance import FrozenScene, format_table, measure, plot
 
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
             states[phase] = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
         state = states[phase]
         run_cfg = load_config(run_dir / "config.yaml")
-        scene = FrozenScene(run_cfg, device, checkpoint_scene_state(state), seed=0)
+        scene = FrozenScene(run_cfg, device, checkpoint_scene_state(state), seed=0,
+                            guidance_state=checkpoint_guidance_state(state))  # VSD: the run's LoRA
         started = time.perf_counter()
         result = measure(run_cfg, scene, args.methods.split(","), parse_rk(args.rk), args.draws, args.pilot,
                          camera_stratified=camera_stratified)

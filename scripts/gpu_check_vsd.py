@@ -182,24 +182,68 @@ def correctness(device: torch.device, workdir: Path) -> dict[str, Any]:
             graphed_teacher = load_teacher(DiffusersTeacherConfig(pretrained=str(folder), dtype=dtype,
                                                                   cuda_graph="on"), device)
             graphed, eager = LoRAParticle(graphed_teacher, lr=1e-2, seed=0), LoRAParticle(teacher, lr=1e-2, seed=0)
-            errors = []
-            for _ in range(3):
-                a = graphed.predict_particle(draws.x_t, t, rows)
-                b = eager.predict_particle(draws.x_t, t, rows)
-                errors.append(float((a - b).abs().max() / b.abs().max()))
-                graphed.update(x, t, noise, rows)
-                eager.update(x, t, noise, rows)
-            replays = getattr(graphed._particle_call, "replays", 0)
-            result["graph_matches_eager_after_updates"] = {"max_relative_error": max(errors), "replays": replays,
-                                                           "ok": max(errors) <= tol and replays > 0}
+            result.update(graph_against_eager(graphed, eager, draws, x, t, noise, rows, tol))
             del graphed, eager, graphed_teacher
-        result["ok"] = all(v["ok"] for v in result.values() if isinstance(v, dict))
+        result["ok"] = all(v["ok"] for v in result.values() if isinstance(v, dict) and "ok" in v)
         out[dtype] = result
         log(f"correctness {dtype}: {json.dumps(result)}")
         del particle, teacher
         gc.collect()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def graph_against_eager(graphed: Any, eager: Any, draws: Any, x: torch.Tensor, t: torch.Tensor,
+                        noise: torch.Tensor, rows: Any, tol: float) -> dict[str, Any]:
+    """The LoRA copy's CUDA graphs against its eager calls, one property at a time.
+
+    1. Predictions before any update agree.
+    2. The graphed training forward + backward gives the eager gradients of the LoRA weights.
+    3. The prediction graph follows in-place weight updates: after each eager AdamW step its weights
+       are copied into the graphed copy, whose next replay must match the eager prediction.
+    4. Independent AdamW steps on both (not a pass/fail check): AdamW with ε = 1e-15 turns any
+       rounding difference in a near-zero gradient element into a step of up to ±lr, so two bitwise
+       different but equally correct gradient computations give weights apart by ~lr; the prediction
+       error after a few steps measures that amplification, not a graph fault.
+    """
+    out: dict[str, Any] = {}
+    before = relative_error(graphed.predict_particle(draws.x_t, t, rows), eager.predict_particle(draws.x_t, t, rows))
+    out["graph_matches_eager_before_updates"] = {"max_relative_error": before, "ok": before <= tol}
+    gradients = []
+    for particle in (graphed, eager):
+        particle.optimizer.zero_grad(set_to_none=True)
+        particle.loss(x, t, noise, rows).backward()
+        gradients.append(torch.cat([p.grad.detach().flatten().float() for p in particle.parameters()
+                                    if p.grad is not None]))
+        particle.optimizer.zero_grad(set_to_none=True)
+    grad_error = relative_error(gradients[0], gradients[1]) if gradients[0].shape == gradients[1].shape else float("inf")
+    out["graph_gradients_match_eager"] = {"max_relative_error": grad_error, "elements": int(gradients[1].numel()),
+                                          "graphed_training": bool(graphed._graph_training), "ok": grad_error <= tol}
+    errors = []
+    for _ in range(3):
+        eager.update(x, t, noise, rows)
+        with torch.no_grad():
+            for g, e in zip(graphed.parameters(), eager.parameters()):
+                g.copy_(e)
+        errors.append(relative_error(graphed.predict_particle(draws.x_t, t, rows), eager.predict_particle(draws.x_t, t, rows)))
+    replays = getattr(graphed._particle_call, "replays", 0)
+    out["graph_follows_weight_updates"] = {"max_relative_error": max(errors), "replays": replays,
+                                           "ok": max(errors) <= tol and replays > 0}
+    twin = type(eager)(eager.teacher, lr=1e-2, seed=0)  # a fresh eager copy stepped alongside the graphed one
+    fresh = type(graphed)(graphed.teacher, lr=1e-2, seed=0)
+    drift = []
+    for _ in range(3):
+        fresh.update(x, t, noise, rows)
+        twin.update(x, t, noise, rows)
+        drift.append(relative_error(fresh.predict_particle(draws.x_t, t, rows), twin.predict_particle(draws.x_t, t, rows)))
+    out["independent_adamw_steps"] = {"max_relative_error": max(drift), "note": "informational: AdamW amplification, "
+                                      "see graph_against_eager's docstring"}
+    del twin, fresh
     return out
 
 
@@ -416,7 +460,7 @@ def variance(args: argparse.Namespace, device: torch.device, workdir: Path) -> d
     from carv3d.checkpoint import latest_checkpoint, load_checkpoint
     from carv3d.commands.variance import parse_rk
     from carv3d.config import load_config
-    from carv3d.step import scene_state
+    from carv3d.step import guidance_state, scene_state
     from carv3d.train import train
     from carv3d.variance import FrozenScene, format_table, mark_few_draws, measure
 
@@ -432,13 +476,12 @@ def variance(args: argparse.Namespace, device: torch.device, workdir: Path) -> d
     train_seconds = time.perf_counter() - started
     state = load_checkpoint(latest_checkpoint(run_dir), map_location=device)
     run_cfg = load_config(run_dir / "config.yaml")
-    scene = FrozenScene(run_cfg, device, scene_state(state), seed=0, guidance_state=state["estimator"]["guidance"])
+    scene = FrozenScene(run_cfg, device, scene_state(state), seed=0, guidance_state=guidance_state(state))
     report = measure(run_cfg, scene, args.variance_methods.split(","), parse_rk(args.variance_rk), args.variance_draws,
                      args.variance_pilot, progress=False)
     mark_few_draws(report)
     log("variance (VSD):\n" + format_table(report))
-    best = max((r for r in report["rows"] if r["method"] != "uniform" or r["noise_draws"] > 1),
-               key=lambda r: r["ecm"], default=None)
+    best = report["with_and_without_carv"].get("best")  # the best row with CARV
     return {"prompt": args.world_prompts[0], "config": Path(config).name, "train_steps": args.variance_steps,
             "train_seconds": train_seconds, "report": report, "best_ecm": best, "ecm_bar": 3.0,
             "ecm_bar_met": bool(best and best["ecm"] >= 3.0)}

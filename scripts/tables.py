@@ -5,6 +5,8 @@
     python scripts/tables.py quality docs/bench_quality_h200.json
     python scripts/tables.py world docs/quality_cpu.json
     python scripts/tables.py variance docs/variance_h200.json
+    python scripts/tables.py profile OUT/profile.json        # bench_speed --profile: the top-10 kernels
+    python scripts/tables.py fullrun OUT/gaussians_full_run.json   # bench_speed --full-run-steps
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ def speed_table(report: dict[str, Any]) -> str:
     missing = set()
     for row in report["results"]:
         if row.get("status") != "ok":
-            missing.add(f"{row['grid']} ({row.get('status')}: {row.get('reason', row.get('error', ''))})".strip())
+            missing.add(f"{row.get('grid') or row.get('rasterizer_requested')} ({row.get('status')}: {row.get('reason', row.get('error', ''))})".strip())
             continue
         split = row["split_ms"]
+        grid, sampler = row["grid"], row["sampler"]
+        if row.get("scene") == "gaussians":  # splats: the rasterizer and the render size instead
+            height, width = row["render_size"]
+            grid, sampler = f"splats, {row['rasterizer']}", f"{height}²" if height == width else f"{height}×{width}"
         lines.append(
-            f"| {row['teacher']} | {row['grid']} | {row['sampler']} | {row['noise_draws']} | "
+            f"| {row['teacher']} | {grid} | {sampler} | {row['noise_draws']} | "
             f"{row['ms_per_step_median']:.1f} | {row['it_per_s']:.1f} | {split['render']:.1f} | {split['encode']:.1f} | "
             f"{split['teacher']:.1f} | {split['backward']:.1f} | {split['optimizer']:.1f} | "
-            f"{row['peak_memory_gb']:.2f} | {row['floor_ms']:.1f} | {row['step_over_floor']:.1f} |")
+            f"{_fmt(row['peak_memory_gb'], '.2f')} | {row['floor_ms']:.1f} | {row['step_over_floor']:.1f} |")
     card = report.get("card", {})
     lines.append("")
     lines.append(f"Card: {report.get('device_name')}, measured matmul {card.get('matmul_tflops_best', 0):.0f} TFLOP/s "
@@ -64,26 +70,49 @@ def _fraction(point: Optional[dict[str, Any]]) -> str:
     return "—" if point is None or point.get("mean") is None else f"{point['mean']:.0%}"
 
 
+def _arm_name(arm: str) -> str:
+    """A short column name: the two presets' labels stay, sweep labels lose their key prefixes."""
+    return arm.replace("preset_", "").replace("guidance_type_", "").replace("-", " ")
+
+
 def quality_table(report: dict[str, Any]) -> str:
-    """Per prompt and overall (scripts/bench_quality.py): final silhouette IoU of each method (mean ± std
-    over seeds), the time CARV needs to reach SDS's final IoU, whether CARV is ahead at every
-    equal-time checkpoint, and the shares of runs whose best match is the prompted object and whose
-    front is on the front."""
+    """Per prompt and overall (scripts/bench_quality.py): each arm's final silhouette IoU (mean ± std
+    over seeds); for each arm against the baseline the time it needs to reach the baseline's final
+    IoU and whether it is ahead at every equal-time checkpoint on IoU and colour error; the share of
+    runs whose best match is the prompted object. Reports from before arms (sds and carv only, with
+    carv_* fields) are read too."""
     budget = report["settings"]["budget_seconds"]
-    lines = [f"| prompt | SDS IoU at {budget:g} s | CARV IoU at {budget:g} s | CARV reaches SDS's final IoU at | "
-             "CARV ahead at every checkpoint | best match = prompt (SDS / CARV) | front on the front (SDS / CARV) |",
-             "|---|---|---|---|---|---|---|"]
     summary = report["summary"]
-    rows = [*summary["per_prompt"].items(), ("**all prompts**", summary["overall"])]
+    overall = summary["overall"]
+    arms = list(overall["curves"])
+    legacy = "versus_baseline" not in overall
+    baseline = "sds" if legacy else overall["baseline"]
+    others = [arm for arm in arms if arm != baseline]
+    header = [f"{_arm_name(arm)} IoU at {budget:g} s" for arm in arms]
+    for arm in others:
+        header += [f"{_arm_name(arm)} reaches {_arm_name(baseline)}'s final IoU at",
+                   f"{_arm_name(arm)} ahead at every checkpoint (IoU / colour)"]
+    header.append(f"best match = prompt ({' / '.join(_arm_name(arm) for arm in arms)})")
+    lines = ["| prompt | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+    rows = [*summary["per_prompt"].items(), ("**all prompts**", overall)]
     for name, row in rows:
         curves = row["curves"]
-        seconds, fraction = row.get("carv_seconds_to_baseline_final_iou"), row.get("carv_fraction_of_budget")
-        reach = "never" if seconds is None else f"{seconds:.1f} s ({fraction:.0%})"
-        best = " / ".join(_fraction(_final(curves, m, "best_match_is_prompted")) for m in ("sds", "carv"))
-        front = " / ".join(_fraction(_final(curves, m, "front_matches_front")) for m in ("sds", "carv"))
-        lines.append(f"| {name} | {_mean_std(_final(curves, 'sds', 'silhouette_iou'))} | "
-                     f"{_mean_std(_final(curves, 'carv', 'silhouette_iou'))} | {reach} | "
-                     f"{'yes' if row['carv_ahead_on_iou']['every_checkpoint'] else 'no'} | {best} | {front} |")
+        cells = [_mean_std(_final(curves, arm, "silhouette_iou")) for arm in arms]
+        for arm in others:
+            if legacy:
+                seconds, fraction = row.get("carv_seconds_to_baseline_final_iou"), row.get("carv_fraction_of_budget")
+                ahead_iou = row["carv_ahead_on_iou"]["every_checkpoint"]
+                colour = row.get("carv_ahead_on_colour_error")
+                ahead_colour = None if colour is None else colour["every_checkpoint"]
+            else:
+                result = row["versus_baseline"][arm]
+                seconds, fraction = result["seconds_to_baseline_final_iou"], result["fraction_of_budget"]
+                ahead_iou = result["ahead_on_iou"]["every_checkpoint"]
+                ahead_colour = result["ahead_on_colour_error"]["every_checkpoint"]
+            cells.append("never" if seconds is None else f"{seconds:.1f} s ({fraction:.0%})")
+            cells.append(" / ".join({True: "yes", False: "no", None: "—"}[flag] for flag in (ahead_iou, ahead_colour)))
+        cells.append(" / ".join(_fraction(_final(curves, arm, "best_match_is_prompted")) for arm in arms))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -191,14 +220,50 @@ def variance_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(report: dict[str, Any]) -> str:
+    """scripts/bench_speed.py --profile: the top kernels of the step with their section (the formatter
+    lives in carv3d.testing.profile, next to the code that makes the numbers)."""
+    from carv3d.testing.profile import profile_markdown
+
+    profile = report["profile"]
+    if profile.get("status") != "ok":
+        return f"Not measured: {profile.get('config')} ({profile.get('status')}: {profile.get('reason', '')})."
+    return profile_markdown(profile)
+
+
+def full_run_table(report: dict[str, Any]) -> str:
+    """scripts/bench_speed.py --full-run-steps: one row per run (cold / warm compile cache), seconds."""
+    section = report["full_run"]
+    total = section["projected_steps"]
+    lines = [f"| config | steps | cache | wall s | start-up s | first step done s | steps/s (steady) | "
+             f"outputs s (export) | peak GB | {total:,}-step run s (projected) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in section["runs"]:
+        if run.get("status") != "ok":
+            lines.append(f"| {section['config']} | {section['steps']} | {run['cache']} | {run.get('status')}: "
+                         f"{run.get('reason', '')} | | | | | | |")
+            continue
+        projected = (run.get("projection") or {}).get("projected_s")
+        lines.append(
+            f"| {section['config']} | {run['steps_done']} | {run['cache']} | {run['wall_s']:.1f} | "
+            f"{_fmt(run.get('startup_s'), '.1f')} | {_fmt(run.get('time_to_first_step_s'), '.1f')} | "
+            f"{_fmt(run.get('steps_per_s_steady'), '.2f')} | {_fmt(run.get('outputs_s'), '.1f')} "
+            f"({_fmt(run.get('export_s'), '.1f')}) | {_fmt(run.get('peak_memory_gb'), '.2f')} | {_fmt(projected, '.0f')} |")
+    lines.append("")
+    lines.append(f"{report.get('device_name')}, torch {report.get('torch')}, {report.get('date')}; "
+                 f"K over the runs: {', '.join(str(r.get('noise_draws_path')) for r in section['runs'])}. "
+                 f"Projection: {next((r['projection'].get('formula') for r in section['runs'] if r.get('projection')), '—')}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("speed", "quality", "world", "variance"))
+    parser.add_argument("kind", choices=("speed", "quality", "world", "variance", "profile", "fullrun"))
     parser.add_argument("json")
     args = parser.parse_args()
     with open(args.json) as handle:
         report = json.load(handle)
-    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table}
+    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table,
+              "profile": profile_table, "fullrun": full_run_table}
     print(tables[args.kind](report))
 
 

@@ -59,11 +59,12 @@ def test_mean_std_is_the_sample_standard_deviation():
     assert bench.mean_std([None]) == {"mean": None, "std": None, "n": 0}
 
 
-def _run(prompt, seed, method, ious, best=(True, True)):
+def _run(prompt, seed, method, ious, best=(True, True, True, True), steps_per_checkpoint=100):
     return {"prompt": prompt, "seed": seed, "method": method,
             "evaluations": [{"silhouette_iou": iou, "best_match_is_prompted": ok, "masked_colour_error": 1 - iou,
-                             "psnr": 10.0, "front_matches_front": None, "chamfer": None}
-                            for iou, ok in zip(ious, best)]}
+                             "psnr": 10.0 + 10 * iou, "front_matches_front": None, "chamfer": None,
+                             "step": i * steps_per_checkpoint}
+                            for i, (iou, ok) in enumerate(zip(ious, best))]}
 
 
 def test_aggregate_averages_prompts_within_a_seed_then_takes_mean_and_std_over_seeds():
@@ -97,10 +98,10 @@ def test_ahead_at_every_checkpoint_leaves_out_t0_and_needs_every_later_one():
 def test_summary_of_a_hand_made_report():
     times = bench.checkpoint_times(30.0, 3)
     assert times == [0.0, 10.0, 20.0, 30.0]
-    runs = [_run("a", 0, "sds", [0.5, 0.6, 0.7, 0.8], best=[True] * 4),
-            _run("a", 1, "sds", [0.5, 0.6, 0.7, 0.8], best=[True] * 4),
-            _run("a", 0, "carv", [0.5, 0.7, 0.9, 0.9], best=[True] * 4),
-            _run("a", 1, "carv", [0.5, 0.7, 0.7, 0.9], best=[True] * 4),
+    runs = [_run("a", 0, "sds", [0.5, 0.6, 0.7, 0.8]),
+            _run("a", 1, "sds", [0.5, 0.6, 0.7, 0.8]),
+            _run("a", 0, "carv", [0.5, 0.7, 0.9, 0.9], steps_per_checkpoint=40),
+            _run("a", 1, "carv", [0.5, 0.7, 0.7, 0.9], steps_per_checkpoint=60),
             {"prompt": "a", "seed": 2, "method": "carv", "error": "RuntimeError: boom"}]  # left out
     report = {"settings": {"checkpoint_seconds": times, "prompts": ["a"]},
               "runs": {str(i): run for i, run in enumerate(runs)}}
@@ -108,13 +109,75 @@ def test_summary_of_a_hand_made_report():
     overall = summary["overall"]
     assert overall["runs"] == {"sds": 2, "carv": 2}
     # carv mean [0.5, 0.7, 0.8, 0.9] reaches the sds final 0.8 exactly at t = 20 → 2/3 of the budget
-    assert overall["baseline_final_mean_iou"] == pytest.approx(0.8)
-    assert overall["carv_seconds_to_baseline_final_iou"] == pytest.approx(20.0)
-    assert overall["carv_fraction_of_budget"] == pytest.approx(2 / 3)
-    assert overall["meets_target_fraction"] is False
-    assert overall["carv_ahead_on_iou"]["every_checkpoint"] is True
+    assert overall["baseline"] == "sds" and overall["baseline_final_mean_iou"] == pytest.approx(0.8)
+    carv = overall["versus_baseline"]["carv"]
+    assert set(overall["versus_baseline"]) == {"carv"}
+    assert carv["seconds_to_baseline_final_iou"] == pytest.approx(20.0)
+    assert carv["fraction_of_budget"] == pytest.approx(2 / 3)
+    assert carv["meets_target_fraction"] is False
+    assert carv["ahead_on_iou"]["every_checkpoint"] is True
+    assert carv["ahead_on_colour_error"]["every_checkpoint"] is True  # colour error = 1 − IoU here
+    assert carv["ahead_on_psnr"]["every_checkpoint"] is True
+    # mean steps: carv 0, 50, 100, 150 (40 and 60 per checkpoint) → 100 at t = 20; sds 300 in the budget
+    assert carv["steps_to_baseline_final_iou"] == pytest.approx(100.0)
+    assert carv["baseline_steps_in_budget"] == pytest.approx(300.0)
     assert overall["curves"]["carv"]["silhouette_iou"][2]["std"] == pytest.approx(math.sqrt(0.02))  # 0.9, 0.7
-    assert summary["per_prompt"]["a"]["carv_seconds_to_baseline_final_iou"] == pytest.approx(20.0)
+    assert summary["per_prompt"]["a"]["versus_baseline"]["carv"]["seconds_to_baseline_final_iou"] == pytest.approx(20.0)
+    assert summary["ranking"]["best"] == {"sds": "sds", "carv": "carv"}  # one arm per preset
+
+
+def test_ranking_picks_each_presets_best_arm_by_final_iou_then_colour_error():
+    times = bench.checkpoint_times(20.0, 2)
+    arms = {"sds-lr1": ["estimator.preset=sds"], "sds-lr2": ["estimator.preset=sds", "optim.lr_grid=0.02"],
+            "carv-lr1": ["optim.lr_grid=0.01"], "carv-lr4": ["estimator.preset=\"carv\"", "optim.lr_grid=0.04"]}
+    runs = [_run("a", 0, "sds-lr1", [0.5, 0.6, 0.8]), _run("a", 0, "sds-lr2", [0.5, 0.7, 0.75]),
+            _run("a", 0, "carv-lr1", [0.5, 0.8, 0.9]), _run("a", 0, "carv-lr4", [0.5, 0.85, 0.9])]
+    runs[3]["evaluations"][-1]["masked_colour_error"] = 0.05  # same final IoU as carv-lr1, lower colour error
+    report = {"settings": {"checkpoint_seconds": times, "prompts": ["a"], "arms": arms, "baseline": "sds-lr1"},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    summary = bench.summarize(report)
+    ranking = summary["ranking"]
+    # the arm without an estimator.preset override is the default preset, carv
+    assert [row["arm"] for row in ranking["by_preset"]["sds"]] == ["sds-lr1", "sds-lr2"]
+    assert [row["arm"] for row in ranking["by_preset"]["carv"]] == ["carv-lr4", "carv-lr1"]
+    assert ranking["best"] == {"sds": "sds-lr1", "carv": "carv-lr4"}
+    assert set(summary["overall"]["versus_baseline"]) == {"sds-lr2", "carv-lr1", "carv-lr4"}
+    # sds-lr2 ends below the baseline's 0.8: it never reaches it
+    assert summary["overall"]["versus_baseline"]["sds-lr2"]["seconds_to_baseline_final_iou"] is None
+    assert "best carv arm: carv-lr4" in bench.format_summary({**report, "summary": summary})
+
+
+def test_interpolate_between_grid_points_and_none_outside():
+    assert bench.interpolate([0.0, 10.0, 20.0], [0.0, 100.0, 300.0], 15.0) == pytest.approx(200.0)
+    assert bench.interpolate([0.0, 10.0], [0.0, 100.0], 10.0) == pytest.approx(100.0)
+    assert bench.interpolate([0.0, 10.0], [0.0, 100.0], 11.0) is None
+    assert bench.interpolate([0.0, 10.0], [None, 100.0], 5.0) is None
+
+
+def test_arms_from_a_sweep_file_are_its_runs_labelled_by_their_axes(tmp_path):
+    sweep = tmp_path / "tune.yaml"
+    sweep.write_text("name: tune\noverrides:\n  render.samples_per_ray: 32\n"
+                     "grid:\n  estimator.preset: [sds, carv]\n  optim.lr_grid: [0.01, 0.02]\n")
+    arms = bench.arms_from_sweep(str(sweep))
+    assert list(arms) == ["preset_sds-lr_grid_0_01", "preset_sds-lr_grid_0_02", "preset_carv-lr_grid_0_01",
+                          "preset_carv-lr_grid_0_02"]
+    assert arms["preset_carv-lr_grid_0_02"] == ["render.samples_per_ray=32", 'estimator.preset="carv"',
+                                                "optim.lr_grid=0.02"]
+    assert bench.arm_group(arms["preset_carv-lr_grid_0_02"], "estimator.preset", "carv") == "carv"
+    settings = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--arms", str(sweep)]))
+    assert settings["baseline"] == "preset_sds-lr_grid_0_01"  # no arm is called sds: the first one
+    specs = bench.build_specs(settings, [])
+    assert len(specs) == 2 * 4  # 2 prompts × 1 seed × 4 arms
+    assert specs[0].overrides[-3:] == arms[specs[0].method]
+    seeded = tmp_path / "seeded.yaml"
+    seeded.write_text("grid:\n  train.seed: [0, 1]\n")
+    with pytest.raises(SystemExit, match="sets train.seed"):
+        bench.arms_from_sweep(str(seeded))
+    bench.check_arms(settings)  # every arm resolves
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("grid:\n  optim.lr_gird: [0.01]\n")
+    with pytest.raises(SystemExit, match="lr_grid"):
+        bench.check_arms(bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--arms", str(typo)])))
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -124,6 +187,8 @@ def test_paired_schedule_puts_each_sds_run_next_to_its_carv_twin_alternating_the
                         ("a blue house", 0, "carv"), ("a blue house", 0, "sds"),
                         ("a red cube", 1, "sds"), ("a red cube", 1, "carv"),
                         ("a blue house", 1, "carv"), ("a blue house", 1, "sds")]
+    three = bench.paired_schedule(["a"], [0, 1], ["x", "y", "z"])
+    assert three == [("a", 0, "x"), ("a", 0, "y"), ("a", 0, "z"), ("a", 1, "z"), ("a", 1, "y"), ("a", 1, "x")]
 
 
 def test_resume_reuses_finished_runs_only_with_the_same_settings(tmp_path):
@@ -171,8 +236,9 @@ def test_cpu_preset_end_to_end_writes_the_json_and_plot_and_resumes(tmp_path):
     assert report["runs"]["a blue house | seed 0 | sds"]["evaluations"][-1]["noise_draws"] == 1
     overall = report["summary"]["overall"]
     assert overall["runs"] == {"sds": 1, "carv": 1}
-    assert {"baseline_final_mean_iou", "carv_seconds_to_baseline_final_iou", "carv_fraction_of_budget",
-            "carv_ahead_on_iou", "curves"} <= set(overall)
+    assert {"baseline_final_mean_iou", "versus_baseline", "curves", "mean_steps"} <= set(overall)
+    assert {"seconds_to_baseline_final_iou", "fraction_of_budget", "steps_to_baseline_final_iou",
+            "ahead_on_iou"} <= set(overall["versus_baseline"]["carv"])
     assert set(report["summary"]["per_prompt"]) == {"a blue house"}
     again = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -186,7 +186,7 @@ def test_bench_speed_runs_end_to_end_on_cpu_with_tiny_models(tmp_path):
         assert r["ms_per_step_median"] > 0 and r["it_per_s"] == pytest.approx(1000 / r["ms_per_step_median"])
         assert r["flops"]["unet"] > 0 and r["flops"]["vae_encode_forward_backward"] > 0
         assert 0 < r["floor_ms"] and r["hash_grid"]["points"] > 0
-        assert set(r["split_ms"]) == {"render", "encode", "teacher", "backward", "optimizer"}
+        assert set(r["split_ms"]) == {"render", "encode", "teacher", "particle", "backward", "optimizer"}  # step.SECTIONS
     assert {r["status"] for r in report["results"] if r["sampler_requested"] == "occupancy_grid"} == {"unavailable"}
 
 

@@ -137,6 +137,8 @@ BAD_SWEEPS = [
     ("overrides: {prompt: a red cube}\nzip:\n  train.seed: [0, 1]\n  render.width: [8, 16, 32]\n",
      [":2:", "same length", "train.seed: 2", "render.width: 3"]),
     ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0, 1, 0]\n", [":3:", "lists 0 twice"]),
+    ("overrides: {prompt: a red cube}\nzip:\n  train.seed: [0, 1, 0]\n  train.steps: [5, 6, 5]\n",
+     [":3:", "zip row 3", "repeats row 1"]),
     ("overrides:\n  prompt: a red cube\n  train:\n    output_dir: elsewhere\n", [":4:", "'train.output_dir' is set by the sweep"]),
     ("overrides: {prompt: a red cube, train.seed: 1}\ngrid:\n  train.seed: [0, 1]\n", [":3:", "'train.seed' is set twice", ":1"]),
     ("base: missing.yaml\ngrid: {train.seed: [0]}\n", [":1:", "missing.yaml", "relative to the sweep file"]),
@@ -521,3 +523,16 @@ def test_the_sweep_bar_names_the_training_runs_and_their_steps(tmp_path):
         while bar.postfix != "a 30/300" and time.time() < deadline:
             time.sleep(0.01)
     assert bar.postfix == "a 30/300" and not live._thread.is_alive()
+
+
+def test_a_zip_axis_may_repeat_a_value_when_its_rows_differ(tmp_path):
+    path = tmp_path / "arms.yaml"
+    path.write_text("overrides: {prompt: a red cube}\nzip:\n  estimator.preset: [sds, carv, carv]\n"
+                    "  guidance: [{type: sds}, {type: sds}, {type: csd}]\n")
+    spec = load_sweep(path)
+    assert [run.axes for run in spec.runs] == [
+        {"estimator.preset": "sds", "guidance": {"type": "sds"}},
+        {"estimator.preset": "carv", "guidance": {"type": "sds"}},
+        {"estimator.preset": "carv", "guidance": {"type": "csd"}}]
+    assert [spec.configs[run.name].guidance.type for run in spec.runs] == ["sds", "sds", "csd"]
+    assert len({run.name for run in spec.runs}) == 3

@@ -1,46 +1,60 @@
-"""scripts/tables.py's variance table against hand-computed ECM, variance ratios and proposal counts."""
+"""scripts/tables.py: markdown tables from benchmark JSON, checked cell by cell on hand-made reports."""
+
+from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tables.py"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tables():
-    spec = importlib.util.spec_from_file_location("tables", SCRIPT)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def _row(method, r, k, variance, cost):
-    return {"method": method, "upstream_samples": r, "noise_draws": k, "variance": variance, "cost_seconds": cost}
+tables = _load("tables")
+bench = _load("bench_quality")
 
 
-def _report():
-    plain = [_row("uniform", 2, 1, 100.0, 0.010), _row("is+stratified", 1, 16, 25.0, 0.020),
-             _row("adaptive", 1, 16, 20.0, 0.020)]
-    strat = [_row("uniform", 2, 1, 50.0, 0.010), _row("is+stratified", 1, 16, 10.0, 0.010),
-             _row("adaptive", 1, 16, 12.5, 0.010)]
-    return {"draws": 8, "device": "test", "phases": {"early": {"step": 100, "rows": plain},
-                                                       "early_camera_stratified": {"step": 100, "rows": strat}}}
+def _run(prompt, seed, arm, ious):
+    return {"prompt": prompt, "seed": seed, "method": arm,
+            "evaluations": [{"silhouette_iou": iou, "best_match_is_prompted": iou > 0.6, "masked_colour_error": 1 - iou,
+                             "psnr": 10 * iou, "front_matches_front": None, "chamfer": None, "step": 10 * i}
+                            for i, iou in enumerate(ious)]}
 
 
-def test_variance_table_cells_are_ecm_and_variance_ratio_against_the_plain_baseline(tables):
-    text = tables.variance_table(_report())
-    # plain: adaptive ECM = 100·0.01 / (20·0.02) = 2.5, ratio 0.2; is+stratified 2.0, ratio 0.25
-    assert "| early (100) | 1 × 16 | — | 2.00 (0.25) | 2.50 (0.20) |" in text
-    # stratified cameras, against the *plain* baseline: is+stratified 100·0.01 / (10·0.01) = 10, ratio 0.1
-    assert "| early_camera_stratified (100) | 1 × 16 | — | 10.00 (0.10) | 8.00 (0.12) |" in text
-    assert "| early_camera_stratified (100) | 2 × 1 | 2.00 (0.50) |" in text
+def test_quality_table_of_an_arms_report_has_one_column_group_per_arm_against_the_baseline():
+    arms = {"preset_sds-guidance_type_sds": ["estimator.preset=sds"],
+            "preset_carv-guidance_type_sds": ["estimator.preset=carv"],
+            "preset_carv-guidance_type_vsd": ["estimator.preset=carv", "guidance.type=vsd"]}
+    runs = [_run("a", 0, "preset_sds-guidance_type_sds", [0.5, 0.7, 0.8]),
+            _run("a", 0, "preset_carv-guidance_type_sds", [0.5, 0.8, 0.9]),
+            _run("a", 0, "preset_carv-guidance_type_vsd", [0.5, 0.55, 0.6])]
+    report = {"settings": {"checkpoint_seconds": [0.0, 10.0, 20.0], "prompts": ["a"], "budget_seconds": 20.0,
+                           "arms": arms, "baseline": "preset_sds-guidance_type_sds"},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    report["summary"] = bench.summarize(report)
+    lines = tables.quality_table(report).splitlines()
+    assert lines[0].startswith("| prompt | sds sds IoU at 20 s | carv sds IoU at 20 s | carv vsd IoU at 20 s | "
+                               "carv sds reaches sds sds's final IoU at |")
+    overall = lines[-1].split(" | ")
+    # carv sds: 0.8 at t = 10 s → reaches 0.8 at 10 s (50 %); ahead at both checkpoints; vsd never
+    assert overall[1:4] == ["0.800", "0.900", "0.600"]
+    assert overall[4:8] == ["10.0 s (50%)", "yes / yes", "never", "no / no"]
+    assert overall[8].startswith("100% / 100% / 0%")
 
 
-def test_proposal_comparison_counts_pairs_and_takes_the_median(tables):
-    # pairs: 20/25 = 0.8 (adaptive lower), 12.5/10 = 1.25 (higher) → 1 of 2, median 1.025
-    line = tables.proposal_comparison(_report())
-    assert "lower variance in 1 of 2 pairs" in line and "median 1.02" in line and "range 0.80–1.25" in line
+def test_quality_table_still_reads_a_report_from_before_arms():
+    point = lambda mean: {"mean": mean, "std": None, "n": 1}  # noqa: E731
+    curves = {m: {"silhouette_iou": [point(0.5), point(v)], "best_match_is_prompted": [point(1.0), point(1.0)]}
+              for m, v in (("sds", 0.8), ("carv", 0.9))}
+    row = {"curves": curves, "carv_seconds_to_baseline_final_iou": 5.0, "carv_fraction_of_budget": 0.5,
+           "carv_ahead_on_iou": {"every_checkpoint": True}}
+    report = {"settings": {"budget_seconds": 10.0}, "summary": {"per_prompt": {"a": row}, "overall": row}}
+    last = tables.quality_table(report).splitlines()[-1]
+    assert last == "| **all prompts** | 0.800 | 0.900 | 5.0 s (50%) | yes / — | 100% / 100% |"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from carv3d.cli import main
-from carv3d.variance import FEW_DRAWS, GradientStats, WindowMeans, format_table, mark_few_draws, variance_split
+from carv3d.variance import (FEW_DRAWS, FrozenScene, GradientStats, WindowMeans, format_table, mark_few_draws,
+                             variance_split, with_and_without_carv)
 
 
 def test_gradient_stats_match_torch():
@@ -66,6 +67,10 @@ def test_variance_command_writes_report_and_plot(capsys, tmp_path, tiny_sd_path)
         uniform = rows[("uniform", r["upstream_samples"], r["noise_draws"])]
         assert r["relative_efficiency"] == pytest.approx(uniform["variance"] / r["variance"])
     assert "| method |" in captured.out and "W·Var, W = 2" in captured.out
+    # The guidance is named, with CARV against without it; SDS has nothing of its own to train.
+    assert report["guidance"] == "sds" and report["guidance_training_in_cost"] is False and report["clock"] == "wall"
+    assert "SDS (guidance.type sds) with and without CARV" in captured.out
+    assert all(r["guidance_training_seconds"] == 0.0 for r in report["rows"])
     # 4 draws per estimator: flagged in the JSON and with a caveat under the table.
     assert report["few_draws"] is True and all(r["few_draws"] for r in report["rows"])
     assert "caveat: 4 draws per estimator (< 32)" in captured.out and "--draws 32" in captured.out
@@ -136,3 +141,89 @@ def test_variance_writes_into_the_run_directory_by_default(capsys, tmp_path, tin
     assert (run_dir / "variance.json").is_file() and (run_dir / "variance.png").is_file()
     assert not (tmp_path / "variance.json").exists()
     assert json.loads((run_dir / "variance.json").read_text())["source"]["run_dir"] == str(run_dir)
+
+
+def _row(method, R, K, variance, cost):
+    return {"method": method, "upstream_samples": R, "noise_draws": K, "draws": 64, "variance": variance,
+            "cost_seconds": cost, "ecm": (10.0 * 0.2) / (variance * cost), "relative_efficiency": 1.0, "bias_z": 0.0}
+
+
+def test_with_and_without_carv_picks_the_best_carv_row_and_compares_it_with_both_plain_rows():
+    """ECMs by hand: the baseline (uniform, 2, 1) has Var·cost = 10 · 0.2 = 2; adaptive (1, 4) 4 · 0.16 =
+    0.64, so 3.125; uniform (1, 4) 6 · 0.15 = 0.9, 2.22; uniform (1, 1) is plain (no CARV) with
+    Var·cost 20 · 0.12 = 2.4, so adaptive's ECM against it is 2.4 / 0.64 = 3.75."""
+    rows = [_row("uniform", 2, 1, 10.0, 0.2), _row("uniform", 1, 1, 20.0, 0.12), _row("uniform", 1, 4, 6.0, 0.15),
+            _row("adaptive", 1, 4, 4.0, 0.16), _row("adaptive", 2, 1, 1e9, 0.2)]
+    split = with_and_without_carv(rows)
+    best = split["best"]
+    assert (best["method"], best["upstream_samples"], best["noise_draws"]) == ("adaptive", 1, 4)
+    assert best["ecm"] == pytest.approx(3.125)
+    assert split["ecm_vs_uniform_R2_K1"] == pytest.approx(3.125)
+    assert split["ecm_vs_uniform_R1_K1"] == pytest.approx(3.75)
+    assert with_and_without_carv([_row("uniform", 2, 1, 10.0, 0.2)]) == {}  # no row uses CARV
+
+    report = mark_few_draws({"guidance": "vsd", "rows": rows, "variance_split": {}, "window": None,
+                             "baseline": {"method": "uniform", "upstream_samples": 2, "noise_draws": 1},
+                             "guidance_state_source": "the run's at step 600", "guidance_training_in_cost": True,
+                             "clock": "cpu", "with_and_without_carv": split})
+    table = format_table(report)
+    assert table.splitlines()[0] == ("VSD (guidance.type vsd) with and without CARV: ECM against VSD without CARV "
+                                     "(uniform t, R = 2, K = 1); LoRA: the run's at step 600, held fixed; cost "
+                                     "includes the LoRA's training step, as in training; cost in CPU seconds of "
+                                     "this process")
+    assert ("VSD with CARV, best: adaptive R = 1, K = 4: ECM 3.12 against VSD without CARV (uniform t, K = 1, R = 2), "
+            "3.75 against R = 1") in table
+
+
+class _SleepingStep:
+    """A stand-in for the distillation step: sleeps (no CPU work) and leaves a gradient of ones."""
+
+    def __init__(self, params, seconds):
+        from carv3d.estimator.timing import StepTimer
+
+        self.params, self.seconds, self.timer, self.calls = params, seconds, StepTimer("cpu"), []
+
+    def __call__(self, step, n_renders=None, frozen=False, update_guidance=None):
+        import time
+
+        self.calls.append(update_guidance)
+        time.sleep(self.seconds)
+        for p in self.params:
+            p.grad = torch.ones_like(p)
+
+
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_the_cpu_clock_does_not_count_time_the_process_does_not_run(clock):
+    """A draw that sleeps 0.2 s costs ≥ 0.2 s of wall clock and (nearly) no CPU time."""
+    from carv3d.estimator import ScoreDistillation
+
+    scene = FrozenScene.__new__(FrozenScene)
+    scene.device, scene.clock, scene.guidance_training_cost, scene._guidance_snapshot = torch.device("cpu"), clock, True, None
+    scene.params = [torch.nn.Parameter(torch.zeros(3))]
+    scene.guidance = ScoreDistillation()
+    scene.step = _SleepingStep(scene.params, 0.2)
+    grad, seconds = scene.gradient(None, None, 1, 0)
+    assert torch.equal(grad, torch.ones(3))
+    assert scene.step.calls == [False]  # SDS: nothing of its own to train
+    if clock == "wall":
+        assert seconds >= 0.2
+    else:
+        assert seconds < 0.1
+
+
+def test_the_cpu_clock_is_refused_on_a_gpu():
+    with pytest.raises(ValueError, match="clock 'cpu'"):
+        FrozenScene(None, torch.device("cuda"), clock="cpu")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        FrozenScene(None, torch.device("cpu"), clock="process")
+
+
+def test_guidance_state_of_a_checkpoint():
+    """What the variance command and the benchmark scripts load into the guidance: VSD's particle
+    state, and None for SDS and CSD checkpoints (an empty dict) and checkpoints without an estimator."""
+    from carv3d.step import guidance_state
+
+    particle = {"particle": {"weights": {"a": torch.zeros(1)}, "optimizer": {}}}
+    assert guidance_state({"estimator": {"guidance": particle}}) is particle
+    assert guidance_state({"estimator": {"guidance": {}}}) is None
+    assert guidance_state({"estimator": {}}) is None and guidance_state({}) is None

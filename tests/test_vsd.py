@@ -391,11 +391,39 @@ def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path
     assert report["guidance"] == "vsd" and report["guidance_warmup"] == 2
     rows = {(r["method"], r["upstream_samples"], r["noise_draws"]) for r in report["rows"]}
     assert {("uniform", 1, 1), ("is+stratified", 1, 2), ("uniform", 2, 1)} <= rows
-    assert calls["update"] == 2  # the warm-up only
+    # The warm-up, then one LoRA training step per gradient: its cost is the gradient's (a training step
+    # pays it), and the LoRA is put back after each, so every gradient sees the warmed-up LoRA.
+    assert calls["update"] == 2 + 3 * len(rows)
     assert calls["predict"] == 2 + 3 * len(rows)  # one predictor call per gradient
     before, after = snapshots
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(before[k].abs().sum() > 0 for k in before if "lora_B" in k)  # the warm-up moved B off zero
+    assert report["guidance_training_in_cost"] is True
+    assert all(0 < r["guidance_training_seconds"] < r["cost_seconds"] for r in report["rows"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("VSD (guidance.type vsd) with and without CARV: ECM against VSD without CARV (uniform t, "
+                              "R = 2, K = 1); LoRA: 2 warm-up steps at the frozen scene, held fixed; cost includes "
+                              "the LoRA's training step")
+    best = report["with_and_without_carv"]["best"]
+    assert "VSD with CARV, best: " in printed and (best["method"] != "uniform" or best["noise_draws"] > 1)
+
+
+def test_variance_can_leave_the_lora_training_out_of_the_cost(capsys, tmp_path, tiny_sd_path):
+    """--no-guidance-training-cost: no LoRA step during the measurement, nothing of it in the cost."""
+    import json
+
+    from carv3d.cli import main
+
+    out = tmp_path / "variance.json"
+    code = main(["variance", "--prompt", PROMPT, "--draws", "2", "--rk", "1x1", "--methods", "uniform",
+                 "--no-guidance-training-cost", "--out", str(out), "--device", "cpu", "guidance.type=vsd",
+                 f"teacher.pretrained={tiny_sd_path}", "scene.grid.n_levels=2", "scene.grid.log2_hashmap_size=10",
+                 "render.width=8", "render.height=8", "render.samples_per_ray=6"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["guidance_training_in_cost"] is False
+    assert all(r["guidance_training_seconds"] == 0.0 for r in report["rows"])
+    assert "LoRA: untrained" in capsys.readouterr().out
 
 
 def test_an_import_broken_by_ctrl_c_exits_as_interrupted(capsys, monkeypatch):

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-warmup", type=int, default=0,
                         help="guidance.type vsd: LoRA training steps at the frozen scene before measuring (a run "
                              "directory brings its own LoRA; the LoRA is held fixed while measuring)")
+    parser.add_argument("--no-guidance-training-cost", dest="guidance_training_cost", action="store_false",
+                        help="guidance.type vsd: leave the LoRA's training step out of each gradient's cost (by "
+                             "default it is in, as every training step pays it; the LoRA is put back after it)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cost per gradient: wall-clock seconds, or (CPU device only) this process's CPU seconds, "
+                             "which other work on a shared machine does not inflate; run it with OMP_NUM_THREADS=1")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (and of the initial scene)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: the run's train.device)")
     parser.add_argument("--out", default=None,
@@ -53,6 +59,16 @@ def parse_rk(text: str) -> list[tuple[int, int]]:
         except ValueError:
             raise ConfigError(f"--rk expects pairs like 2x1,1x8 (R x K); got '{item}'.") from None
     return pairs
+
+
+def guidance_source(source: dict[str, Any], from_run: bool, warmup: int) -> str:
+    """Where the LoRA measured with came from, in words (the table's title says it)."""
+    words = []
+    if from_run:
+        words.append(f"the run's at step {source['step']}")
+    if warmup:
+        words.append(f"{warmup} warm-up steps at the frozen scene")
+    return " + ".join(words) or "untrained (ε̂_φ = the teacher's conditional prediction)"
 
 
 def variance_command(args: argparse.Namespace) -> str:
@@ -83,6 +99,7 @@ def variance_command(args: argparse.Namespace) -> str:
     source: dict[str, Any]
     if args.run_dir:
         from carv3d.checkpoint import latest_checkpoint, load_checkpoint
+        from carv3d.step import guidance_state as checkpoint_guidance_state
         from carv3d.step import scene_state as checkpoint_scene_state
         from carv3d.run_dir import load_run_config, require_run_dir
 
@@ -91,7 +108,7 @@ def variance_command(args: argparse.Namespace) -> str:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt)
         scene_state = checkpoint_scene_state(state)
-        guidance_state = (state.get("estimator") or {}).get("guidance")  # VSD: the run's LoRA
+        guidance_state = checkpoint_guidance_state(state)  # VSD: the run's LoRA
         source = {"run_dir": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"])}
     else:
         cfg = load_config(args.config, args.overrides, args.prompt)
@@ -104,7 +121,11 @@ def variance_command(args: argparse.Namespace) -> str:
     from carv3d.sizing import size_for_device
 
     size_for_device(cfg, device)
-    scene = FrozenScene(cfg, device, scene_state, seed=args.seed, guidance_state=guidance_state)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise ConfigError(f"--clock cpu reads this process's CPU time, which does not see work on {device}; "
+                          "use --clock wall there.")
+    scene = FrozenScene(cfg, device, scene_state, seed=args.seed, guidance_state=guidance_state,
+                        guidance_training_cost=args.guidance_training_cost, clock=args.clock)
     if args.window and args.draws < 2 * args.window:
         raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
     if args.guidance_warmup < 0:
@@ -117,6 +138,8 @@ def variance_command(args: argparse.Namespace) -> str:
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "teacher": cfg.teacher.pretrained, "draws": args.draws, "pilot": args.pilot,
                    "guidance": cfg.guidance.type, "guidance_warmup": args.guidance_warmup})
+    if scene.guidance.state_dict():  # VSD: which LoRA the gradients were drawn with
+        report["guidance_state_source"] = guidance_source(source, guidance_state is not None, args.guidance_warmup)
     mark_few_draws(report)
     atomic_write_text(out, json.dumps(report, indent=2))
     plot(report, out.with_suffix(".png"))

@@ -177,14 +177,23 @@ def _axes(data: dict[str, Any], section: str, loc: Located) -> dict[str, list[An
         if not values:
             raise loc.error((section, key), f"{section} axis '{key}' is empty; give it at least one value "
                             "or remove it.")
-        seen: list[str] = []
-        for i, value in enumerate(values):
-            canonical = json.dumps(value, sort_keys=True, default=str)
-            if canonical in seen:
-                raise loc.error((section, key, i), f"{section} axis '{key}' lists {canonical} twice; "
-                                "each value would be the same run.")
-            seen.append(canonical)
+        if section == "grid":  # a zip axis may repeat a value: its rows (below) must differ instead
+            seen: list[str] = []
+            for i, value in enumerate(values):
+                canonical = json.dumps(value, sort_keys=True, default=str)
+                if canonical in seen:
+                    raise loc.error((section, key, i), f"{section} axis '{key}' lists {canonical} twice; "
+                                    "each value would be the same run.")
+                seen.append(canonical)
         axes[key] = values
+    if section == "zip" and len({len(values) for values in axes.values()}) == 1:
+        rows: list[str] = []
+        for i, row in enumerate(zip(*axes.values())):
+            canonical = json.dumps(dict(zip(axes, row)), sort_keys=True, default=str)
+            if canonical in rows:
+                raise loc.error((section, next(iter(axes)), i), f"zip row {i + 1} ({canonical}) repeats row "
+                                f"{rows.index(canonical) + 1}; each row would be the same run.")
+            rows.append(canonical)
     return axes
 
 

@@ -41,6 +41,15 @@ TINY_SD_SCENE_OVERRIDES = [
     "render.width=32", "render.height=32", "render.samples_per_ray=16", "scene.grid.n_levels=8",
     "scene.grid.log2_hashmap_size=14", "teacher.resolution=0", "teacher.guidance_scale=7.5",
 ]
+# configs/gaussians_sd21.yaml's scene scaled the same way: its render is the teacher's native size
+# (512² for SD, whose VAE downsamples by 8), so the tiny teacher's native 64² (latents 8²), i.e. 512 / 8,
+# with 200 instead of 5,000 initial Gaussians (the torch rasteriser on a CPU).
+TINY_SD_RENDER_SCALE = 8  # SD's 512² images ↔ the tiny teacher's 64²
+TINY_SD_GAUSSIAN_OVERRIDES = [
+    "render.width=64", "render.height=64", "scene.n_points=200", "teacher.resolution=0", "teacher.guidance_scale=7.5",
+]
+# The end-of-run outputs of a tiny run (bench_speed --full-run-steps --tiny): small sheets, 2 frames, a 32³ mesh.
+TINY_RUN_OUTPUT_OVERRIDES = ["train.val_resolution=32", "train.turntable_frames=2", "export.resolution=32"]
 
 
 def make_tiny_scheduler() -> DDPMScheduler:
