@@ -104,7 +104,9 @@ def test_sds_preset_matches_threestudio_sds(tiny_teacher):
     # threestudio's StableDiffusionGuidance.compute_grad_sds, written out.
     generator = torch.Generator().manual_seed(11)
     T = tiny_teacher.num_train_timesteps
-    min_step, max_step = int(T * 0.02), int(T * 0.98)
+    # threestudio's min/max_step_percent, set to the preset's range (its tuned t_max: 0.75)
+    assert (cfg.estimator.t_min, cfg.estimator.t_max) == (0.02, 0.75)
+    min_step, max_step = int(T * cfg.estimator.t_min), int(T * cfg.estimator.t_max)
     t = torch.randint(min_step, max_step + 1, (1,), generator=generator, dtype=torch.long)
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
     alpha = tiny_teacher.alphas_cumprod[t].reshape(-1, 1, 1, 1)
