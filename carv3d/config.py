@@ -402,7 +402,7 @@ DEFAULT_TYPES: dict[str, str] = {"scene": "nerf", "teacher": "diffusers", "guida
 # or Stable Diffusion's VAE encode) the configs set upstream_samples: 1.
 # Each preset also carries its own tuned learning rates and t_max: a 20-arm grid (2 presets × 5 Adam
 # learning-rate pairs × t_max ∈ {0.98, 0.75}) judged by final mean IoU at 60 s of training on three
-# world prompts × two seeds (docs/tune_world_h100.json, configs/sweeps/tune_world.yaml). Lower
+# world prompts × two seeds (docs/tune_world_h100.json, configs/arms/tune_world.yaml). Lower
 # variance tolerates larger steps only up to a point: carv's best is 4× the old learning rates (8× is
 # worse); plain sds's best is 8×, the grid's edge, on a plateau from 2× (0.903–0.912).
 ESTIMATOR_PRESETS: dict[str, dict[str, Any]] = {

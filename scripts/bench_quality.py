@@ -27,7 +27,7 @@ and the arms of each preset ranked by final mean IoU (the tuning result).
 
     python3 scripts/bench_quality.py --preset h200 --out OUT/bench_quality_h200.json --plot OUT/bench_quality_h200.png
     python scripts/bench_quality.py --preset cpu --budget 60 --out bench_quality_cpu.json
-    python scripts/bench_quality.py --arms configs/sweeps/tune_world.yaml --prompt "a red cube" ... --out tune.json
+    python scripts/bench_quality.py --arms configs/arms/tune_world.yaml --prompt "a red cube" ... --out tune.json
 """
 
 from __future__ import annotations

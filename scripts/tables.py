@@ -238,13 +238,16 @@ def full_run_table(report: dict[str, Any]) -> str:
     lines = [f"| config | steps | cache | wall s | start-up s | first step done s | steps/s (steady) | "
              f"outputs s (export) | peak GB | {total:,}-step run s (projected) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for run in section["runs"]:
-        if run.get("status") != "ok":
+        if run.get("status") != "ok" and run.get("steps_done") is None:
             lines.append(f"| {section['config']} | {section['steps']} | {run['cache']} | {run.get('status')}: "
                          f"{run.get('reason', '')} | | | | | | |")
             continue
         projected = (run.get("projection") or {}).get("projected_s")
+        # a run stopped at its timeout still reports how far it got: "253 of 1000 (timed out)"
+        steps = run["steps_done"] if run.get("status") == "ok" else \
+            f"{run['steps_done']} of {section['steps']} ({run.get('status')})"
         lines.append(
-            f"| {section['config']} | {run['steps_done']} | {run['cache']} | {run['wall_s']:.1f} | "
+            f"| {section['config']} | {steps} | {run['cache']} | {run['wall_s']:.1f} | "
             f"{_fmt(run.get('startup_s'), '.1f')} | {_fmt(run.get('time_to_first_step_s'), '.1f')} | "
             f"{_fmt(run.get('steps_per_s_steady'), '.2f')} | {_fmt(run.get('outputs_s'), '.1f')} "
             f"({_fmt(run.get('export_s'), '.1f')}) | {_fmt(run.get('peak_memory_gb'), '.2f')} | {_fmt(projected, '.0f')} |")

@@ -244,3 +244,12 @@ def test_cpu_preset_end_to_end_writes_the_json_and_plot_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "0 runs to do (2 reused)" in again.stdout
     assert json.loads(out.read_text())["runs"] == report["runs"]
+
+
+def test_the_shipped_arms_files_resolve():
+    for path in sorted((REPO_ROOT / "configs" / "arms").glob("*.yaml")):
+        settings = bench.resolve_settings(bench.parse_args(["--arms", str(path)]))
+        bench.check_arms(settings)  # every arm's config resolves
+        assert len(settings["arms"]) >= 2, path
+    tune = bench.arms_from_sweep(str(REPO_ROOT / "configs" / "arms" / "tune_world.yaml"))
+    assert len(tune) == 20 and {bench.arm_group(o, "estimator.preset", "carv") for o in tune.values()} == {"sds", "carv"}

@@ -58,3 +58,15 @@ def test_quality_table_still_reads_a_report_from_before_arms():
     report = {"settings": {"budget_seconds": 10.0}, "summary": {"per_prompt": {"a": row}, "overall": row}}
     last = tables.quality_table(report).splitlines()[-1]
     assert last == "| **all prompts** | 0.800 | 0.900 | 5.0 s (50%) | yes / — | 100% / 100% |"
+
+
+def test_full_run_table_shows_how_far_a_timed_out_run_got():
+    run = {"cache": "cold", "status": "timed out", "steps_done": 253, "wall_s": 157.4, "startup_s": 86.8,
+           "time_to_first_step_s": 122.2, "steps_per_s_steady": 8.117, "projection": {"projected_s": 1375.2}}
+    report = {"full_run": {"config": "c.yaml", "steps": 1000, "projected_steps": 10000, "runs": [run]},
+              "device_name": "GPU", "torch": "2", "date": "d"}
+    row = tables.full_run_table(report).splitlines()[2].split(" | ")
+    assert row[1:5] == ["253 of 1000 (timed out)", "cold", "157.4", "86.8"]
+    assert row[6] == "8.12" and row[-1] == "1375 |"
+    report["full_run"]["runs"] = [{"cache": "warm", "status": "failed", "reason": "exit 1"}]
+    assert "| warm | failed: exit 1 |" in tables.full_run_table(report)
