@@ -200,6 +200,10 @@ def test_suite_parts_keep_the_minimum_of_the_parts_after_them(tmp_path):
     assert suite.part_timeout("nerf", 200, parts, order) == 200 - later
     assert suite.part_timeout("nerf_full_run", 500, parts, order) == parts["nerf_full_run"][0]
     assert suite.part_timeout("gaussians_full_run", 100, parts, order) == 100
+    # a small budget does not cut prepare below the fresh builds' floor: later parts shrink instead
+    squeezed = 350 - sum(parts[p][1] for p in order[1:] if p not in suite.OPTIONAL)  # 60 s by the minimums
+    assert squeezed < suite.FLOORS["prepare"] == suite.part_timeout("prepare", 350, parts, order)
+    assert suite.part_timeout("prepare", 90, parts, order) == 90  # never past the time that is left
     # a fresh machine: prepare takes 150 s of 480; profile, nerf, gaussians and the Gaussian run still start
     remaining = 480 - 150
     for name in ("profile", "nerf", "gaussians", "gaussians_full_run"):
