@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -76,6 +75,8 @@ for _key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY
     os.environ.setdefault(_key, "1")
 
 import torch  # noqa: E402
+
+from carv3d.testing.timing import median_ms  # noqa: E402
 
 TARGETS = {
     "it_per_s_at_k8_min": 20.0,  # fast teacher, CARV default estimator, K = 8
@@ -104,22 +105,7 @@ def synchronize(device: torch.device) -> None:
 
 def time_op(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
     """Median seconds of ``fn`` (CUDA events on GPU)."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_ms(fn, device, repeat) / 1000.0
 
 
 def measure_card(device: torch.device, tiny: bool) -> dict[str, Any]:
@@ -237,16 +223,22 @@ def cases(args: argparse.Namespace, teacher_mode: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str, Any],
-               flops_cache: dict[Any, dict[str, int]]) -> dict[str, Any]:
+def fresh_trainer(cfg: Any, teacher: Any) -> Any:
+    """A Trainer on the shared teacher, with the previous configuration's memory freed and the
+    device's peak-memory counter reset, so that its peak is its own."""
     from carv3d.train import Trainer
 
-    device = teacher.device
-    if device.type == "cuda":
+    if teacher.device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(cfg, teacher=teacher)
+        torch.cuda.reset_peak_memory_stats(teacher.device)
+    return Trainer(cfg, teacher=teacher)
+
+
+def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str, Any],
+               flops_cache: dict[Any, dict[str, int]]) -> dict[str, Any]:
+    device = teacher.device
+    trainer = fresh_trainer(cfg, teacher)
     k = int(cfg.estimator.noise_draws)
 
     nerf = cfg.scene.type == "nerf"
@@ -344,14 +336,9 @@ def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> 
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from carv3d.testing.profile import annotated_sections, kernel_summary
-    from carv3d.train import Trainer
 
     device = teacher.device
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(cfg, teacher=teacher)
+    trainer = fresh_trainer(cfg, teacher)
     for _ in range(max(args.warmup, 1)):  # the first builds lazy state and captures the CUDA graph
         trainer.train_step()
     synchronize(device)

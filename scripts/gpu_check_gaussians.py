@@ -199,27 +199,9 @@ def agreement_section(device) -> dict:
 
 def timed_ms(fn: Callable[[], Any], device, repeats: int = 20, warmup: int = 3, max_seconds: float = 20.0) -> dict:
     """Median and min milliseconds of ``fn`` (CUDA events on CUDA)."""
-    import torch
+    from carv3d.testing.timing import call_times_ms
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    started = time.perf_counter()
-    for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-        if time.perf_counter() - started > max_seconds:
-            break
-    times.sort()
+    times = sorted(call_times_ms(fn, device, repeats, warmup, max_seconds))
     return {"median_ms": round(times[len(times) // 2], 3), "min_ms": round(times[0], 3), "repeats": len(times)}
 
 

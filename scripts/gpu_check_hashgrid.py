@@ -58,6 +58,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from carv3d.testing.timing import median_ms  # noqa: E402
+
 TOLERANCES = {  # relative to the largest reference magnitude
     "float32": {"forward": 1e-5, "grad_table": 1e-4, "grad_x": 1e-4},
     # one fp16 rounding of the result (2^-11) with room; the position gradient goes through fp16 θ
@@ -79,22 +81,7 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 def timed(device: torch.device, fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
     """Median milliseconds of ``fn`` (CUDA events on GPU, wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return median_ms(fn, device, repeat, warmup)
 
 
 def grid_args(grid_cfg: Any) -> tuple:

@@ -7,10 +7,8 @@ marked slow: about 1 and 3 minutes on 2 cores).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -19,17 +17,10 @@ import torch
 
 from carv3d.testing.full_run import phases, projection, step_policy
 from carv3d.testing.profile import AnnotatedTimer, kernel_summary, profile_markdown, short_kernel_name
+from carv3d.testing.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"render", "encode", "teacher", "particle", "backward", "optimizer", "other", "unlinked"}
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------ the profile table
@@ -128,7 +119,7 @@ def test_profile_markdown_has_one_row_per_kernel_and_the_step_total():
     assert lines[0].startswith("| # | kernel | section |") and len([l for l in lines if l.startswith("| ")]) == 3
     assert "| 1 | `sm90_xmma_gemm\\|x` | teacher | 64.0 | 30.000 | 37.5 |" in text
     assert "3 profiled steps of 80.0 ms" in text and "75.5 ms without it" in text and "teacher 40.00" in text
-    tables = _script("tables")
+    tables = load_script("tables")
     assert tables.profile_table({"profile": profile}) == text
 
 
@@ -193,7 +184,7 @@ def test_step_policy_of_the_sd21_configs_at_short_and_full_length():
 
 # ------------------------------------------------------------------ the suite's plan
 def test_suite_parts_keep_the_minimum_of_the_parts_after_them(tmp_path):
-    suite = _script("gpu_speed_suite")
+    suite = load_script("gpu_speed_suite")
     parts, order = suite.PARTS, list(suite.PARTS)
     assert suite.part_timeout("profile", 480, parts, order) == parts["profile"][0]
     later = parts["gaussians"][1] + parts["gaussians_full_run"][1]  # the NeRF full run keeps nothing
@@ -215,7 +206,7 @@ def test_suite_parts_keep_the_minimum_of_the_parts_after_them(tmp_path):
 def test_suite_sizes_the_nerf_full_run_from_the_measured_rate(tmp_path):
     import argparse
 
-    suite = _script("gpu_speed_suite")
+    suite = load_script("gpu_speed_suite")
     args = argparse.Namespace(tiny=False)
     (tmp_path / "nerf_speed.json").write_text(json.dumps({"results": [
         {"status": "ok", "noise_draws": 1, "it_per_s": 20.0}, {"status": "ok", "noise_draws": 8, "it_per_s": 10.0}]}))
@@ -232,7 +223,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_bench_speed_profile_mode_on_tiny_models(tmp_path, model_dir):
-    bench = _script("bench_speed")
+    bench = load_script("bench_speed")
     out = tmp_path / "profile.json"
     assert bench.main(["--device", "cpu", "--tiny", "--profile", "--profile-draws", "2", "--warmup", "1", "--steps", "1",
                        "--profile-steps", "1", "--model-dir", str(model_dir), "--out", str(out)]) == 0
@@ -250,7 +241,7 @@ def test_bench_speed_profile_mode_on_tiny_models(tmp_path, model_dir):
 
 
 def test_bench_speed_gaussian_rows_beside_the_nerf_rows_on_tiny_models(tmp_path, model_dir):
-    bench = _script("bench_speed")
+    bench = load_script("bench_speed")
     from carv3d.testing.tiny_teachers import TINY_SD_RENDER_SCALE
 
     out = tmp_path / "speed.json"
@@ -265,13 +256,13 @@ def test_bench_speed_gaussian_rows_beside_the_nerf_rows_on_tiny_models(tmp_path,
     assert gauss["scene"] == "gaussians" and gauss["rasterizer"] == "torch" and gauss["hash_grid_backend"] is None
     assert set(gauss["split_ms"]) == set(nerf["split_ms"]) and "peak_memory_gb" in gauss
     assert gauss["ms_per_step_median"] > 0 and gauss["floor_ms"] > 0 and gauss["scene_parameters"] > 0
-    table = _script("tables").speed_table(json.loads(out.read_text()))
+    table = load_script("tables").speed_table(json.loads(out.read_text()))
     assert "splats" in table and f"{size}²" in table
 
 
 @pytest.mark.slow
 def test_bench_speed_full_run_mode_on_tiny_models(tmp_path, model_dir):
-    bench = _script("bench_speed")
+    bench = load_script("bench_speed")
     out = tmp_path / "full.json"
     assert bench.main(["--device", "cpu", "--tiny", "--full-run-steps", "3", "--full-run-config",
                        "configs/gaussians_sd21.yaml", "--full-run-set", "train.log_every=1", "--full-run-total", "1000",
@@ -290,7 +281,7 @@ def test_bench_speed_full_run_mode_on_tiny_models(tmp_path, model_dir):
 
 @pytest.mark.slow
 def test_gpu_speed_suite_runs_every_part_on_tiny_models(tmp_path):
-    suite = _script("gpu_speed_suite")
+    suite = load_script("gpu_speed_suite")
     assert suite.main(["--out", str(tmp_path), "--tiny"]) == 0
     report = json.loads((tmp_path / "suite.json").read_text())
     assert report["status"] == "finished"

@@ -1,21 +1,16 @@
 """The quality bar's verdict in scripts/bench_world_quality.py against hand-computed cases."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from carv3d.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_world_quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_world_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_world_quality")
 
 
 def row(iou, prompted=True, front=None):

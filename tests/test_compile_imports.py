@@ -7,15 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from carv3d.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compile_imports.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("compile_imports", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compile_imports")
 
 
 def test_every_listed_third_party_module_exists():

@@ -14,6 +14,7 @@ from carv3d.convergence import (PROBE_VIEWS, ConvergenceDetector, ConvergenceRul
 from carv3d.errors import ConfigError
 from carv3d.train import read_metrics, resume, train
 from test_train_e2e import tiny_overrides
+from carv3d.testing.scripts import load_script
 
 
 # ------------------------------------------------------------------------------------ the rule by hand
@@ -168,16 +169,7 @@ def test_detector_state_round_trips_through_a_checkpoint(tiny_sd_path, tmp_path)
 
 # ------------------------------------------------------------------------- the benchmark's bookkeeping
 def _bench():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_convergence.py"
-    spec = importlib.util.spec_from_file_location("bench_convergence", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_convergence")
 
 
 def _run(ious, changes, steps=800):

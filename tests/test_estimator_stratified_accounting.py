@@ -3,7 +3,6 @@ scripts/stratified_accounting.py, and that script's own formulas against Monte C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,16 +14,13 @@ import torch
 
 from carv3d.estimator import AnovaSplit, ScoreDistillationEstimator, TimestepDistribution, add_noise, collapsed_strata
 from carv3d.estimator.anova import collapsed_contrast_matrix
+from carv3d.testing.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stratified_accounting.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("stratified_accounting", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("stratified_accounting")
 
 
 toy = _load_script()

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from carv3d.testing.scripts import load_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tables = _load("tables")
-bench = _load("bench_quality")
+tables = load_script("tables")
+bench = load_script("bench_quality")
 
 
 def _run(prompt, seed, arm, ious):

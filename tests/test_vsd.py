@@ -21,6 +21,7 @@ from carv3d.estimator.guidance import ParticlePredictor  # noqa: E402
 from carv3d.step import TeacherPredictor  # noqa: E402
 from carv3d.estimator.timing import StepTimer  # noqa: E402
 from carv3d.teacher.lora import LoRAParticle  # noqa: E402
+from carv3d.testing.scripts import load_script
 
 PROMPT = "a red cube"
 LABELS = ["front", "back", "side"]
@@ -464,14 +465,9 @@ def test_an_import_broken_by_ctrl_c_exits_as_interrupted(capsys, monkeypatch):
 def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     """scripts/gpu_check_vsd.py --cpu-smoke: every section runs on tiny models and the CPU, and its
     correctness checks pass there (fp32)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_vsd.py"
-    spec = importlib.util.spec_from_file_location("gpu_check_vsd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("gpu_check_vsd")
     assert module.main([str(tmp_path), "--cpu-smoke", "--budget-s", "900"]) == 0
     report = json.loads((tmp_path / "gpu_check_vsd.json").read_text())
     assert report["status"] == "finished" and report["correctness"]["ok"] is True
