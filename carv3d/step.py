@@ -28,6 +28,7 @@ from carv3d.estimator.timing import StepTimer
 from carv3d.scene import Scene, build_scene
 from carv3d.teacher import load_teacher
 from carv3d.teacher.base import Conditioning, Teacher
+from carv3d.teacher.fast import auto_compile_for_run
 from carv3d.teacher.lora import build_particle
 
 SECTIONS = ("render", "encode", "teacher", "particle", "backward", "optimizer")  # the step's timed sections
@@ -135,7 +136,8 @@ class DistillationStep:
         loaded teacher for ``cfg.teacher`` (benchmarks and sweeps share one); ``scene_state``: load
         a saved scene instead of the initial one."""
         check_prompt(cfg.prompt)  # before the (slow) teacher load
-        teacher = teacher if teacher is not None else load_teacher(cfg.teacher, device)
+        if teacher is None:
+            teacher = load_teacher(auto_compile_for_run(cfg.teacher, int(cfg.train.steps)), device)
         seed = int(cfg.train.seed)
         scene = build_scene(cfg.scene, cfg.render, device, seed)
         if scene_state is not None:

@@ -43,7 +43,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (the GPU machine)
@@ -163,9 +163,11 @@ def aggregate(runs: Sequence[dict[str, Any]], metric: str, n_points: int) -> lis
     return [mean_std(curve[i] for curve in by_seed.values()) for i in range(n_points)]
 
 
-def finished_runs(report: dict[str, Any], arm: str, prompt: Optional[str] = None) -> list[dict[str, Any]]:
+def finished_runs(report: dict[str, Any], arm: str, prompt: Union[None, str, Sequence[str]] = None) -> list[dict[str, Any]]:
+    """The arm's finished runs: of every prompt (None), of one, or of a collection of prompts."""
+    chosen = None if prompt is None else {prompt} if isinstance(prompt, str) else set(prompt)
     return [run for run in report["runs"].values() if run["method"] == arm and "error" not in run
-            and (prompt is None or run["prompt"] == prompt)]
+            and (chosen is None or run["prompt"] in chosen)]
 
 
 def report_arms(report: dict[str, Any]) -> tuple[dict[str, list[str]], str]:
@@ -214,8 +216,9 @@ def versus(curves: dict[str, Any], steps: Sequence[Optional[float]], baseline_cu
     }
 
 
-def compare(report: dict[str, Any], prompt: Optional[str], times: Sequence[float]) -> dict[str, Any]:
-    """Every arm's curves for one prompt (or all when None), and each arm against the baseline."""
+def compare(report: dict[str, Any], prompt: Union[None, str, Sequence[str]], times: Sequence[float]) -> dict[str, Any]:
+    """Every arm's curves for one prompt, a subset of prompts, or all (None), and each arm against the
+    baseline."""
     arms, baseline = report_arms(report)
     n_points = len(times)
     runs = {arm: finished_runs(report, arm, prompt) for arm in arms}
@@ -265,8 +268,25 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     times = report["settings"]["checkpoint_seconds"]
     prompts = report["settings"]["prompts"]
     overall = compare(report, None, times)
+    subsets = report["settings"].get("subsets") or {}
     return {"overall": overall, "per_prompt": {p: compare(report, p, times) for p in prompts},
+            "subsets": {name: compare(report, members, times) for name, members in subsets.items()},
             "ranking": ranking(report, overall), "target_fraction_of_budget": TARGET_RATIO}
+
+
+def parse_subsets(values: Sequence[str], prompts: Sequence[str]) -> dict[str, list[str]]:
+    """``--subset NAME=PROMPT,PROMPT`` → {NAME: [prompts]}; each prompt must be one of the bench's."""
+    subsets: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, members = value.partition("=")
+        chosen = [m.strip() for m in members.split(",") if m.strip()]
+        if not sep or not name.strip() or not chosen:
+            raise SystemExit(f"--subset {value!r}: expected NAME=PROMPT,PROMPT (e.g. held_out=a blue sphere,a green torus)")
+        unknown = [m for m in chosen if m not in prompts]
+        if unknown:
+            raise SystemExit(f"--subset {name}: {', '.join(map(repr, unknown))} not among the prompts: {', '.join(prompts)}")
+        subsets[name.strip()] = chosen
+    return subsets
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -420,6 +440,14 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  {arm}: reaches it at {reached}; ahead on IoU at every checkpoint: "
                      f"{result['ahead_on_iou']['every_checkpoint']}, on colour error: "
                      f"{result['ahead_on_colour_error']['every_checkpoint']}")
+    for name, subset in report["summary"].get("subsets", {}).items():
+        for arm, result in subset["versus_baseline"].items():
+            reach = result["seconds_to_baseline_final_iou"]
+            lines.append(f"  [{name}] {arm}: reaches {subset['baseline']}'s final IoU "
+                         f"{subset['baseline_final_mean_iou']:.3f} at "
+                         + ("never" if reach is None else f"{reach:.1f} s ({result['fraction_of_budget']:.0%})")
+                         + f"; ahead on IoU / colour at every checkpoint: {result['ahead_on_iou']['every_checkpoint']}"
+                           f" / {result['ahead_on_colour_error']['every_checkpoint']}")
     if len(arms) > 2:
         for group, arm in report["summary"]["ranking"]["best"].items():
             lines.append(f"best {group} arm: {arm}")
@@ -512,6 +540,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="label of the baseline arm (default: sds, or the first arm of --arms)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for both methods (repeat)")
+    parser.add_argument("--subset", action="append", default=[], metavar="NAME=PROMPT,PROMPT",
+                        help="also summarise these prompts on their own (summary.subsets.NAME), e.g. the prompts "
+                             "held out from tuning, or the six of bench_world_quality; with --summarize-only too")
     parser.add_argument("--eval-views", type=int, default=16)
     parser.add_argument("--eval-resolution", type=int, default=None, help="held-out view size (default: the preset's)")
     parser.add_argument("--chamfer", action="store_true",
@@ -555,6 +586,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "eval_views": args.eval_views,
         "eval_resolution": args.eval_resolution if args.eval_resolution is not None else preset.eval_resolution,
         "chamfer": args.chamfer,
+        "subsets": parse_subsets(args.subset, list(args.prompt or preset.prompts)),
     }
 
 
@@ -689,6 +721,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.baseline not in arms:
                 raise SystemExit(f"--baseline {args.baseline!r} is not an arm of {out}; arms: {', '.join(arms)}")
             report["settings"]["baseline"] = args.baseline
+        if args.subset:
+            report["settings"]["subsets"] = parse_subsets(args.subset, report["settings"]["prompts"])
         report["summary"] = summarize(report)
         write_json(out, report)
         try_plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))

@@ -249,3 +249,26 @@ def test_the_shipped_arms_files_resolve():
         assert len(settings["arms"]) >= 2, path
     tune = bench.arms_from_sweep(str(REPO_ROOT / "configs" / "arms" / "tune_world.yaml"))
     assert len(tune) == 20 and {bench.arm_group(o, "estimator.preset", "carv") for o in tune.values()} == {"sds", "carv"}
+
+
+def test_a_subset_of_prompts_is_summarised_on_its_own():
+    times = bench.checkpoint_times(20.0, 2)
+    # prompt a: carv ahead; prompt b: carv behind. Over both, sds ends at 0.75 and carv at 0.75.
+    runs = [_run("a", 0, "sds", [0.5, 0.6, 0.7]), _run("a", 0, "carv", [0.5, 0.8, 0.9]),
+            _run("b", 0, "sds", [0.5, 0.7, 0.8]), _run("b", 0, "carv", [0.5, 0.55, 0.6])]
+    subsets = bench.parse_subsets(["held_out=a", "both=a, b"], ["a", "b"])
+    assert subsets == {"held_out": ["a"], "both": ["a", "b"]}
+    report = {"settings": {"checkpoint_seconds": times, "prompts": ["a", "b"], "subsets": subsets},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    summary = bench.summarize(report)
+    held_out = summary["subsets"]["held_out"]
+    assert held_out["runs"] == {"sds": 1, "carv": 1}
+    assert held_out["baseline_final_mean_iou"] == pytest.approx(0.7)
+    # carv on a crosses 0.7 between (0, 0.5) and (10, 0.8): 0.2/0.3·10 = 6.67 s
+    assert held_out["versus_baseline"]["carv"]["seconds_to_baseline_final_iou"] == pytest.approx(6.667, abs=1e-3)
+    assert summary["subsets"]["both"]["versus_baseline"] == summary["overall"]["versus_baseline"]
+    assert "[held_out] carv" in bench.format_summary({"settings": report["settings"], "summary": summary})
+    with pytest.raises(SystemExit, match="not among the prompts"):
+        bench.parse_subsets(["x=c"], ["a", "b"])
+    with pytest.raises(SystemExit, match="NAME=PROMPT"):
+        bench.parse_subsets(["just-a-name"], ["a", "b"])

@@ -397,3 +397,19 @@ def test_auto_compile_is_regional_for_a_large_unet_and_off_for_a_small_one(tiny_
     # On a CPU auto is off before any model is looked at (and says nothing: nothing was asked).
     cpu = resolve_fast_paths(load_config().teacher, torch.device("cpu"))
     assert cpu.compile == "off"
+
+
+@pytest.mark.parametrize("steps, expected", [(1000, "off"), (3999, "off"), (4000, "auto"), (10_000, "auto")])
+def test_auto_compile_is_off_for_runs_too_short_to_win_the_compile_back(steps, expected, caplog):
+    from carv3d.teacher.fast import AUTO_COMPILE_MIN_STEPS, auto_compile_for_run
+
+    assert AUTO_COMPILE_MIN_STEPS == 4000
+    cfg = load_config(overrides=[f"train.steps={steps}"])
+    with caplog.at_level("INFO", logger="carv3d"):
+        chosen = auto_compile_for_run(cfg.teacher, int(cfg.train.steps))
+    assert chosen.compile == expected
+    assert cfg.teacher.compile == "auto"                       # the run's own config is not changed
+    assert ("-> off for a" in caplog.text) == (expected == "off")
+    for mode in ("off", "full", "regional"):                   # an explicit choice is kept whatever the length
+        explicit = load_config(overrides=[f"train.steps={steps}", f"teacher.compile={mode}"]).teacher
+        assert auto_compile_for_run(explicit, steps) is explicit

@@ -30,6 +30,7 @@ eager code path is then exactly the one without fast paths.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ COMPILE_MODES = ("off", "full", "regional")
 # teacher.compile=auto compiles (regionally) a U-Net at least this large: Stable Diffusion's has
 # 866 M parameters; the embedded world teacher's 2.4 M run in a step that the render dominates.
 AUTO_COMPILE_MIN_PARAMETERS = 100_000_000
+# A compile pays for itself only over a long run: on an H100 at SD 2.1 scale, K = 8, a cold regional
+# compile starts ≈ 45 s later than eager for steps ≈ 13 ms faster (docs/bench_compile_h100.json), so
+# about 3,500 steps, and auto-K compiles again at every K it visits. Shorter runs stay eager.
+AUTO_COMPILE_MIN_STEPS = 4000
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,23 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
         channels_last=_switch(teacher_cfg.channels_last, "channels_last", device),
         compile=mode,
     )
+
+
+def auto_compile_for_run(teacher_cfg: Any, steps: int) -> Any:
+    """``teacher_cfg`` with ``compile=auto`` turned ``off`` for a run of fewer than
+    :data:`AUTO_COMPILE_MIN_STEPS` steps (logged); otherwise ``teacher_cfg`` itself.
+
+    Runs too short to win back the compile time (configs/gaussians_sd21.yaml's 1,000 steps, the CPU
+    demo) start at once; long runs (configs/sd21.yaml's 10,000) keep ``auto``, which the teacher
+    resolves by its U-Net's size (:func:`resolve_auto_compile`). The given config is not changed.
+    """
+    if compile_mode(getattr(teacher_cfg, "compile", "off")) != "auto" or steps >= AUTO_COMPILE_MIN_STEPS:
+        return teacher_cfg
+    shorter = copy.deepcopy(teacher_cfg)
+    shorter.compile = "off"
+    logger.info("teacher: compile=auto -> off for a %d-step run (auto compiles runs of %d steps or more)",
+                steps, AUTO_COMPILE_MIN_STEPS)
+    return shorter
 
 
 def compile_mode(value: Any) -> str:
