@@ -242,9 +242,14 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
                 jobs.append(("uniform", r, k))
     total = sum(draws + (pilot if m == "adaptive" else 0) for m, _, _ in jobs)
     bar = tqdm(total=total, desc="carv3d variance", unit="grad", disable=not progress, dynamic_ncols=True)
+    cameras: dict[tuple[str, int, int], str] = {}
     for method, R, K in jobs:
         estimator = make_estimator(cfg, scene, method, R, K)
-        sampler = scene.camera_sampler(camera_stratified)
+        # Camera strata are part of CARV (the carv preset's camera.stratified): the plain rows keep
+        # independent cameras, so "without CARV" is the plain estimator whatever --camera-stratified says.
+        stratify = camera_stratified and uses_carv({"method": method, "noise_draws": K})
+        cameras[(method, R, K)] = "stratified" if stratify else "independent"
+        sampler = scene.camera_sampler(stratify)
         step = 0
         if method == "adaptive":  # learn the proposal at this θ, then freeze it
             estimator.adaptive_refresh_every = max(1, pilot // 4)
@@ -277,7 +282,7 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         spread = float(var_i.pow(2).sum().mul(2).sqrt()) / s.count
         uniform = runs[("uniform", R, K)]
         rows.append({
-            "method": method, "upstream_samples": R, "noise_draws": K, "draws": s.count,
+            "method": method, "upstream_samples": R, "noise_draws": K, "draws": s.count, "cameras": cameras[(method, R, K)],
             "variance": s.trace, "cost_seconds": s.cost, "guidance_training_seconds": s.guidance_cost,
             "ecm": (base.trace * base.cost) / (s.trace * s.cost) if s.trace > 0 else math.nan,
             "relative_efficiency": uniform.trace / s.trace if s.trace > 0 else math.nan,
@@ -334,7 +339,9 @@ def variance_split(rows: list[dict[str, Any]]) -> dict[str, float]:
     launch-bound (cost flat in R and K, as on the H200 with the embedded teacher, where R = 1 tops
     out at half of it). Past it only a smaller σ_b² helps (camera strata across the renders).
     """
-    points = [(r["upstream_samples"], r["noise_draws"], r["variance"]) for r in rows if r["method"] == "uniform"]
+    # the two-level model holds for independent cameras; strata change the between-render term
+    points = [(r["upstream_samples"], r["noise_draws"], r["variance"]) for r in rows
+              if r["method"] == "uniform" and r.get("cameras", "independent") == "independent"]
     A = torch.tensor([[1.0 / R, 1.0 / (R * K)] for R, K, _ in points], dtype=torch.float64).reshape(-1, 2)
     if len(points) < 2 or torch.linalg.matrix_rank(A) < 2:
         return {}

@@ -478,7 +478,7 @@ def variance(args: argparse.Namespace, device: torch.device, workdir: Path) -> d
     run_cfg = load_config(run_dir / "config.yaml")
     scene = FrozenScene(run_cfg, device, scene_state(state), seed=0, guidance_state=guidance_state(state))
     report = measure(run_cfg, scene, args.variance_methods.split(","), parse_rk(args.variance_rk), args.variance_draws,
-                     args.variance_pilot, progress=False)
+                     args.variance_pilot, camera_stratified=args.variance_camera_stratified, progress=False)
     mark_few_draws(report)
     log("variance (VSD):\n" + format_table(report))
     best = report["with_and_without_carv"].get("best")  # the best row with CARV
@@ -511,6 +511,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--variance-methods", default="uniform,is+stratified,adaptive")
     parser.add_argument("--variance-draws", type=int, default=48)
     parser.add_argument("--variance-pilot", type=int, default=16)
+    parser.add_argument("--variance-camera-stratified", action="store_true",
+                        help="camera strata across the renders of the rows with CARV, as the carv preset trains "
+                             "(the plain rows keep independent cameras)")
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu_smoke else 3)
     args.steps = args.steps if args.steps is not None else (2 if args.cpu_smoke else 10)

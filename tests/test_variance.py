@@ -227,3 +227,41 @@ def test_guidance_state_of_a_checkpoint():
     assert guidance_state({"estimator": {"guidance": particle}}) is particle
     assert guidance_state({"estimator": {"guidance": {}}}) is None
     assert guidance_state({"estimator": {}}) is None and guidance_state({}) is None
+
+
+def test_camera_strata_go_to_the_rows_with_carv_and_the_plain_rows_keep_independent_cameras(monkeypatch):
+    """--camera-stratified: a row's gradients are drawn with stratified cameras only when the row uses
+    CARV (K > 1 or a proposal other than uniform); uniform t with K = 1, the baseline, stays plain, and
+    the two-level split is fitted only on rows with independent cameras."""
+    import carv3d.variance as variance_module
+
+    class RecordingScene:
+        trains_guidance, clock = False, "wall"
+
+        def __init__(self):
+            self.seen = []
+
+        def camera_sampler(self, stratified):
+            return {"stratified": stratified}
+
+        def gradient(self, estimator, sampler, R, step):
+            self.seen.append((estimator, R, sampler["stratified"]))
+            return torch.randn(8, generator=torch.Generator().manual_seed(len(self.seen))), 0.01
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(variance_module, "make_estimator",
+                        lambda cfg, scene, method, R, K: SimpleNamespace(method=method, K=K, adaptive_refresh_every=1))
+    scene = RecordingScene()
+    cfg = SimpleNamespace(guidance=SimpleNamespace(type="sds"))
+    report = variance_module.measure(cfg, scene, ["uniform", "adaptive"], [(2, 1), (1, 4)], draws=3, pilot=0,
+                                     camera_stratified=True, progress=False)
+    cameras = {(r["method"], r["upstream_samples"], r["noise_draws"]): r["cameras"] for r in report["rows"]}
+    assert cameras == {("uniform", 2, 1): "independent", ("adaptive", 2, 1): "stratified",
+                       ("uniform", 1, 4): "stratified", ("adaptive", 1, 4): "stratified"}
+    for estimator, R, stratified in scene.seen:  # what each draw was actually given
+        assert stratified == (estimator.method != "uniform" or estimator.K > 1)
+    assert report["variance_split"] == {}  # one independent-camera uniform row cannot separate σ_b² and σ_w²
+    plain = variance_module.measure(cfg, RecordingScene(), ["uniform"], [(2, 1), (1, 4)], draws=3, pilot=0,
+                                    progress=False)
+    assert {r["cameras"] for r in plain["rows"]} == {"independent"}

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pilot", type=int, default=16, help="gradients to learn the adaptive proposal before measuring")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
     parser.add_argument("--rk", default=",".join(f"{r}x{k}" for r, k in DEFAULT_RK), help="R x K pairs, e.g. 2x1,1x8")
-    parser.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across draws")
+    parser.add_argument("--camera-stratified", action="store_true", help="stratify camera azimuth across the renders and steps of the rows with CARV (the plain rows, uniform t with K = 1, keep independent cameras)")
     parser.add_argument("--window", type=int, default=0,
                         help="also report W·Var of the mean of W consecutive draws (e.g. 8: one cycle of camera strata)")
     parser.add_argument("--guidance-warmup", type=int, default=0,
