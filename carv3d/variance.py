@@ -450,14 +450,15 @@ def carv_line(report: dict[str, Any]) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     window = report.get("window")
-    extra = f" W·Var, W = {window} |" if window else ""
+    strata = bool(report.get("camera_stratified"))  # then say which rows had camera strata
+    extra = (" cameras |" if strata else "") + (f" W·Var, W = {window} |" if window else "")
     lines = [title_line(report) + "\n",
              "| method | R | K | Var | ms/grad | ECM | RE | bias z |" + extra,
-             "|---|---|---|---|---|---|---|---|" + ("---|" if window else "")]
+             "|---|---|---|---|---|---|---|---|" + ("---|" if strata else "") + ("---|" if window else "")]
     for r in report["rows"]:
-        cell = ""
+        cell = f" {r.get('cameras', 'independent')} |" if strata else ""
         if window:
-            cell = f" {r['window_variance']:.4g} |" if r.get("window_variance") is not None else " — |"
+            cell += f" {r['window_variance']:.4g} |" if r.get("window_variance") is not None else " — |"
         lines.append(f"| {r['method']} | {r['upstream_samples']} | {r['noise_draws']} | {r['variance']:.4g} | "
                      f"{1000 * r['cost_seconds']:.1f} | {r['ecm']:.2f} | {r['relative_efficiency']:.2f} | {r['bias_z']:.2f} |"
                      + cell)

@@ -262,6 +262,9 @@ def test_camera_strata_go_to_the_rows_with_carv_and_the_plain_rows_keep_independ
     for estimator, R, stratified in scene.seen:  # what each draw was actually given
         assert stratified == (estimator.method != "uniform" or estimator.K > 1)
     assert report["variance_split"] == {}  # one independent-camera uniform row cannot separate σ_b² and σ_w²
+    table = variance_module.format_table(variance_module.mark_few_draws(report))
+    assert "| cameras |" in table and "| uniform | 2 | 1 |" in table
+    assert [line.endswith(" independent |") for line in table.splitlines() if line.startswith("| uniform | 2 | 1")] == [True]
     plain = variance_module.measure(cfg, RecordingScene(), ["uniform"], [(2, 1), (1, 4)], draws=3, pilot=0,
                                     progress=False)
     assert {r["cameras"] for r in plain["rows"]} == {"independent"}
