@@ -37,13 +37,10 @@ def resolve_device(name: "str | torch.device", option: str = "train.device") -> 
     return device
 
 
-def warm_up_cuda_extensions() -> Optional[float]:
-    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once, in this process.
-
-    Call it in a parent before starting several worker processes on one machine, so that they do not
-    all start the same JIT build at once. Returns the seconds it took, or None without CUDA. A failure
-    is logged, not raised: the renderer reports a real problem itself when it needs the kernels.
-    """
+def warm_up_nerfacc() -> Optional[float]:
+    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once, in this
+    process; the seconds it took, or None without CUDA. A failure is logged, not raised: the renderer
+    reports a real problem itself when it needs the kernels."""
     if not torch.cuda.is_available():
         return None
     started = time.perf_counter()
@@ -52,3 +49,20 @@ def warm_up_cuda_extensions() -> Optional[float]:
     except Exception as err:  # only a warm-up
         logger.warning("nerfacc CUDA warm-up failed: %s", err)
     return time.perf_counter() - started
+
+
+def warm_up_cuda_extensions() -> Optional[float]:
+    """Build or load every JIT-compiled CUDA extension carv3d uses once, in this process: nerfacc's
+    (the NeRF's occupancy grid) and, when installed, gsplat's (Gaussian splats; ~70–110 s to build).
+
+    Call it in a parent before starting several worker processes on one machine, so that they do not
+    all start the same JIT build at once: a worker that finds another's build in progress waits on
+    its lock, and ten workers waiting on a build that twenty busy ones slow down can lose their
+    whole time budget. Returns the seconds it took, or None without CUDA.
+    """
+    from carv3d.scene.gaussians_gsplat import warm_up_gsplat  # the scene package imports this module
+
+    nerfacc = warm_up_nerfacc()
+    if nerfacc is None:
+        return None
+    return nerfacc + (warm_up_gsplat() or 0.0)

@@ -158,10 +158,10 @@ def build_scene_for(backend: str, device: torch.device, overrides: list[str]) ->
 def section_render(args: argparse.Namespace, device: torch.device, overrides: list[str]) -> dict[str, Any]:
     from carv3d.cameras import CameraSampler
 
-    from carv3d.devices import warm_up_cuda_extensions
+    from carv3d.devices import warm_up_nerfacc
 
     out: dict[str, Any] = {"bar_ms": RENDER_BAR_MS, "views": args.render_iters,
-                           "nerfacc_warm_up_seconds": warm_up_cuda_extensions()}  # its JIT build, not timed below
+                           "nerfacc_warm_up_seconds": warm_up_nerfacc()}  # its JIT build, not timed below
     first: dict[str, Any] = {}
     variants = [("torch", "torch", []), ("triton", "triton", [])]
     if args.compile_head:  # scene.compile_head: torch.compile of the MLP and activation (compiles first)

@@ -409,7 +409,7 @@ def world_run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def world(args: argparse.Namespace, device: torch.device, deadline: float) -> dict[str, Any]:
-    from carv3d.devices import warm_up_cuda_extensions
+    from carv3d.devices import warm_up_nerfacc
     from carv3d.workers import run_in_workers
 
     common = ["train.progress=false", "train.tensorboard=false", "train.turntable_frames=0", "export.at_end=false",
@@ -422,7 +422,7 @@ def world(args: argparse.Namespace, device: torch.device, deadline: float) -> di
         configs = {"sds": None, "vsd": str(REPO_ROOT / "configs" / "vsd_world.yaml")}
         common.append(f"render.sampler={args.world_sampler}")
         views, resolution, parallel = 16, 64, len(args.world_prompts) * args.world_seeds * 2
-    warm = warm_up_cuda_extensions() if device.type == "cuda" and args.world_sampler != "stratified" else None
+    warm = warm_up_nerfacc() if device.type == "cuda" and args.world_sampler != "stratified" else None
     jobs_n = len(args.world_prompts) * args.world_seeds * 2
     rounds = -(-jobs_n // parallel)
     remaining = deadline - time.perf_counter() - 25.0 * rounds  # start-up and evaluation per round
