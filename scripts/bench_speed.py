@@ -283,6 +283,7 @@ def run_config(args: argparse.Namespace, cfg: Any, teacher: Any, card: dict[str,
                          + (grid["bytes"] if grid else 0) / (card["copy_bandwidth_gb_s"] * 1e9))
     median = statistics.median(step_seconds)
     result = {
+        "guidance": str(cfg.guidance.type),  # vsd (--set guidance.type=vsd): the floor counts the teacher's calls only
         "ms_per_step_median": 1000.0 * median,
         "ms_per_step_mean": 1000.0 * statistics.fmean(step_seconds),
         "ms_per_step_min": 1000.0 * min(step_seconds),
@@ -367,7 +368,7 @@ def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> 
     summary = kernel_summary(prof.events(), device.type, args.profile_steps, step_ms, top=args.profile_top)
     result = {
         "status": "ok", "config": name, "device": str(device), "noise_draws": int(cfg.estimator.noise_draws),
-        "scene": str(cfg.scene.type), "render_size": [int(cfg.render.height), int(cfg.render.width)],
+        "scene": str(cfg.scene.type), "guidance": str(cfg.guidance.type), "render_size": [int(cfg.render.height), int(cfg.render.width)],
         "backends": dict(trainer.scene.backends), "fast_paths": teacher.fast.describe(),
         "sync_free": trainer.sync_free, "unprofiled_step_ms": unprofiled_ms, "profiled_wall_ms": 1000.0 * wall,
         "split_ms": {k.replace("time_", "").replace("_ms", ""): v for k, v in split.items()},
