@@ -64,3 +64,22 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     rows = report["quality"]["rows"]
     assert [r["prompt"] for r in rows] == ["a red cube", "a blue sphere"] and all("error" not in r for r in rows)
     assert all(0.0 <= r["silhouette_iou"] <= 1.0 for r in rows)
+
+
+@pytest.mark.gpu
+def test_a_gaussian_scene_on_cuda_exports_a_mesh(tiny_pixel_path):
+    """The mesh export of CUDA Gaussians (their density queried where they live)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from carv3d.config import load_config
+    from carv3d.export.pipeline import build_mesh
+    from carv3d.scene import build_scene
+
+    cfg = load_config(overrides=["scene.type=gaussians", "scene.n_points=2000", "scene.rasterizer=torch",
+                                 "export.resolution=48", "export.refine_from=24", "export.texture_size=64",
+                                 "export.threshold=0.5"])
+    scene = build_scene(cfg.scene, cfg.render, torch.device("cuda"), seed=0)
+    with torch.no_grad():
+        scene.gaussians.opacity_logits.fill_(4.0)  # a dense ball: a non-empty isosurface
+    mesh = build_mesh(scene.field, cfg.export)
+    assert len(mesh.faces) > 0 and mesh.vertices.min() >= -scene.field.radius - 1e-6

@@ -207,3 +207,36 @@ def test_resume_with_densification_is_bit_identical_and_exports(tiny_pixel_path,
     assert (full / "mesh" / "mesh.glb").is_file()
     cams = make_cameras(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([1.55]), torch.tensor([50.0]))
     assert saved.scene.render(cams).rgb.shape == (1, 3, 16, 16)
+
+
+def test_export_queries_the_gaussians_on_their_own_device():
+    """The export evaluates a field on ``field_device(field)``: the Gaussians' field is not a module,
+    so it states its device (a CUDA run's export once sent CPU points to CUDA Gaussians)."""
+    from carv3d.export.isosurface import density_grid, field_device
+
+    g = Gaussians(3)
+    with torch.no_grad():
+        g.log_scales.fill_(math.log(0.2))
+        g.quats[:, 0] = 1.0
+    field = GaussianField(lambda: g, radius=1.0)
+    assert field_device(field) == torch.device("cpu") == field.device
+
+    class StatesCuda:
+        device, radius = torch.device("cuda", 0), 1.0
+
+    assert field_device(StatesCuda()) == torch.device("cuda", 0)   # stated: no tensor needed to know it
+    assert field_device(torch.nn.Linear(2, 2).to("meta")) == torch.device("meta")  # a module: its parameters
+    assert field_device(object()) == torch.device("cpu")
+
+    seen = []
+
+    class Recording:
+        radius = 1.0
+        device = torch.device("cpu")
+
+        def density(self, x):
+            seen.append(x.device)
+            return field.density(x)
+
+    grid = density_grid(Recording(), 5)
+    assert set(seen) == {torch.device("cpu")} and grid.shape == (5, 5, 5)

@@ -30,7 +30,12 @@ class EmptyMeshError(UserError):
 
 
 def field_device(field: Any) -> torch.device:
-    """The device of a field's parameters or buffers (CPU for a field that has none)."""
+    """The device a field wants its query points on: its ``device`` attribute when it states one (a
+    field that is not a module, such as the Gaussians' density), else that of its parameters or
+    buffers (CPU for a field that has none)."""
+    stated = getattr(field, "device", None)
+    if isinstance(stated, (torch.device, str)):
+        return torch.device(stated)
     for getter in ("parameters", "buffers"):
         try:
             tensor = next(iter(getattr(field, getter)()))
