@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Optional
 
@@ -37,18 +38,24 @@ def resolve_device(name: "str | torch.device", option: str = "train.device") -> 
     return device
 
 
-def warm_up_nerfacc() -> Optional[float]:
-    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once, in this
-    process; the seconds it took, or None without CUDA. A failure is logged, not raised: the renderer
-    reports a real problem itself when it needs the kernels."""
-    if not torch.cuda.is_available():
-        return None
+def time_extension_load(module: str, label: str) -> float:
+    """Import ``module`` (which builds a JIT-compiled CUDA extension on first use, loads it after) and
+    return the seconds it took. A failure is logged, not raised: this is only a warm-up, and the code
+    that needs the kernels reports a real problem itself."""
     started = time.perf_counter()
     try:
-        from nerfacc.cuda._backend import _C  # noqa: F401  (importing it builds or loads the extension)
+        importlib.import_module(module)
     except Exception as err:  # only a warm-up
-        logger.warning("nerfacc CUDA warm-up failed: %s", err)
+        logger.warning("%s CUDA warm-up failed: %s", label, err)
     return time.perf_counter() - started
+
+
+def warm_up_nerfacc() -> Optional[float]:
+    """Build (first use on a fresh machine, ~65 s) or load nerfacc's CUDA kernels once, in this
+    process; the seconds it took, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return time_extension_load("nerfacc.cuda._backend", "nerfacc")
 
 
 def warm_up_cuda_extensions() -> Optional[float]:

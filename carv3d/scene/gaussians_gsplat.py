@@ -12,7 +12,6 @@ rasterisation with the conventions of :mod:`carv3d.scene.gaussians_raster` (eps2
 from __future__ import annotations
 
 import importlib.util
-import time
 from typing import Any, Optional
 
 import torch
@@ -66,12 +65,9 @@ def warm_up_gsplat() -> Optional[float]:
     without CUDA or gsplat. A failure is logged: the render reports a real problem itself."""
     if not torch.cuda.is_available() or not gsplat_installed():
         return None
-    started = time.perf_counter()
-    try:
-        from gsplat.cuda._backend import _C  # noqa: F401  (importing it builds or loads the extension)
-    except Exception as err:  # only a warm-up
-        logger.warning("gsplat CUDA warm-up failed: %s", err)
-    return time.perf_counter() - started
+    from carv3d.devices import time_extension_load
+
+    return time_extension_load("gsplat.cuda._backend", "gsplat")
 
 
 def rasterize_gsplat(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
