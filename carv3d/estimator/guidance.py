@@ -188,7 +188,7 @@ class ClassifierScoreDistillation(Guidance):
 
 
 class VariationalScoreDistillation(Guidance):
-    """VSD (ProlificDreamer, Wang et al. 2023): ρ = ε̂_s(x_t, t, y) − ε̂_φ(x_t, t, y, c).
+    r"""VSD (ProlificDreamer, Wang et al. 2023): ρ = ε̂_s(x_t, t, y) − ε̂_φ(x_t, t, y, c).
 
     ε̂_s is the frozen teacher with classifier-free guidance; ε̂_φ is a particle model — the
     teacher's U-Net with LoRA adapters and a camera embedding — that learns the distribution of the
