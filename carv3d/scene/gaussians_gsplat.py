@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from carv3d.devices import time_extension_load
 from carv3d.errors import BackendUnavailableError
 from carv3d.log import logger
 from carv3d.scene.gaussians_raster import EPS_2D, NEAR_PLANE
@@ -65,8 +66,6 @@ def warm_up_gsplat() -> Optional[float]:
     without CUDA or gsplat. A failure is logged: the render reports a real problem itself."""
     if not torch.cuda.is_available() or not gsplat_installed():
         return None
-    from carv3d.devices import time_extension_load
-
     return time_extension_load("gsplat.cuda._backend", "gsplat")
 
 
