@@ -443,8 +443,9 @@ def format_summary(report: dict[str, Any]) -> str:
     for name, subset in report["summary"].get("subsets", {}).items():
         for arm, result in subset["versus_baseline"].items():
             reach = result["seconds_to_baseline_final_iou"]
+            final = subset["baseline_final_mean_iou"]
             lines.append(f"  [{name}] {arm}: reaches {subset['baseline']}'s final IoU "
-                         f"{subset['baseline_final_mean_iou']:.3f} at "
+                         + ("(none: no finished run)" if final is None else f"{final:.3f}") + " at "
                          + ("never" if reach is None else f"{reach:.1f} s ({result['fraction_of_budget']:.0%})")
                          + f"; ahead on IoU / colour at every checkpoint: {result['ahead_on_iou']['every_checkpoint']}"
                            f" / {result['ahead_on_colour_error']['every_checkpoint']}")
@@ -564,6 +565,12 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     checkpoints = args.checkpoints if args.checkpoints is not None else preset.checkpoints
     if budget <= 0 or checkpoints < 1 or parallel < 1:
         raise SystemExit("--budget must be positive, --checkpoints and --parallel at least 1")
+    from carv3d.world.evaluate import EvaluationOptionError, check_options
+
+    try:  # before any run starts, not in every worker after its training
+        check_options(args.eval_views, args.eval_resolution if args.eval_resolution is not None else preset.eval_resolution)
+    except EvaluationOptionError as err:
+        raise SystemExit(f"--eval-views / --eval-resolution: {err}") from None
     arms = arms_from_sweep(args.arms) if args.arms else dict(DEFAULT_ARMS)
     baseline = args.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in arms else next(iter(arms)))
     if baseline not in arms:

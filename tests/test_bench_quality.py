@@ -272,3 +272,20 @@ def test_a_subset_of_prompts_is_summarised_on_its_own():
         bench.parse_subsets(["x=c"], ["a", "b"])
     with pytest.raises(SystemExit, match="NAME=PROMPT"):
         bench.parse_subsets(["just-a-name"], ["a", "b"])
+
+
+def test_bad_evaluation_options_stop_the_bench_before_any_run():
+    with pytest.raises(SystemExit, match="--eval-views / --eval-resolution: --views 4"):
+        bench.resolve_settings(bench.parse_args(["--eval-views", "4"]))
+    with pytest.raises(SystemExit, match="--resolution 8"):
+        bench.resolve_settings(bench.parse_args(["--eval-resolution", "8"]))
+
+
+def test_a_summary_with_no_finished_run_still_prints():
+    times = bench.checkpoint_times(20.0, 2)
+    report = {"settings": {"checkpoint_seconds": times, "prompts": ["a"], "subsets": {"one": ["a"]}},
+              "runs": {"0": {"prompt": "a", "seed": 0, "method": "sds", "error": "boom"},
+                       "1": {"prompt": "a", "seed": 0, "method": "carv", "error": "boom"}}}
+    report["summary"] = bench.summarize(report)
+    text = bench.format_summary(report)
+    assert "[one] carv: reaches sds's final IoU (none: no finished run) at never" in text
