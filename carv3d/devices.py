@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import time
 from typing import Optional
 
@@ -38,6 +39,11 @@ def resolve_device(name: "str | torch.device", option: str = "train.device") -> 
     return device
 
 
+def package_installed(name: str) -> bool:
+    """Whether ``name`` can be imported here, without importing it."""
+    return importlib.util.find_spec(name) is not None
+
+
 def time_extension_load(module: str, label: str) -> float:
     """Import ``module`` (which builds a JIT-compiled CUDA extension on first use, loads it after) and
     return the seconds it took. A failure is logged, not raised: this is only a warm-up, and the code
@@ -58,6 +64,14 @@ def warm_up_nerfacc() -> Optional[float]:
     return time_extension_load("nerfacc.cuda._backend", "nerfacc")
 
 
+def warm_up_gsplat() -> Optional[float]:
+    """Build (first use on a fresh machine, ~60–110 s) or load gsplat's CUDA extension once, in this
+    process; the seconds it took, or None without CUDA or without gsplat installed."""
+    if not torch.cuda.is_available() or not package_installed("gsplat"):
+        return None
+    return time_extension_load("gsplat.cuda._backend", "gsplat")
+
+
 def warm_up_cuda_extensions() -> Optional[float]:
     """Build or load every JIT-compiled CUDA extension carv3d uses once, in this process: nerfacc's
     (the NeRF's occupancy grid) and, when installed, gsplat's (Gaussian splats; ~70–110 s to build).
@@ -67,8 +81,6 @@ def warm_up_cuda_extensions() -> Optional[float]:
     its lock, and ten workers waiting on a build that twenty busy ones slow down can lose their
     whole time budget. Returns the seconds it took, or None without CUDA.
     """
-    from carv3d.scene.gaussians_gsplat import warm_up_gsplat  # the scene package imports this module
-
     nerfacc = warm_up_nerfacc()
     if nerfacc is None:
         return None

@@ -149,7 +149,7 @@ def main() -> int:
     from carv3d.workers import run_in_workers
 
     if args.parallel > 1:
-        warm_up_cuda_extensions()  # build nerfacc once here, not in every worker at the same time
+        warm_up_cuda_extensions()  # build the CUDA extensions once here, not in every worker at the same time
     threads = max(1, (os.cpu_count() or 1) // args.parallel)
     run_in_workers(jobs, args.parallel, threads, on_result, worker=train_and_score)
     print(json.dumps(report.get("bar"), indent=2))

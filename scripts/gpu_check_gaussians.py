@@ -96,7 +96,7 @@ def env_section(device) -> dict:
 
 
 def jit_section(device) -> dict:
-    from carv3d.scene.gaussians_gsplat import warm_up_gsplat
+    from carv3d.devices import warm_up_gsplat
 
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}
@@ -298,7 +298,7 @@ def quality_job(job: dict) -> dict:
 
 
 def quality_section(device, smoke: bool, parallel: int, extra: list[str], with_nerf: bool = False) -> dict:
-    from carv3d.scene.gaussians_gsplat import warm_up_gsplat
+    from carv3d.devices import warm_up_gsplat
     from carv3d.workers import run_in_workers
 
     warm_up_gsplat()  # build or load the extension once here, not in six workers at once

@@ -127,10 +127,11 @@ try:
             build_random_stable_diffusion(folder, scale="sd21", seed=0, device=device)
         out["folder"] = str(folder)
     elif what == "nerfacc":
-        from carv3d.devices import warm_up_cuda_extensions
-        out["warm_up_s"] = warm_up_cuda_extensions()
+        from carv3d.devices import warm_up_nerfacc
+        out["warm_up_s"] = warm_up_nerfacc()
     elif what == "gsplat":
-        from carv3d.scene.gaussians_gsplat import gsplat_installed, warm_up_gsplat
+        from carv3d.devices import warm_up_gsplat
+        from carv3d.scene.gaussians_gsplat import gsplat_installed
         out["installed"] = gsplat_installed()
         out["warm_up_s"] = warm_up_gsplat() if out["installed"] else None
     out["status"] = "ok"

@@ -54,7 +54,7 @@ def test_cuda_warm_up_is_none_without_cuda_and_logs_a_failure(monkeypatch, caplo
 
 def test_cuda_warm_up_loads_gsplat_too_when_it_is_installed(monkeypatch, caplog):
     """Workers training Gaussians must not each start gsplat's JIT build: the parent loads it first."""
-    import carv3d.scene.gaussians_gsplat as gsplat_module
+    import carv3d.devices as devices_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "nerfacc.cuda._backend", None)
@@ -62,7 +62,7 @@ def test_cuda_warm_up_loads_gsplat_too_when_it_is_installed(monkeypatch, caplog)
     logger = logging.getLogger("carv3d")
     monkeypatch.setattr(logger, "propagate", True)
     for installed in (True, False):
-        monkeypatch.setattr(gsplat_module, "gsplat_installed", lambda: installed)
+        monkeypatch.setattr(devices_module, "package_installed", lambda name: installed)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="carv3d"):
             assert warm_up_cuda_extensions() >= 0.0

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from carv3d.cameras import Cameras
+from carv3d.devices import warm_up_gsplat
 from carv3d.log import logger
 from carv3d.render.background import Background
 from carv3d.render.rays import camera_rays
@@ -46,7 +47,7 @@ from carv3d.scene.base import Scene
 from carv3d.scene.gaussians_density import (densify_and_prune, learning_rate_schedule, record_gradients,
                                             reset_opacity)
 from carv3d.scene.gaussians_field import GaussianField
-from carv3d.scene.gaussians_gsplat import rasterize_gsplat, select_rasterizer, warm_up_gsplat
+from carv3d.scene.gaussians_gsplat import rasterize_gsplat, select_rasterizer
 from carv3d.scene.gaussians_model import Gaussians, covariance, quaternion_to_rotation
 from carv3d.scene.gaussians_ply import SPLAT_FILE, read_splats, write_splats
 from carv3d.scene.gaussians_raster import camera_matrices, project, rasterize

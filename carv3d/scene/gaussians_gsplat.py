@@ -2,8 +2,8 @@
 rasteriser is chosen.
 
 gsplat's CUDA kernels compile on their first use in a process (about 107 s on an H100, then cached
-in torch's extension folder): :func:`warm_up_gsplat` triggers and times that once, like
-:func:`carv3d.devices.warm_up_cuda_extensions` does for nerfacc. The call uses gsplat's classic
+in torch's extension folder): :func:`carv3d.devices.warm_up_gsplat` triggers and times that once, like
+:func:`carv3d.devices.warm_up_nerfacc` does for nerfacc. The call uses gsplat's classic
 rasterisation with the conventions of :mod:`carv3d.scene.gaussians_raster` (eps2d 0.3, near plane
 0.01, tiles of 16 px, unpacked), so both rasterisers give the same images and gradients
 (``scripts/gpu_check_gaussians.py`` checks it on the device).
@@ -11,12 +11,11 @@ rasterisation with the conventions of :mod:`carv3d.scene.gaussians_raster` (eps2
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Optional
 
 import torch
 
-from carv3d.devices import time_extension_load
+from carv3d.devices import package_installed
 from carv3d.errors import BackendUnavailableError
 from carv3d.log import logger
 from carv3d.scene.gaussians_raster import EPS_2D, NEAR_PLANE
@@ -26,7 +25,7 @@ INSTALL_HINT = "pip install 'carv3d[gaussians]' (gsplat 1.5.3; it compiles its C
 
 
 def gsplat_installed() -> bool:
-    return importlib.util.find_spec("gsplat") is not None
+    return package_installed("gsplat")
 
 
 def select_rasterizer(requested: str, device: torch.device | str) -> str:
@@ -59,14 +58,6 @@ def select_rasterizer(requested: str, device: torch.device | str) -> str:
         raise BackendUnavailableError(f"unknown scene.rasterizer '{requested}'; expected auto, torch or gsplat.")
     logger.info("scene.rasterizer=%s", requested)
     return requested
-
-
-def warm_up_gsplat() -> Optional[float]:
-    """Build (first use on a fresh machine) or load gsplat's CUDA extension; seconds taken, or None
-    without CUDA or gsplat. A failure is logged: the render reports a real problem itself."""
-    if not torch.cuda.is_available() or not gsplat_installed():
-        return None
-    return time_extension_load("gsplat.cuda._backend", "gsplat")
 
 
 def rasterize_gsplat(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
