@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 from carv3d.config import CHOICES
 from carv3d.errors import BackendUnavailableError, ConfigError
 from carv3d.log import logger
-from carv3d.scene.layout import PRIMES, UINT32_MASK, grid_levels, init_table
+from carv3d.scene.layout import UINT32_MASK, grid_levels, init_table, level_factors, set_up_table
 
 TCNN_INSTALL_HINT = (
     "install it on a CUDA machine with `pip install "
@@ -183,17 +183,11 @@ class HashGridEncoding(nn.Module):
         device: Device = "cpu",
     ) -> None:
         super().__init__()
-        if n_features_per_level < 1:
-            raise ConfigError(f"scene.grid.n_features_per_level is {n_features_per_level}; it must be >= 1.")
-        self.n_levels = n_levels
-        self.n_features_per_level = n_features_per_level
-        self.levels = grid_levels(n_levels, log2_hashmap_size, base_resolution, per_level_scale)
-        self.n_output_dims = n_levels * n_features_per_level
-        n_rows = self.levels[-1].offset + self.levels[-1].table_size
-        self.params = nn.Parameter(init_table(n_rows * n_features_per_level, generator).to(device))
+        set_up_table(self, n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,
+                     generator, device)
         # per level, the factors that multiply (g_d, g_d + 1): dense strides (1, R, R²) or primes π
-        factors = [[1, v.resolution, v.resolution**2] if not v.hashed else list(PRIMES) for v in self.levels]
-        self.register_buffer("factors", torch.tensor(factors, device=device).view(-1, 3, 1), persistent=False)
+        self.register_buffer("factors", torch.tensor(level_factors(self.levels), device=device).view(-1, 3, 1),
+                             persistent=False)
 
     def level_corners(self, level: int, x_t: torch.Tensor, out: torch.Tensor,
                       weights_out: Optional[torch.Tensor] = None) -> torch.Tensor:

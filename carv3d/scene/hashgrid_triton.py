@@ -41,8 +41,8 @@ import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from carv3d.errors import BackendUnavailableError, ConfigError
-from carv3d.scene.layout import PRIMES, grid_levels, init_table
+from carv3d.errors import BackendUnavailableError
+from carv3d.scene.layout import level_factors, set_up_table
 
 Device = Union[str, torch.device]
 # Points per program: 512 was the fastest of 64..512 for forward+backward at every point count on an
@@ -300,20 +300,14 @@ class TritonHashGridEncoding(nn.Module):
                 f"the triton hash-grid backend needs a CUDA device, not '{device}'; "
                 "use scene.grid.backend=torch (or auto) on this device."
             )
-        if n_features_per_level < 1:
-            raise ConfigError(f"scene.grid.n_features_per_level is {n_features_per_level}; it must be >= 1.")
         if block_points < 16 or block_points & (block_points - 1):
             raise ValueError(f"block_points must be a power of two >= 16, not {block_points}")
-        self.n_levels = n_levels
-        self.n_features_per_level = n_features_per_level
+        set_up_table(self, n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,
+                     generator, device)
         self.block_points = block_points
-        self.levels = grid_levels(n_levels, log2_hashmap_size, base_resolution, per_level_scale)
-        self.n_output_dims = n_levels * n_features_per_level
-        n_rows = self.levels[-1].offset + self.levels[-1].table_size
-        self.params = nn.Parameter(init_table(n_rows * n_features_per_level, generator).to(device))
         # per level: s_l (exactly float32, as the layout computes it), the factors of (g_d, g_d + 1)
         # (dense strides 1, R, R² or the primes), T_l, the first row, hashed or dense
-        factors = [[1, v.resolution, v.resolution**2] if not v.hashed else list(PRIMES) for v in self.levels]
+        factors = level_factors(self.levels)
         levels = {
             # float32 bits in an int32 buffer: ``module.to(dtype)`` casts float buffers, and s_l must stay exact
             "level_scale_bits": torch.tensor([v.scale for v in self.levels], dtype=torch.float32).view(torch.int32),

@@ -88,3 +88,25 @@ def init_table(n_params: int, generator: Optional[torch.Generator] = None) -> to
     device = generator.device if generator is not None else torch.device("cpu")
     values = torch.rand(n_params, generator=generator, device=device, dtype=torch.float32)
     return values.mul_(2 * INIT_RANGE).sub_(INIT_RANGE)
+
+
+def level_factors(levels: list[GridLevel]) -> list[list[int]]:
+    """Per level, the factors that multiply a corner's integer coordinates (g_d, g_d + 1) into its
+    row: dense strides (1, R, R²) for a level stored whole, the primes π for a hashed one."""
+    return [[1, v.resolution, v.resolution**2] if not v.hashed else list(PRIMES) for v in levels]
+
+
+def set_up_table(module: torch.nn.Module, n_levels: int, n_features_per_level: int, log2_hashmap_size: int,
+                 base_resolution: int, per_level_scale: float, generator: Optional[torch.Generator],
+                 device: str | torch.device) -> None:
+    """What every hash-grid backend shares: ``module.n_levels``, ``n_features_per_level``, ``levels``
+    (:func:`grid_levels`), ``n_output_dims`` = L·F and the trainable flat table ``params``
+    (:func:`init_table`, so one seed gives every backend the same initial table)."""
+    if n_features_per_level < 1:
+        raise ConfigError(f"scene.grid.n_features_per_level is {n_features_per_level}; it must be >= 1.")
+    module.n_levels = n_levels
+    module.n_features_per_level = n_features_per_level
+    module.levels = grid_levels(n_levels, log2_hashmap_size, base_resolution, per_level_scale)
+    module.n_output_dims = n_levels * n_features_per_level
+    n_rows = module.levels[-1].offset + module.levels[-1].table_size
+    module.params = torch.nn.Parameter(init_table(n_rows * n_features_per_level, generator).to(device))
