@@ -247,7 +247,7 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
         estimator = make_estimator(cfg, scene, method, R, K)
         # Camera strata are part of CARV (the carv preset's camera.stratified): the plain rows keep
         # independent cameras, so "without CARV" is the plain estimator whatever --camera-stratified says.
-        stratify = camera_stratified and uses_carv({"method": method, "noise_draws": K})
+        stratify = camera_stratified and draws_use_carv(method, K)
         cameras[(method, R, K)] = "stratified" if stratify else "independent"
         sampler = scene.camera_sampler(stratify)
         step = 0
@@ -307,12 +307,17 @@ def measure(cfg: DictConfig, scene: FrozenScene, methods: Sequence[str], rk: Seq
     return report
 
 
+def draws_use_carv(method: str, noise_draws: int) -> bool:
+    """Timestep method ``method`` with K = ``noise_draws`` is "with CARV" when it uses any part of it:
+    more than one draw per render, or a timestep proposal or stratification other than uniform
+    independent t. "Without CARV" is the plain estimator, uniform t with K = 1 (R = 1 is
+    threestudio's SDS and VSD; R = 2 the paper's baseline and the ECM's)."""
+    return method != "uniform" or int(noise_draws) > 1
+
+
 def uses_carv(row: dict[str, Any]) -> bool:
-    """A row of the grid is "with CARV" when it uses any part of it: more than one draw per render,
-    or a timestep proposal or stratification other than uniform independent t. "Without CARV" is
-    the plain estimator, uniform t with K = 1 (R = 1 is threestudio's SDS and VSD; R = 2 the
-    paper's baseline and the ECM's)."""
-    return row["method"] != "uniform" or int(row["noise_draws"]) > 1
+    """A row of the report: :func:`draws_use_carv` of its method and K."""
+    return draws_use_carv(row["method"], row["noise_draws"])
 
 
 def with_and_without_carv(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -355,7 +355,26 @@ def sd21_step(args: argparse.Namespace, device: torch.device, workdir: Path, rep
 
 
 # ------------------------------------------------------------------------------------ 3. projection
-def projection(step: dict[str, Any], saving: float, cpu_smoke: bool) -> dict[str, Any]:
+def measured_saving(path: str, arm: str) -> tuple[float, str]:
+    """CARV's step saving measured by ``scripts/bench_quality.py``: in its JSON ``path``, the baseline's
+    steps in the budget over ``arm``'s steps to reach the baseline's final mean IoU (summary.overall).
+    Returns the factor and where it came from, in words."""
+    report = json.loads(Path(path).read_text())
+    versus = report["summary"]["overall"]["versus_baseline"]
+    if arm not in versus:
+        raise SystemExit(f"--saving-arm {arm!r} is not an arm of {path} compared with its baseline; "
+                         f"arms: {', '.join(versus)}")
+    steps, baseline_steps = versus[arm]["steps_to_baseline_final_iou"], versus[arm]["baseline_steps_in_budget"]
+    if not steps or not baseline_steps:
+        raise SystemExit(f"{path}: {arm} never reached the baseline's final IoU; no step saving to take from it")
+    baseline = report["settings"].get("baseline", "the baseline")
+    return baseline_steps / steps, (f"measured by bench_quality ({path}): {arm} reached {baseline}'s final mean IoU "
+                                    f"in {steps:.0f} steps against {baseline_steps:.0f}; measured for that "
+                                    "guidance and teacher, assumed to hold for VSD at SD scale")
+
+
+def projection(step: dict[str, Any], saving: float, cpu_smoke: bool,
+               saving_source: str = "--iteration-saving; the paper's SDS figure, not yet measured for VSD") -> dict[str, Any]:
     ok = {r["name"]: r for r in step.get("results", []) if r.get("status") == "ok"}
     k_top = 2 if cpu_smoke else 8
     low, high = PROLIFICDREAMER_STEPS
@@ -364,8 +383,7 @@ def projection(step: dict[str, Any], saving: float, cpu_smoke: bool) -> dict[str
             f"ProlificDreamer's NeRF stage: {low + high} steps, {low} at 64² renders and {high} at 512² "
             "(threestudio configs/prolificdreamer.yaml); its geometry and texture stages are not included",
             "each step costs the median ms/step measured here (random-weight SD 2.1-base shapes, this card)",
-            f"CARV needs 1/{saving:g} of the iterations for the same quality (--iteration-saving; the paper's "
-            "SDS figure, not yet measured for VSD)",
+            f"CARV needs 1/{saving:.3g} of the iterations for the same quality ({saving_source})",
             "without a 512² measurement, the 512² steps are costed at the 64² step time (an underestimate)",
         ],
         "iteration_saving": saving, "hours": {},
@@ -500,6 +518,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--no-render-512", dest="render_512", action="store_false",
                         help="skip the VSD step at 512² renders")
     parser.add_argument("--iteration-saving", type=float, default=2.0, help="CARV's assumed iteration saving factor")
+    parser.add_argument("--saving-from", default=None, metavar="BENCH_QUALITY.json",
+                        help="take the saving factor measured by scripts/bench_quality.py instead (with --saving-arm)")
+    parser.add_argument("--saving-arm", default="preset_carv-guidance_type_sds",
+                        help="the arm of --saving-from whose steps to the baseline's final IoU give the saving")
+    parser.add_argument("--project-from", default=None, metavar="GPU_CHECK_VSD.json",
+                        help="only recompute the projection from an earlier report's sd21_step (no device needed)")
     parser.add_argument("--world-prompts", nargs="+", default=list(WORLD_PROMPTS))
     parser.add_argument("--world-seeds", type=int, default=1)
     parser.add_argument("--world-seconds", type=float, default=45.0, help="training seconds per world run (at most)")
@@ -537,8 +561,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     path = Path(args.out_dir) / "gpu_check_vsd.json"
     sections = [s for s in args.sections.split(",") if s]
+    command = " ".join(["scripts/gpu_check_vsd.py", *(argv if argv is not None else sys.argv[1:])])
+    saving, saving_source = args.iteration_saving, "--iteration-saving; the paper's SDS figure, not yet measured for VSD"
+    if args.saving_from:
+        saving, saving_source = measured_saving(args.saving_from, args.saving_arm)
+    if args.project_from:  # arithmetic on measured step times: a projection, written as its own report
+        earlier = json.loads(Path(args.project_from).read_text())
+        report = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "step_times_from": args.project_from,
+                  "step_times_measured_on": earlier.get("device_name"), "step_times_date": earlier.get("date"),
+                  "projection": projection(earlier.get("sd21_step", {}), saving, bool(earlier.get("cpu_smoke")),
+                                           saving_source)}
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
+        log(f"projection: {json.dumps(report['projection']['hours'])} -> {path}")
+        return 0
     report: dict[str, Any] = {
-        "command": " ".join(["scripts/gpu_check_vsd.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -559,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             section(report, path, "sd21_step", lambda: sd21_step(args, device, workdir, report, path, deadline))
         if "projection" in sections:
             section(report, path, "projection",
-                    lambda: projection(report.get("sd21_step", {}), args.iteration_saving, args.cpu_smoke))
+                    lambda: projection(report.get("sd21_step", {}), saving, args.cpu_smoke, saving_source))
         if "world" in sections:
             section(report, path, "world", lambda: world(args, device, deadline))
         if "variance" in sections:

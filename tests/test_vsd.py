@@ -9,6 +9,7 @@ code path with the mixed-batch call.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -358,7 +359,6 @@ def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path
     """`carv3d variance` with guidance.type vsd: --guidance-warmup trains the LoRA at the frozen scene,
     then every estimator of the grid (with and without CARV) uses that same LoRA, which the
     measurement does not move; the residuals are VSD's (the particle model is called)."""
-    import json
 
     from carv3d.cli import main
     from carv3d.teacher import lora
@@ -411,7 +411,6 @@ def test_variance_command_measures_vsd_with_the_lora_held_fixed(capsys, tmp_path
 
 def test_variance_can_leave_the_lora_training_out_of_the_cost(capsys, tmp_path, tiny_sd_path):
     """--no-guidance-training-cost: no LoRA step during the measurement, nothing of it in the cost."""
-    import json
 
     from carv3d.cli import main
 
@@ -465,7 +464,6 @@ def test_an_import_broken_by_ctrl_c_exits_as_interrupted(capsys, monkeypatch):
 def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     """scripts/gpu_check_vsd.py --cpu-smoke: every section runs on tiny models and the CPU, and its
     correctness checks pass there (fp32)."""
-    import json
 
     module = load_script("gpu_check_vsd")
     assert module.main([str(tmp_path), "--cpu-smoke", "--budget-s", "900"]) == 0
@@ -474,3 +472,30 @@ def test_gpu_check_script_runs_in_cpu_smoke_mode(tmp_path):
     assert all(r["status"] == "ok" for r in report["sd21_step"]["results"]), report["sd21_step"]["results"]
     assert report["projection"]["hours"]["vsd_carv_K2_no_saving"] > 0
     assert {m: report["world"]["summary"][m]["runs"] for m in ("sds", "vsd")} == {"sds": 1, "vsd": 1}
+
+
+def test_gpu_check_vsd_reprojects_with_the_step_saving_bench_quality_measured(tmp_path):
+    """--project-from + --saving-from: hours = (5,000 · t_64 + 20,000 · t_512) / saving / 3.6e6, with the
+    saving = the baseline's steps in the budget / the arm's steps to the baseline's final IoU."""
+    module = load_script("gpu_check_vsd")
+    earlier = {"device_name": "card", "date": "then", "sd21_step": {"results": [
+        {"name": "vsd/plain/K1", "status": "ok", "ms_per_step_median": 100.0},
+        {"name": "vsd/carv/K8", "status": "ok", "ms_per_step_median": 200.0}]}}
+    bench = {"settings": {"baseline": "sds"}, "summary": {"overall": {"versus_baseline": {
+        "carv": {"steps_to_baseline_final_iou": 100.0, "baseline_steps_in_budget": 400.0},
+        "never": {"steps_to_baseline_final_iou": None, "baseline_steps_in_budget": 400.0}}}}}
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    out = tmp_path / "out"
+    assert module.main([str(out), "--project-from", str(tmp_path / "earlier.json"),
+                        "--saving-from", str(tmp_path / "bench.json"), "--saving-arm", "carv"]) == 0
+    projection = json.loads((out / "gpu_check_vsd.json").read_text())["projection"]
+    assert projection["iteration_saving"] == pytest.approx(4.0)
+    assert projection["hours"]["plain_vsd_K1_64px_all_steps"] == pytest.approx(25_000 * 100.0 / 3.6e6)
+    assert projection["hours"]["vsd_carv_K8_no_saving"] == pytest.approx(25_000 * 200.0 / 3.6e6)
+    assert projection["hours"]["vsd_carv_K8_with_saving"] == pytest.approx(25_000 * 200.0 / 4.0 / 3.6e6)
+    assert "in 100 steps against 400" in projection["assumptions"][2]
+    with pytest.raises(SystemExit, match="never reached"):
+        module.measured_saving(str(tmp_path / "bench.json"), "never")
+    with pytest.raises(SystemExit, match="not an arm"):
+        module.measured_saving(str(tmp_path / "bench.json"), "other")
