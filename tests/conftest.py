@@ -3,7 +3,8 @@
 Sections (add yours under a heading of its own; keep heavy imports inside the fixtures so that
 test files that do not use them do not pay for them):
 
-- Environment: tests never touch the network.
+- Environment: tests never touch the network, and no test leaks torch's global matmul precision
+  (a CUDA ``Trainer`` turns TF32 on for its process) into the next one.
 - Teachers: tiny random teachers in the real diffusers layouts, built once per session and loaded
   through the same code a user's weights go through (:func:`carv3d.teacher.load_teacher`).
 """
@@ -20,6 +21,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def restore_tf32_flags():
+    """Put TF32 back as the test found it: a CUDA ``Trainer`` enables it process-wide, and an fp32
+    reference comparison run after it (gsplat against the torch rasteriser) then compared TF32
+    matmuls against fp32 ones and failed by 0.07 where the same comparison alone agrees to 2e-5."""
+    import torch
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 # ------------------------------------------------------------------------------------------- teachers
