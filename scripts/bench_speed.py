@@ -181,15 +181,33 @@ def grid_bytes_per_step(field: Any, points: int) -> dict[str, Any]:
 BASE_CONFIGS = {"nerf": "configs/sd21.yaml", "gaussians": "configs/gaussians_sd21.yaml"}
 
 
+# Teacher modes a sweep times side by side on one card (`--teachers`), as the teacher.* keys each sets.
+# `fast` is the shipped CUDA default, with --compile / --channels-last added on request; the compiled
+# modes compare the compile with and without channels-last tensors in one process, against `fast`.
+TEACHER_MODES: dict[str, dict[str, str]] = {
+    "eager": {"cuda_graph": "off", "channels_last": "off", "compile": "off"},
+    "fast": {"cuda_graph": "auto"},
+    "compiled": {"cuda_graph": "auto", "channels_last": "off", "compile": "full"},
+    "compiled-cl": {"cuda_graph": "auto", "channels_last": "on", "compile": "full"},
+}
+
+
+def teacher_keys(args: argparse.Namespace, teacher_mode: str) -> dict[str, str]:
+    """The teacher.* values of one mode (``fast`` takes --channels-last and --compile)."""
+    keys = dict(TEACHER_MODES[teacher_mode])
+    keys.setdefault("channels_last", "auto" if args.channels_last else "off")
+    keys.setdefault("compile", "full" if args.compile else "off")
+    return keys
+
+
 def config_overrides(args: argparse.Namespace, folder: Path, k: int, grid: Optional[str], sampler: Optional[str],
                      teacher_mode: str, scene: str = "nerf", rasterizer: Optional[str] = None) -> list[str]:
-    fast = "auto" if teacher_mode == "fast" else "off"
+    keys = teacher_keys(args, teacher_mode)
     overrides = [
         f"teacher.pretrained={folder}", "estimator.preset=carv", f"estimator.noise_draws={k}",
         f"train.device={args.device}",
-        f"teacher.cuda_graph={fast}", f"teacher.channels_last={fast if args.channels_last else 'off'}",
-        f"teacher.compile={args.compile and teacher_mode == 'fast'}",
-        f"train.sync_free={'auto' if teacher_mode == 'fast' else 'off'}",
+        *(f"teacher.{key}={value}" for key, value in keys.items()),
+        f"train.sync_free={'off' if teacher_mode == 'eager' else 'auto'}",
         "train.progress=false", "train.tensorboard=false", "train.seed=0",
     ]
     if scene == "nerf":
@@ -485,7 +503,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--grids", default=None, help="NeRF hash grids (default torch,tcnn; --profile: auto)")
     parser.add_argument("--samplers", default=None, help="NeRF samplers (default stratified,occupancy_grid; --profile: auto)")
     parser.add_argument("--rasterizers", default="auto", help="Gaussian rasterizers: auto, torch, gsplat (comma-separated)")
-    parser.add_argument("--teachers", default=None, help="eager, fast (default both; --profile: fast)")
+    parser.add_argument("--teachers", default=None,
+                        help="comma-separated teacher modes: eager, fast, compiled (compile=full), compiled-cl "
+                             "(compile=full with channels_last) (default eager,fast; --profile: fast)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 8; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30; quick 10)")
     parser.add_argument("--compile", action="store_true", help="fast teacher also uses teacher.compile (slow to start)")
@@ -527,6 +547,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args.grid_list = [g for g in (args.grids or ("auto" if args.profile else "torch,tcnn")).split(",") if g]
     args.sampler_list = [s for s in (args.samplers or ("auto" if args.profile else "stratified,occupancy_grid")).split(",") if s]
     args.teacher_list = [t for t in (args.teachers or ("fast" if args.profile else "eager,fast")).split(",") if t]
+    unknown = [t for t in args.teacher_list if t not in TEACHER_MODES]
+    if unknown:
+        parser.error(f"--teachers: unknown mode(s) {', '.join(unknown)}; expected some of {', '.join(TEACHER_MODES)}")
+    # channels_last converts the shared U-Net and VAE in place (DiffusersTeacher.with_fast_paths), for
+    # good: the modes that turn it on run after those that do not, so that each row has its own layout.
+    args.teacher_list.sort(key=lambda mode: teacher_keys(args, mode)["channels_last"] != "off")
     args.rasterizer_list = [r for r in args.rasterizers.split(",") if r]
     args.draws = [int(v) for v in (args.draws or ("1,8" if args.quick else "1,4,8,16")).split(",")]
     # --tiny is a CPU check of the script, not a measurement: a few steps are enough.

@@ -296,3 +296,30 @@ def test_gpu_speed_suite_runs_every_part_on_tiny_models(tmp_path):
     assert all(r["status"] == "ok" for r in json.loads((tmp_path / "gaussians_speed.json").read_text())["results"])
     runs = json.loads((tmp_path / "nerf_full_run.json").read_text())["full_run"]["runs"]
     assert runs[0]["status"] == "ok" and runs[0]["wall_s"] >= runs[0]["training_clock_s"]
+
+
+# ------------------------------------------------------------------ teacher modes
+def test_teacher_modes_set_their_keys_and_channels_last_modes_run_last():
+    bench = load_script("bench_speed")
+    args = bench.parse_args(["--teachers", "compiled-cl,fast,compiled,eager", "--tiny"])
+    # compiled-cl converts the shared modules to channels_last for good, so it runs last
+    assert args.teacher_list == ["fast", "compiled", "eager", "compiled-cl"]
+    overrides = bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "compiled-cl")
+    assert {"teacher.cuda_graph=auto", "teacher.channels_last=on", "teacher.compile=full",
+            "train.sync_free=auto"} <= set(overrides)
+    eager = bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "eager")
+    assert {"teacher.cuda_graph=off", "teacher.channels_last=off", "teacher.compile=off", "train.sync_free=off"} <= set(eager)
+    # fast keeps the shipped layout unless asked, and takes --compile / --channels-last
+    assert {"teacher.channels_last=off", "teacher.compile=off"} <= set(
+        bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "fast"))
+    flagged = bench.parse_args(["--teachers", "fast,compiled", "--compile", "--channels-last", "--tiny"])
+    assert flagged.teacher_list == ["compiled", "fast"]
+    assert {"teacher.channels_last=auto", "teacher.compile=full"} <= set(
+        bench.config_overrides(flagged, Path("m"), 8, "torch", "stratified", "fast"))
+
+
+def test_an_unknown_teacher_mode_is_refused(capsys):
+    bench = load_script("bench_speed")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--teachers", "fast,turbo"])
+    assert "unknown mode(s) turbo" in capsys.readouterr().err
