@@ -3,7 +3,8 @@
 Sections (add yours under a heading of its own; keep heavy imports inside the fixtures so that
 test files that do not use them do not pay for them):
 
-- Environment: tests never touch the network, and no test leaks torch's global matmul precision
+- Environment: tests never touch the network, run with Python's Ctrl-C handler even when started in
+  the background, and no test leaks torch's global matmul precision
   (a CUDA ``Trainer`` turns TF32 on for its process) into the next one.
 - Teachers: tiny random teachers in the real diffusers layouts, built once per session and loaded
   through the same code a user's weights go through (:func:`carv3d.teacher.load_teacher`).
@@ -21,6 +22,20 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def python_ctrl_c_handler():
+    """Tests of Ctrl-C send SIGINT to their own process and expect Python's KeyboardInterrupt. A
+    shell starts background jobs (`make test &`, nohup) with SIGINT ignored, and Python then keeps
+    it ignored: those tests failed or waited forever. They run with Python's handler here."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)
