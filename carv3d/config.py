@@ -118,6 +118,9 @@ class GaussianDensityConfig:
     prune_scale: float = between(0.0, 1000.0, 0.1, help="prune where the largest scale exceeds this fraction of extent; 0 = off (both 0.1)")
     opacity_reset_every: int = between(0, MAX_STEPS, 700, help="clamp every opacity to opacity_reset_value this often; 0 = never (DreamGaussian 700; 3DGS 3000)")
     opacity_reset_value: float = fraction(0.01, low_open=True, high_open=True, help="opacity after a reset (both 0.01)")
+    opacity_reset_margin: int = between(0, MAX_STEPS, 100,
+                                        help="no reset in a run's last this-many steps: the render is nearly empty "
+                                             "for ~20 steps after one, and an export then would be too; 0 = no margin")
     split_into: int = between(2, 16, 2, help="a split Gaussian becomes this many, each scaled by 1 / (0.8 N) (both 2)")
     max_gaussians: int = between(1, 10**8, 200000, help="no cloning or splitting past this many Gaussians (carv3d's memory guard)")
 

@@ -72,6 +72,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.distill = DistillationStep.from_config(cfg, self.device, teacher)
+        self.scene.plan(int(cfg.train.steps))  # resume builds a new Trainer: an extended run re-plans
         self.sync_free = resolve_sync_free(cfg.train.sync_free, self.device)
         self.guard = NonFiniteGuard(self.device, self.sync_free, cfg.train.max_nonfinite_steps)
         # Sync-free steps use fused Adam: its `found_inf` input skips a step on the device.

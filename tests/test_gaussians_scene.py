@@ -150,6 +150,7 @@ def gaussian_overrides(teacher_path, out_dir, steps, name, **extra):
         "scene.density.every": 2,
         "scene.density.grad_threshold": 1e-7,  # the tiny random teacher's gradients are small: grow anyway
         "scene.density.opacity_reset_every": 3,
+        "scene.density.opacity_reset_margin": 0,  # the reset at 3 happens however short the run
         "scene.density.stop": 4,  # densify at 2 and 4, reset at 3: both sides of the checkpoint at 3
         "scene.density.max_gaussians": 400,
         "scene.lr.position_decay_steps": 4,
@@ -240,3 +241,29 @@ def test_export_queries_the_gaussians_on_their_own_device():
 
     grid = density_grid(Recording(), 5)
     assert set(seen) == {torch.device("cpu")} and grid.shape == (5, 5, 5)
+
+
+def test_no_opacity_reset_in_the_last_steps_of_a_run():
+    """A reset empties the render for ~20 steps; a run ending inside that window exported a nearly
+    transparent scene (train.steps=1400 with the default reset every 700). The reset is skipped when
+    fewer than ``opacity_reset_margin`` steps remain, and applied otherwise."""
+    cfg = scene_config("scene.density.opacity_reset_every=5", "scene.density.opacity_reset_margin=3",
+                       "scene.density.stop=100", "scene.density.every=1000")
+
+    def opacities_after_step(step, total_steps):
+        scene = build_scene(cfg.scene, cfg.render, torch.device("cpu"), 0)
+        if total_steps is not None:
+            scene.plan(total_steps)
+        optimizer = torch.optim.Adam(scene.parameter_groups(cfg.optim))
+        scene.after_step(step, optimizer)
+        return scene.gaussians.opacities().detach()
+
+    initial = build_scene(cfg.scene, cfg.render, torch.device("cpu"), 0).gaussians.opacities().detach()
+    assert initial.max() > 0.05  # something for a reset to clamp
+    clamped = torch.clamp(initial, max=0.01)
+    # 10 − 5 = 5 steps left ≥ 3: reset; 7 − 5 = 2 < 3: skipped; at the last step: skipped
+    assert torch.allclose(opacities_after_step(5, 10), clamped, atol=1e-6)
+    assert torch.equal(opacities_after_step(5, 7), initial)
+    assert torch.equal(opacities_after_step(5, 5), initial)
+    # outside a run (no plan) the schedule alone decides
+    assert torch.allclose(opacities_after_step(5, None), clamped, atol=1e-6)

@@ -9,6 +9,8 @@ new module behind :func:`carv3d.scene.build_scene`:
                             (rgb, opacity, depth; normals / orientation when asked for)
 ``sample_shading(gen)``     the shading mode of one training render (DreamFusion's random shading)
 ``parameter_groups(optim)`` Adam groups, each with a ``name`` and its learning rate
+``plan(total_steps)``       the run's planned length, before training and again on resume (which
+                            may extend it), for schedules that must respect the run's end
 ``before_step(step)``       per-step hook before the render (occupancy-grid refresh, ...)
 ``after_step(step, opt)``   per-step hook after the optimiser step (densify / prune, ...); a scene
                             whose parameters change shape edits the optimiser ``opt`` to match
@@ -65,6 +67,10 @@ class Scene(nn.Module):
 
     def parameter_groups(self, optim_cfg: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    def plan(self, total_steps: int) -> None:
+        """Told the run's planned number of steps before its first step (and again on a resume, which
+        may extend it). Scenes whose schedules must leave the run's last steps alone keep it."""
 
     def before_step(self, step: int) -> None:
         """Called at the start of every training step (before the render)."""

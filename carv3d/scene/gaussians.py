@@ -91,6 +91,7 @@ class GaussianScene(Scene):
         self.field = GaussianField(lambda: self.gaussians, float(scene_cfg.radius))
         self._viewspace: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None
         self.last_density: dict[str, int] = {}
+        self.total_steps: Optional[int] = None  # the run's planned length (plan), None outside a run
         if self.rasterizer == "gsplat":
             seconds = warm_up_gsplat()
             logger.info("gsplat CUDA extension ready in %.1f s", seconds or 0.0)
@@ -208,7 +209,22 @@ class GaussianScene(Scene):
             logger.debug("step %d: %d cloned, %d split, %d pruned -> %d Gaussians (%.3f s)", step, report.cloned,
                          report.split, report.pruned, n, time.perf_counter() - started)
         if int(density.opacity_reset_every) > 0 and step % int(density.opacity_reset_every) == 0:
-            reset_opacity(self.gaussians, optimizer, float(density.opacity_reset_value))
+            if self.reset_too_late(step):
+                logger.info("step %d: opacity reset skipped, %d steps before the run's end (scene.density."
+                            "opacity_reset_margin=%d)", step, self.total_steps - step, int(density.opacity_reset_margin))
+            else:
+                reset_opacity(self.gaussians, optimizer, float(density.opacity_reset_value))
+
+    def plan(self, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+
+    def reset_too_late(self, step: int) -> bool:
+        """Whether an opacity reset at ``step`` would leave the run fewer than
+        ``scene.density.opacity_reset_margin`` steps to grow the opacities back: a reset empties the
+        render for about 20 steps (the embedded world, docs/BENCHMARKS.md), and a run that ends
+        inside that window exports a nearly transparent scene."""
+        margin = int(self.cfg.density.opacity_reset_margin)
+        return self.total_steps is not None and margin > 0 and self.total_steps - step < margin
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
