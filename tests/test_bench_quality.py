@@ -289,3 +289,22 @@ def test_a_summary_with_no_finished_run_still_prints():
     report["summary"] = bench.summarize(report)
     text = bench.format_summary(report)
     assert "[one] carv: reaches sds's final IoU (none: no finished run) at never" in text
+
+
+def test_the_eta_follows_the_waves_of_runs_side_by_side():
+    """6 runs of 100 s, 3 side by side: two waves, done at 200 s. The ETA at each finish is the
+    schedule's remaining time, where elapsed / done × remaining read 500 s at the first one."""
+    now = {"t": 0.0}
+    progress = bench.Progress(6, 3, clock=lambda: now["t"])
+    etas = []
+    for t in (100.0, 100.0, 100.0, 200.0, 200.0, 200.0):
+        now["t"] = t
+        etas.append(progress.finished())
+    assert etas == [100.0, 100.0, 100.0, 0.0, 0.0, 0.0]
+    # uneven durations: the next queued run goes to the slot that frees first
+    now["t"] = 0.0
+    progress = bench.Progress(4, 2, clock=lambda: now["t"])
+    now["t"] = 60.0
+    assert progress.finished(duration=60.0) == pytest.approx(60.0)  # running: 0 → 60, 60 → 120; queued: 1 → from 60
+    now["t"] = 100.0
+    assert progress.finished(duration=100.0) == pytest.approx(80.0)  # mean 80: running end at 140 and 180
