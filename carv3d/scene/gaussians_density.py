@@ -26,7 +26,8 @@ New Gaussians start with zero Adam moments; the kept ones keep theirs, row for r
 restart from zero. 3DGS's screen-size prune is left out: in both reference implementations its
 statistic is zeroed by the densification just before it is read, so it never fires.
 
-**Opacity reset** (every ``opacity_reset_every`` steps in the window): ``o_i ← min(o_i, v)`` and the
+**Opacity reset** (every ``opacity_reset_every`` steps in the window, none in a run's last
+``opacity_reset_margin`` steps — :meth:`GaussianScene.reset_too_late`): ``o_i ← min(o_i, v)`` and the
 opacity's Adam moments are zeroed.
 
 Growth stops at ``max_gaussians``: when the candidates would pass it, those with the largest ḡ are
