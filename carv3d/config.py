@@ -18,6 +18,7 @@ same metadata.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -533,6 +534,25 @@ def _expected_type(key: str) -> str:
         return type(leaf).__name__
 
 
+def _other_implementation_hint(key: str, schema: Optional[DictConfig]) -> str:
+    """When ``key`` belongs to another implementation of its seam (``scene.grid`` is the NeRF's, and
+    the config being built has ``scene.type: gaussians``), a sentence that says so; else "".
+
+    The case it explains: a NeRF config file with ``scene.type=gaussians`` on the command line."""
+    section, _, rest = key.partition(".")
+    types = SEAMS.get(section)
+    if not types or not rest or schema is None:
+        return ""
+    current = OmegaConf.select(schema, f"{section}.type", default=None)
+    first = rest.split(".", 1)[0]
+    owners = [name for name, cls in types.items()
+              if name != current and first in {f.name for f in dataclasses.fields(cls)}]
+    if not owners or current is None:
+        return ""
+    return (f" It is a key of {section}.type={' / '.join(owners)}, and this config's {section}.type is {current}: "
+            f"remove it, or start from a config written for {current}.")
+
+
 def _translate(err: OmegaConfBaseException, source: str, schema: Optional[DictConfig] = None) -> ConfigError:
     """One ConfigError for an OmegaConf error; ``schema``: the tree being merged into (its seam
     types' keys are the ones to suggest: ``guidance.lora_rnk`` → ``guidance.lora_rank`` under vsd)."""
@@ -540,7 +560,8 @@ def _translate(err: OmegaConfBaseException, source: str, schema: Optional[DictCo
     where = f" (in {source})" if source else ""
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         return ConfigError(
-            f"unknown config key '{key}'{where}. Nearest valid keys: {_nearest(key, all_keys(schema))}."
+            f"unknown config key '{key}'{where}.{_other_implementation_hint(key, schema)} "
+            f"Nearest valid keys: {_nearest(key, all_keys(schema))}."
         )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]

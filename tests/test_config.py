@@ -63,6 +63,25 @@ def test_a_typo_in_a_seam_implementation_key_names_that_implementation_key(overr
     assert f"Nearest valid keys: {suggested}" in str(err.value)
 
 
+def test_a_key_of_another_implementation_says_whose_it_is(tmp_path):
+    """A NeRF config file with scene.type=gaussians on the command line: the NeRF's scene.grid is
+    unknown to the Gaussians, and the message says why, not only which keys are near."""
+    config_file = tmp_path / "nerf.yaml"
+    config_file.write_text("scene:\n  grid:\n    n_levels: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config_file, overrides=["scene.type=gaussians"])
+    message = str(err.value)
+    assert "'scene.grid'" in message and "a key of scene.type=nerf" in message
+    assert "this config's scene.type is gaussians" in message
+    # a plain typo gets no such sentence
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["scene.type=gaussians", "scene.density.max_gausians=3"])
+    assert "a key of scene.type" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the other way round, and on another seam
+        load_config(overrides=["guidance.lora_rank=4"])
+    assert "a key of guidance.type=vsd" in str(err.value) and "guidance.type is sds" in str(err.value)
+
+
 def test_unknown_key_in_file(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("render:\n  widht: 32\n")
