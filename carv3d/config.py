@@ -18,10 +18,9 @@ same metadata.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
@@ -546,7 +545,7 @@ def _other_implementation_hint(key: str, schema: Optional[DictConfig]) -> str:
     current = OmegaConf.select(schema, f"{section}.type", default=None)
     first = rest.split(".", 1)[0]
     owners = [name for name, cls in types.items()
-              if name != current and first in {f.name for f in dataclasses.fields(cls)}]
+              if name != current and first in {f.name for f in fields(cls)}]
     if not owners or current is None:
         return ""
     return (f" It is a key of {section}.type={' / '.join(owners)}, and this config's {section}.type is {current}: "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -715,10 +716,10 @@ class Progress:
         """Record one finished run (its wall clock, if known); returns the ETA in seconds."""
         now = self.clock()
         self.done += 1
+        oldest = min(self.running, default=self.started)
         if self.running:
-            oldest = min(self.running)
             self.running.remove(oldest)
-            self.durations.append(duration if duration is not None else now - oldest)
+        self.durations.append(duration if duration is not None else now - oldest)
         if self.done + len(self.running) < self.total:  # a queued run takes the freed slot
             self.running.append(now)
         return self.eta(now)
@@ -727,10 +728,10 @@ class Progress:
         if not self.durations:
             return float("nan")
         mean = sum(self.durations) / len(self.durations)
-        slots = sorted(max(start + mean, now) for start in self.running)
-        for _ in range(self.total - self.done - len(self.running)):  # the queued runs
-            slots.sort()
-            slots[0] += mean
+        slots = [max(start + mean, now) for start in self.running]  # when each slot frees
+        heapq.heapify(slots)
+        for _ in range(self.total - self.done - len(self.running)):  # each queued run takes the first free slot
+            heapq.heappush(slots, heapq.heappop(slots) + mean)
         return max(slots, default=now) - now
 
     def line(self, result: dict[str, Any]) -> str:
