@@ -413,3 +413,75 @@ def test_auto_compile_is_off_for_runs_too_short_to_win_the_compile_back(steps, e
     for mode in ("off", "full", "regional"):                   # an explicit choice is kept whatever the length
         explicit = load_config(overrides=[f"train.steps={steps}", f"teacher.compile={mode}"]).teacher
         assert auto_compile_for_run(explicit, steps) is explicit
+
+
+# ------------------------------------------------------------------ the VAE's wide attention head
+def _vae_style_attention(channels: int = 512) -> torch.nn.Module:
+    """One attention layer built as diffusers builds the VAE's mid-block one: a single head as wide
+    as the channels, group norm, residual."""
+    from diffusers.models.attention_processor import Attention
+
+    return Attention(channels, heads=1, dim_head=channels, norm_num_groups=32, residual_connection=True,
+                     bias=True, upcast_softmax=True, _from_deprecated_attn_block=True).eval()
+
+
+def test_math_sdpa_processor_matches_sdpa_and_the_explicit_softmax_values_and_gradients():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from carv3d.teacher.fast import MathSDPAttnProcessor
+
+    torch.manual_seed(0)
+    layer = _vae_style_attention().double()
+    x = torch.randn(2, 512, 6, 5, dtype=torch.float64)
+    weights = torch.randn(2, 512, 6, 5, dtype=torch.float64)
+    results = {}
+    for name, processor in (("sdpa", AttnProcessor2_0()), ("math", MathSDPAttnProcessor()), ("bmm", AttnProcessor())):
+        layer.set_processor(processor)
+        pixels = x.clone().requires_grad_(True)
+        out = layer(pixels)
+        (out * weights).sum().backward()
+        results[name] = (out.detach(), pixels.grad)
+    # float64 throughout, except that the explicit baddbmm + softmax + bmm (the reference computed
+    # another way) takes its softmax in float32 (upcast_softmax casts to float): hence its tolerance
+    torch.testing.assert_close(results["math"][0], results["sdpa"][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results["math"][1], results["sdpa"][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results["bmm"][0], results["math"][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(results["bmm"][1], results["math"][1], rtol=0, atol=1e-6)
+    assert results["sdpa"][1].abs().max() > 1e-3  # the gradient is not trivially zero
+
+
+def test_only_heads_wider_than_the_fused_kernels_get_the_math_kernel():
+    from carv3d.teacher.fast import (FUSED_ATTENTION_MAX_HEAD_DIM, MathSDPAttnProcessor, use_math_attention_for_wide_heads,
+                                     wide_head_attention_layers)
+    from carv3d.testing.random_sd import make_vae
+
+    torch.manual_seed(0)
+    vae = make_vae()  # Stable Diffusion's VAE: one 512-channel head in the encoder's and the decoder's mid-block
+    assert [layer.inner_dim // layer.heads for layer in wide_head_attention_layers(vae)] == [512, 512]
+    assert use_math_attention_for_wide_heads(vae.encoder) == 1
+    assert use_math_attention_for_wide_heads(vae.encoder) == 0  # already done
+    assert isinstance(vae.encoder.mid_block.attentions[0].processor, MathSDPAttnProcessor)
+    assert type(vae.decoder.mid_block.attentions[0].processor).__name__ == "AttnProcessor2_0"  # never asked
+    assert attention_summary(vae.encoder) == "MathSDPAttnProcessor ×1 (SDPA, math kernel)"
+    narrow = _vae_style_attention(FUSED_ATTENTION_MAX_HEAD_DIM)  # as wide as the fused kernels go: unchanged
+    assert wide_head_attention_layers(narrow) == [] and use_math_attention_for_wide_heads(narrow) == 0
+
+
+def test_math_sdpa_processor_traces_into_one_compiled_graph():
+    # The kernel choice is a context manager inside the layer's forward; Dynamo must trace through it
+    # (no graph break), or the compiled encoder would run its attention eagerly.
+    import torch._dynamo.testing
+
+    from carv3d.teacher.fast import MathSDPAttnProcessor
+
+    torch.manual_seed(0)
+    layer = _vae_style_attention(64)
+    layer.set_processor(MathSDPAttnProcessor())
+    backend = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    x = torch.randn(1, 64, 4, 4, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert backend.frame_count == 1
+    torch.testing.assert_close(out, layer(x))
+    torch._dynamo.reset()

@@ -29,7 +29,7 @@ from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.log import logger
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
 from carv3d.teacher.fast import (FastPaths, attention_summary, build_encode_call, build_unet_call,
-                                 resolve_auto_compile)
+                                 resolve_auto_compile, use_math_attention_for_wide_heads)
 from carv3d.teacher.folder import inspect_teacher_folder
 from carv3d.teacher.vocabulary import PromptVocabulary
 
@@ -132,6 +132,8 @@ class DiffusersTeacher:
             if model.dtype != self.dtype:  # from_folder loads in the right dtype; cast only otherwise
                 model.to(dtype=self.dtype)
             model.to(self.device).eval().requires_grad_(False)
+        if vae is not None and self.device.type == "cuda":  # not a switch: the faster kernel for the same sum
+            use_math_attention_for_wide_heads(vae.encoder)
         self.fast = resolve_auto_compile(fast or FastPaths(), unet)
         self._unet_call = build_unet_call(unet, self.fast)  # applies channels_last to the U-Net
         if self.fast.channels_last and vae is not None:
@@ -218,7 +220,8 @@ class DiffusersTeacher:
         logger.info("teacher: %s (%s, %s on %s, images %d px → x %s, %s)", folder,
                     "latent" if vae is not None else "pixel space", str(dtype).replace("torch.", ""),
                     device, teacher.image_size, teacher.latent_shape, teacher.prediction_type)
-        logger.info("teacher: fast paths %s; U-Net attention %s", teacher.fast.describe(), attention_summary(unet))
+        logger.info("teacher: fast paths %s; U-Net attention %s%s", teacher.fast.describe(), attention_summary(unet),
+                    f"; VAE encoder attention {attention_summary(vae.encoder)}" if vae is not None else "")
         return teacher
 
     def with_fast_paths(self, fast: FastPaths) -> "DiffusersTeacher":
