@@ -4,13 +4,21 @@
 For every world prompt × seed, the same config is trained once per *arm* — by default ``sds``
 (``estimator.preset=sds``: R = 1, K = 1, uniform t, independent draws) and ``carv`` (the default
 preset) — each for the same training wall-clock budget. ``--arms SWEEP.yaml`` takes the arms from a
-carv3d sweep file instead (one arm per run its grid/zip expands to: a tuning grid, or VSD against SDS),
-and ``--baseline`` names the arm the others are measured against. At N + 1 equal-time checkpoints
-(0, B/N, …, B) the live scene is evaluated in-process against the embedded world's ground truth
-(:func:`carv3d.world.evaluate.evaluate_scene`: silhouette IoU, masked colour error, PSNR, whether the
-best-matching world object is the prompted one, the front/back multi-face check; Chamfer with
-``--chamfer``). The training clock is :meth:`carv3d.train.Trainer.train_until`'s: it stops while the
-scene is evaluated, so evaluation never eats into an arm's budget.
+carv3d sweep file instead (one arm per run its grid/zip expands to: a tuning grid, VSD against SDS, or
+the NeRF against Gaussian splats), and ``--baseline`` names the arm the others are measured against.
+At N + 1 equal-time checkpoints (0, B/N, …, B) the live scene is evaluated in-process against the
+embedded world's ground truth (:func:`carv3d.world.evaluate.evaluate_scene`: silhouette IoU, masked
+colour error, PSNR, whether the best-matching world object is the prompted one, the front/back
+multi-face check; Chamfer with ``--chamfer``). The training clock is
+:meth:`carv3d.train.Trainer.train_until`'s: it stops while the scene is evaluated, so evaluation never
+eats into an arm's budget.
+
+Config files. A preset names one config file per scene type (``--preset cpu``: ``configs/demo_cpu.yaml``
+for the NeRF, ``configs/gaussians_demo_cpu.yaml`` for Gaussian splats; ``h200``: the config defaults for
+both), and each arm trains with the file of the scene type its overrides select (its ``scene.type``,
+else the default, nerf): a NeRF config's keys (``scene.grid``…) do not exist for Gaussians. An explicit
+``--config FILE`` is every arm's file instead. ``settings.arm_config_files`` in the report records each
+arm's file and its sha256, and ``--resume`` reuses a run only where its arm's file is unchanged.
 
 Side by side. A GPU step of the embedded teacher is launch-bound (~40–60 ms), so ``--parallel P``
 worker processes train side by side on the one GPU. The runs of one (prompt, seed) are dispatched back
@@ -42,9 +50,9 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (the GPU machine)
@@ -69,21 +77,31 @@ class Preset:
     budget: float  # training seconds per run
     checkpoints: int  # evaluations at budget · i / checkpoints, i = 1..N (plus the initial scene)
     parallel: int
-    config: Optional[str] = None
+    # One config file per scene type (None: the config defaults). A config file holds keys of one
+    # scene implementation (scene.grid is the NeRF's), so an arm trains with the file of the scene type
+    # its overrides select (scene.type; else the default type, nerf, as `carv3d train` would), and an
+    # arms file can set the NeRF against Gaussian splats. Every scene type an arm may select needs an
+    # entry, and each file must configure the scene type it is listed under (check_arms checks).
+    # --config replaces the mapping: that one file for every arm.
+    configs: Mapping[str, Optional[str]] = field(default_factory=lambda: {"nerf": None, "gaussians": None})
     overrides: tuple[str, ...] = ()
     eval_resolution: int = 64  # held-out views' size; rendering them is most of an evaluation's cost
 
 
 PRESETS = {
     # 3 symmetric + 3 asymmetric objects (a front the front/back check can test). 36 runs, 12 side by
-    # side on one H200 (16 CPU cores): 3 rounds of (100 s + evaluations + start-up) ≈ 6–7 min.
+    # side on one H200 (16 CPU cores): 3 rounds of (100 s + evaluations + start-up) ≈ 6–7 min. The
+    # config defaults for either scene type.
     "h200": Preset(prompts=("a red cube", "a blue sphere", "a green torus", "a blue house", "a yellow duck",
-                            "an orange chair"), seeds=3, budget=100.0, checkpoints=10, parallel=12),
-    # The CPU demo config, one symmetric and one asymmetric prompt, the two methods of a pair side by
-    # side on a 2-core machine: ≈ 2 × (budget + evaluations) in all.
+                            "an orange chair"), seeds=3, budget=100.0, checkpoints=10, parallel=12,
+                   configs={"nerf": None, "gaussians": None}),
+    # The CPU demo configs (the NeRF's, the Gaussians'), one symmetric and one asymmetric prompt, the
+    # two methods of a pair side by side on a 2-core machine: ≈ 2 × (budget + evaluations) in all.
     # 32 px evaluations: at 64 px one costs ~10 s on a busy 2-core CPU (the result's render), at 32 px ~3 s.
     "cpu": Preset(prompts=("a red cube", "a blue house"), seeds=1, budget=60.0, checkpoints=4, parallel=2,
-                  config=str(REPO_ROOT / "configs" / "demo_cpu.yaml"), eval_resolution=32),
+                  configs={"nerf": str(REPO_ROOT / "configs" / "demo_cpu.yaml"),
+                           "gaussians": str(REPO_ROOT / "configs" / "gaussians_demo_cpu.yaml")},
+                  eval_resolution=32),
 }
 
 
@@ -296,7 +314,7 @@ class RunSpec:
     prompt: str
     seed: int
     method: str  # the arm's label
-    config: Optional[str]
+    config: Optional[str]  # the arm's config file (None: the defaults)
     overrides: list[str]  # the common overrides, then the arm's
     checkpoint_seconds: list[float]
     eval_views: int
@@ -326,11 +344,53 @@ def paired_schedule(prompts: Sequence[str], seeds: Sequence[int],
     return schedule
 
 
+def scene_type_of(overrides: Sequence[str], default: str) -> str:
+    """The scene.type that ``overrides`` select, read as the config loader reads them (the last one
+    wins, ``scene.type=X`` or ``scene={type: X, …}``), else ``default``."""
+    from carv3d.config import parse_overrides
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(parse_overrides(list(overrides)), "scene.type", default=None) if overrides else None
+    return default if value is None else str(value)
+
+
+def arm_config_files(arms: Mapping[str, Sequence[str]], common: Sequence[str], config: Optional[str],
+                     scene_configs: Optional[Mapping[str, Optional[str]]]) -> dict[str, dict[str, Optional[str]]]:
+    """Each arm's config file and the scene type it was picked for: ``config`` (an explicit --config)
+    for every arm (scene type None: not picked by it); else the file that ``scene_configs`` (the
+    preset's) names for the scene type the arm selects — through the common overrides then its own
+    (scene.type), else the config's default type (nerf)."""
+    if config is not None or scene_configs is None:
+        return {label: {"scene_type": None, "file": config} for label in arms}
+    from carv3d.config import DEFAULT_TYPES
+    from carv3d.errors import UserError
+
+    files = {}
+    for label, overrides in arms.items():
+        try:
+            scene_type = scene_type_of([*common, *overrides], DEFAULT_TYPES["scene"])
+        except UserError as err:
+            raise SystemExit(f"arm {label}: {err}") from None
+        if scene_type not in scene_configs:
+            raise SystemExit(f"arm {label}: scene.type={scene_type} has no config file in the preset (it has "
+                             f"{', '.join(scene_configs)}); pass one with --config.")
+        files[label] = {"scene_type": scene_type, "file": scene_configs[scene_type]}
+    return files
+
+
+def arm_config_hashes(settings: dict[str, Any]) -> dict[str, Optional[str]]:
+    """Each arm's config file's sha256 (None: the config defaults). Reports from before per-arm config
+    files trained every arm with one file: ``config_file_sha256``."""
+    if "arm_config_files" in settings:
+        return {arm: entry["sha256"] for arm, entry in settings["arm_config_files"].items()}
+    return {arm: settings.get("config_file_sha256") for arm in settings.get("arms") or DEFAULT_ARMS}
+
+
 def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """What must match for a finished run of an earlier JSON to be reused by --resume."""
-    keys = ("budget_seconds", "checkpoint_seconds", "config_file_sha256", "overrides", "eval_views",
-            "eval_resolution", "chamfer")
-    return {**{key: settings[key] for key in keys}, "arms": settings.get("arms") or DEFAULT_ARMS}
+    keys = ("budget_seconds", "checkpoint_seconds", "overrides", "eval_views", "eval_resolution", "chamfer")
+    return {**{key: settings[key] for key in keys}, "arms": settings.get("arms") or DEFAULT_ARMS,
+            "arm_config_sha256": arm_config_hashes(settings)}
 
 
 def file_sha256(path: Optional[str]) -> Optional[str]:
@@ -534,7 +594,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--checkpoints", type=int, default=None, help="evaluations at budget·i/N, i = 1..N (+ t = 0)")
     parser.add_argument("--parallel", type=int, default=None, help="runs side by side (worker processes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default cores/P)")
-    parser.add_argument("--config", default=None, help="config file for every arm (default: the preset's)")
+    parser.add_argument("--config", default=None,
+                        help="config file for every arm (default: the preset's file for the scene type each arm "
+                             "selects, e.g. --preset cpu: configs/demo_cpu.yaml or configs/gaussians_demo_cpu.yaml)")
     parser.add_argument("--arms", default=None, metavar="SWEEP.yaml",
                         help="a carv3d sweep file whose runs are the arms (its grid/zip/overrides; no prompt, seed "
                              "or base: the bench sets those); default: the sds and carv presets")
@@ -561,7 +623,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     preset = PRESETS[args.preset]
     parallel = args.parallel if args.parallel is not None else preset.parallel
-    config = args.config if args.config is not None else preset.config
     budget = args.budget if args.budget is not None else preset.budget
     checkpoints = args.checkpoints if args.checkpoints is not None else preset.checkpoints
     if budget <= 0 or checkpoints < 1 or parallel < 1:
@@ -576,6 +637,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     baseline = args.baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in arms else next(iter(arms)))
     if baseline not in arms:
         raise SystemExit(f"--baseline {baseline!r} is not an arm; arms: {', '.join(arms)}")
+    overrides = [*preset.overrides, *args.overrides]
+    scene_configs = None if args.config is not None else dict(preset.configs)
+    files = arm_config_files(arms, overrides, args.config, scene_configs)
     return {
         "preset": args.preset,
         "arms": arms,
@@ -587,9 +651,10 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint_seconds": checkpoint_times(budget, checkpoints),
         "parallel": parallel,
         "threads_per_worker": args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // parallel),
-        "config_file": config,
-        "config_file_sha256": file_sha256(config),
-        "overrides": [*preset.overrides, *args.overrides],
+        "config_file": args.config,  # --config, every arm's file; None: scene_config_files by scene type
+        "scene_config_files": scene_configs,
+        "arm_config_files": {label: {**entry, "sha256": file_sha256(entry["file"])} for label, entry in files.items()},
+        "overrides": overrides,
         "bench_overrides": list(BENCH_OVERRIDES),
         "eval_views": args.eval_views,
         "eval_resolution": args.eval_resolution if args.eval_resolution is not None else preset.eval_resolution,
@@ -622,23 +687,38 @@ def arms_from_sweep(path: str) -> dict[str, list[str]]:
 
 
 def check_arms(settings: dict[str, Any]) -> None:
-    """Resolve every arm's config (as `carv3d train` would) before any run starts: a typo in a key, a
-    wrong type or a value out of range stops the bench with the config's own message."""
+    """Resolve every arm's config (its own file, as `carv3d train` would) before any run starts: a typo
+    in a key, a wrong type or a value out of range stops the bench with the config's own message. An
+    arm whose file the preset picked by scene type must train that scene type (a preset's file that
+    sets another scene.type is a mistake in the preset)."""
     from carv3d.config import load_config
     from carv3d.errors import UserError
 
     for label, overrides in settings["arms"].items():
+        entry = settings["arm_config_files"][label]
         try:
-            load_config(settings["config_file"], [*settings["overrides"], *overrides], settings["prompts"][0])
+            cfg = load_config(entry["file"], [*settings["overrides"], *overrides], settings["prompts"][0])
         except UserError as err:
             raise SystemExit(f"arm {label}: {err}") from None
+        if entry["scene_type"] is not None and str(cfg.scene.type) != entry["scene_type"]:
+            raise SystemExit(f"arm {label}: trains scene.type={cfg.scene.type} with {entry['file'] or 'the defaults'}, "
+                             f"the preset's file for scene.type={entry['scene_type']}.")
+
+
+def config_text(settings: dict[str, Any]) -> str:
+    """Which config file the arms used, in words (reports before per-arm files: ``config_file``)."""
+    scene_configs = settings.get("scene_config_files")
+    if settings.get("config_file") is not None or scene_configs is None:
+        return f"config {settings.get('config_file') or 'defaults'}"
+    return "the config of the arm's scene type — " + ", ".join(
+        f"{scene_type}: {file or 'defaults'}" for scene_type, file in scene_configs.items())
 
 
 def protocol_text(settings: dict[str, Any]) -> str:
     arms = settings.get("arms") or DEFAULT_ARMS
     described = "; ".join(f"{label}: {' '.join(overrides)}" for label, overrides in arms.items())
-    return (f"Each (prompt, seed) is trained once per arm ({described}), everything else identical (config "
-            f"{settings['config_file'] or 'defaults'}, overrides {settings['overrides']}), for "
+    return (f"Each (prompt, seed) is trained once per arm ({described}), everything else identical ("
+            f"{config_text(settings)}; overrides {settings['overrides']}), for "
             f"{settings['budget_seconds']:g} s of training wall clock each; the scene is evaluated in-process at "
             f"{len(settings['checkpoint_seconds'])} equal-time checkpoints {settings['checkpoint_seconds']} with the "
             f"training clock paused (Trainer.train_until; CUDA synchronised per step), so a checkpoint's clock overshoots "
@@ -669,8 +749,10 @@ def reusable_runs(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    if comparable_settings(old["settings"]) != comparable_settings(settings):
-        raise SystemExit(f"--resume: {path} was made with other settings ({comparable_settings(old['settings'])}); "
+    before, now = comparable_settings(old["settings"]), comparable_settings(settings)
+    if before != now:
+        differ = "; ".join(f"{key} {before[key]} → {now[key]}" for key in now if before[key] != now[key])
+        raise SystemExit(f"--resume: {path} was made with other settings ({differ}); "
                          f"use another --out or the same settings.")
     return {key: run for key, run in old["runs"].items() if "error" not in run}
 
@@ -679,7 +761,8 @@ def build_specs(settings: dict[str, Any], done: Iterable[str]) -> list[RunSpec]:
     done = set(done)
     specs = []
     for order, (prompt, seed, method) in enumerate(paired_schedule(settings["prompts"], settings["seeds"], list(settings["arms"]))):
-        spec = RunSpec(prompt, seed, method, settings["config_file"], [*settings["overrides"], *settings["arms"][method]],
+        spec = RunSpec(prompt, seed, method, settings["arm_config_files"][method]["file"],
+                       [*settings["overrides"], *settings["arms"][method]],
                        list(settings["checkpoint_seconds"]), settings["eval_views"], settings["eval_resolution"],
                        settings["chamfer"], settings["threads_per_worker"], order)
         if spec.key not in done:

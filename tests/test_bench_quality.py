@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -202,6 +203,134 @@ def test_resume_reuses_finished_runs_only_with_the_same_settings(tmp_path):
         bench.reusable_runs(path, other)
 
 
+# ------------------------------------------------------------------------------------ config file per scene type
+NERF_CPU = str(REPO_ROOT / "configs" / "demo_cpu.yaml")
+GAUSSIANS_CPU = str(REPO_ROOT / "configs" / "gaussians_demo_cpu.yaml")
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _mixed_arms(tmp_path):
+    """An arms file of a NeRF arm, two Gaussian arms (one with a Gaussian-only key) and one that sets no scene type."""
+    arms = tmp_path / "mixed.yaml"
+    arms.write_text("zip:\n  estimator.preset: [carv, carv, sds, sds]\n  scene:\n    - {type: nerf}\n"
+                    "    - {type: gaussians}\n    - {type: gaussians, density: {grad_threshold: 0.4}}\n"
+                    "    - {mlp_width: 16}\n")
+    return str(arms)
+
+
+def test_scene_type_of_reads_the_overrides_as_the_config_loader_does():
+    assert bench.scene_type_of([], "nerf") == "nerf"
+    assert bench.scene_type_of(['scene.type="gaussians"'], "nerf") == "gaussians"
+    assert bench.scene_type_of(["scene.type=gaussians", "scene.type=nerf"], "x") == "nerf"  # the last one wins
+    assert bench.scene_type_of(["scene={type: gaussians, n_points: 500}"], "nerf") == "gaussians"
+    assert bench.scene_type_of(["scene.type=gaussians", "scene.n_points=500"], "nerf") == "gaussians"
+    assert bench.scene_type_of(["estimator.preset=sds"], "nerf") == "nerf"
+
+
+def test_arm_config_files_picks_the_presets_file_of_each_arms_scene_type():
+    configs = bench.PRESETS["cpu"].configs
+    arms = {"nerf": ["scene.type=nerf"], "splats": ['scene.type="gaussians"'], "plain": ["estimator.preset=sds"]}
+    assert bench.arm_config_files(arms, [], None, configs) == {
+        "nerf": {"scene_type": "nerf", "file": NERF_CPU}, "splats": {"scene_type": "gaussians", "file": GAUSSIANS_CPU},
+        "plain": {"scene_type": "nerf", "file": NERF_CPU}}
+    # a common --set scene.type applies to every arm that does not set its own
+    picked = bench.arm_config_files(arms, ["scene.type=gaussians"], None, configs)
+    assert {arm: entry["file"] for arm, entry in picked.items()} == {"nerf": NERF_CPU, "splats": GAUSSIANS_CPU,
+                                                                     "plain": GAUSSIANS_CPU}
+    # --config: that file for every arm, whatever its scene type
+    assert bench.arm_config_files(arms, [], "my.yaml", configs) == dict.fromkeys(
+        arms, {"scene_type": None, "file": "my.yaml"})
+    defaults = bench.arm_config_files(arms, [], None, {"nerf": None, "gaussians": None})
+    assert {arm: entry["file"] for arm, entry in defaults.items()} == dict.fromkeys(arms)
+    with pytest.raises(SystemExit, match=r"arm splats: scene.type=gaussians has no config file in the preset"):
+        bench.arm_config_files(arms, [], None, {"nerf": NERF_CPU})
+
+
+def test_cpu_preset_gives_nerf_and_gaussian_arms_their_own_config_files(tmp_path):
+    settings = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--arms", _mixed_arms(tmp_path)]))
+    files = {arm: entry["file"] for arm, entry in settings["arm_config_files"].items()}
+    nerf, splats, splats_sds, plain = list(settings["arms"])
+    assert files == {nerf: NERF_CPU, splats: GAUSSIANS_CPU, splats_sds: GAUSSIANS_CPU, plain: NERF_CPU}
+    assert {arm: entry["sha256"] for arm, entry in settings["arm_config_files"].items()} == {
+        nerf: _sha256(NERF_CPU), splats: _sha256(GAUSSIANS_CPU), splats_sds: _sha256(GAUSSIANS_CPU),
+        plain: _sha256(NERF_CPU)}
+    assert _sha256(NERF_CPU) != _sha256(GAUSSIANS_CPU)
+    assert settings["config_file"] is None
+    assert settings["scene_config_files"] == {"nerf": NERF_CPU, "gaussians": GAUSSIANS_CPU}
+    assert "gaussians: " + GAUSSIANS_CPU in bench.protocol_text({**settings, "device": "cpu"})
+    # each run trains with its arm's file
+    assert {spec.method: spec.config for spec in bench.build_specs(settings, [])} == files
+    bench.check_arms(settings)  # every arm validates with its own file (scene.grid only reaches the NeRF arms)
+    # h200: the config defaults for both scene types
+    h200 = bench.resolve_settings(bench.parse_args(["--arms", _mixed_arms(tmp_path)]))
+    assert {arm: (entry["file"], entry["sha256"]) for arm, entry in h200["arm_config_files"].items()} == dict.fromkeys(
+        h200["arms"], (None, None))
+    bench.check_arms(h200)
+
+
+def test_an_explicit_config_is_every_arms_file_instead_of_the_presets(tmp_path):
+    arms = _mixed_arms(tmp_path)
+    settings = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--arms", arms, "--config", NERF_CPU]))
+    assert settings["config_file"] == NERF_CPU and settings["scene_config_files"] is None
+    assert settings["arm_config_files"] == {arm: {"scene_type": None, "file": NERF_CPU, "sha256": _sha256(NERF_CPU)}
+                                            for arm in settings["arms"]}
+    assert {spec.config for spec in bench.build_specs(settings, [])} == {NERF_CPU}
+    # the NeRF file's scene.grid with a Gaussian arm: the config's own message, as before the mapping
+    with pytest.raises(SystemExit, match=r"arm preset_carv-scene_type_gaussians: unknown config key 'scene.grid'"):
+        bench.check_arms(settings)
+    gaussians = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--arms", arms, "--config", GAUSSIANS_CPU]))
+    assert {entry["file"] for entry in gaussians["arm_config_files"].values()} == {GAUSSIANS_CPU}
+
+
+def test_a_preset_file_of_another_scene_type_is_refused(monkeypatch):
+    # a preset that lists the Gaussians' file under nerf: the default arms would train Gaussians
+    wrong = bench.Preset(prompts=("a red cube",), seeds=1, budget=1.0, checkpoints=1, parallel=1,
+                         configs={"nerf": GAUSSIANS_CPU, "gaussians": GAUSSIANS_CPU})
+    monkeypatch.setitem(bench.PRESETS, "cpu", wrong)
+    settings = bench.resolve_settings(bench.parse_args(["--preset", "cpu"]))
+    with pytest.raises(SystemExit, match=r"arm sds: trains scene.type=gaussians with .*gaussians_demo_cpu.yaml, "
+                                         r"the preset's file for scene.type=nerf"):
+        bench.check_arms(settings)
+
+
+def test_resume_refuses_a_changed_config_file_of_one_arm(tmp_path, monkeypatch):
+    nerf, gaussians = tmp_path / "nerf.yaml", tmp_path / "gaussians.yaml"
+    nerf.write_text(Path(NERF_CPU).read_text())
+    gaussians.write_text(Path(GAUSSIANS_CPU).read_text())
+    preset = bench.Preset(prompts=("a red cube",), seeds=1, budget=5.0, checkpoints=1, parallel=2,
+                          configs={"nerf": str(nerf), "gaussians": str(gaussians)})
+    monkeypatch.setitem(bench.PRESETS, "cpu", preset)
+    argv = ["--preset", "cpu", "--arms", str(REPO_ROOT / "configs" / "arms" / "gaussians_world.yaml")]
+    settings = bench.resolve_settings(bench.parse_args(argv))
+    path = tmp_path / "old.json"
+    ok = _run("a red cube", 0, "preset_carv-scene_type_nerf", [0.5, 0.6])
+    path.write_text(json.dumps({"settings": settings, "runs": {"ok": ok}}))
+    assert bench.reusable_runs(path, bench.resolve_settings(bench.parse_args(argv))) == {"ok": ok}
+    gaussians.write_text(gaussians.read_text() + "# edited\n")  # only the Gaussian arms' file changes
+    changed = bench.resolve_settings(bench.parse_args(argv))
+    assert changed["arm_config_files"]["preset_carv-scene_type_nerf"]["sha256"] == _sha256(nerf)
+    assert changed["arm_config_files"]["preset_carv-scene_opacity_reset_every_700"]["sha256"] == _sha256(gaussians)
+    assert _sha256(gaussians) != settings["arm_config_files"]["preset_carv-scene_opacity_reset_every_700"]["sha256"]
+    with pytest.raises(SystemExit, match=r"other settings \(arm_config_sha256 .*" + _sha256(gaussians)):
+        bench.reusable_runs(path, changed)
+
+
+def test_resume_reads_a_report_from_before_per_arm_config_files(tmp_path):
+    settings = bench.resolve_settings(bench.parse_args(["--preset", "cpu", "--budget", "5", "--checkpoints", "1"]))
+    old_settings = {key: value for key, value in settings.items() if key not in ("scene_config_files", "arm_config_files")}
+    old_settings.update(config_file=NERF_CPU, config_file_sha256=_sha256(NERF_CPU))  # one file for every arm
+    path = tmp_path / "old.json"
+    ok = _run("a red cube", 0, "sds", [0.5, 0.6])
+    path.write_text(json.dumps({"settings": old_settings, "runs": {"ok": ok}}))
+    assert bench.arm_config_hashes(old_settings) == {"sds": _sha256(NERF_CPU), "carv": _sha256(NERF_CPU)}
+    assert bench.reusable_runs(path, settings) == {"ok": ok}
+    path.write_text(json.dumps({"settings": {**old_settings, "config_file_sha256": "0" * 64}, "runs": {"ok": ok}}))
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.reusable_runs(path, settings)
+
 # ------------------------------------------------------------------------------------ end to end (slow)
 @pytest.mark.slow
 def test_cpu_preset_end_to_end_writes_the_json_and_plot_and_resumes(tmp_path):
@@ -244,9 +373,10 @@ def test_cpu_preset_end_to_end_writes_the_json_and_plot_and_resumes(tmp_path):
 
 def test_the_shipped_arms_files_resolve():
     for path in sorted((REPO_ROOT / "configs" / "arms").glob("*.yaml")):
-        settings = bench.resolve_settings(bench.parse_args(["--arms", str(path)]))
-        bench.check_arms(settings)  # every arm's config resolves
-        assert len(settings["arms"]) >= 2, path
+        for preset in ("h200", "cpu"):  # the cpu preset: each arm with its scene type's demo config
+            settings = bench.resolve_settings(bench.parse_args(["--preset", preset, "--arms", str(path)]))
+            bench.check_arms(settings)  # every arm's config resolves
+            assert len(settings["arms"]) >= 2, path
     tune = bench.arms_from_sweep(str(REPO_ROOT / "configs" / "arms" / "tune_world.yaml"))
     assert len(tune) == 20 and {bench.arm_group(o, "estimator.preset", "carv") for o in tune.values()} == {"sds", "carv"}
 
