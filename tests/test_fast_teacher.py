@@ -232,3 +232,35 @@ def test_branch_predictions_through_the_cuda_graph_match_eager(teachers):
         assert _relative_error(got_u, want_u) < 1e-2 and _relative_error(got_c, want_c) < 1e-2
         guided = fast.predict_noise(x_t, t, cond, guidance_scale=7.5)
         assert _relative_error(guided, got_u + 7.5 * (got_c - got_u)) < 1e-2
+
+
+def test_wide_head_math_kernel_matches_sdpa_in_half_precision_values_and_gradients():
+    # Stable Diffusion's VAE encoder (random weights) at 256 px: its 512-channel head on CUDA in fp16
+    # through SDPA's math kernel (what the teacher uses) against SDPA's own choice (the generic
+    # memory-efficient kernel), both against an fp32 reference.
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from carv3d.teacher.fast import MathSDPAttnProcessor, wide_head_attention_layers
+    from carv3d.testing.random_sd import make_vae
+
+    torch.manual_seed(0)
+    vae = make_vae().eval().requires_grad_(False).cuda()
+    (layer,) = wide_head_attention_layers(vae.encoder)
+    pixels = torch.rand(1, 3, 256, 256, device="cuda") * 2 - 1
+    weights = torch.randn(1, 8, 32, 32, device="cuda")
+
+    def encode(dtype, processor):
+        vae.to(dtype)
+        layer.set_processor(processor)
+        x = pixels.to(dtype).requires_grad_(True)
+        out = vae.encoder(x)
+        (out.float() * weights).sum().backward()
+        return out.float(), x.grad.float()
+
+    reference = encode(torch.float32, AttnProcessor2_0())
+    for processor in (AttnProcessor2_0(), MathSDPAttnProcessor()):
+        out, grad = encode(torch.float16, processor)
+        assert _relative_error(out, reference[0]) < 1e-2, type(processor).__name__
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference[1].flatten(), dim=0)
+        assert cosine > 0.999 and abs(float(grad.norm() / reference[1].norm()) - 1) < 0.02, type(processor).__name__
+
