@@ -201,12 +201,15 @@ class DiffusersTeacherConfig(TeacherConfig):
     max_batch: int = between(1, 4096, 32, help="largest U-Net batch per call (CFG doubles it)")
     # Fast paths (carv3d/teacher/fast.py). CUDA only: on other devices they are skipped and logged.
     cuda_graph: str = described("auto", "replay the guided U-Net call as a CUDA graph per batch shape (auto: on for CUDA)")
-    # Off by default, measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast NHWC kernel:
-    # U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md)
-    channels_last: str = described("off", "NHWC memory format for the U-Net and VAE (auto: on for CUDA)")
-    compile: str = described("auto", "torch.compile the U-Net and VAE encoder, CUDA only: auto (regional for U-Nets of "
-                                      "≥ 100 M parameters, off for smaller) | off | full (the U-Net as one graph) | "
-                                      "regional (its repeated blocks; faster to compile); true = full")
+    # With a compile only: eager NHWC measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast
+    # NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md);
+    # compiled, faster (K = 8 step 54.1 ms against 74.6 eager, docs/bench_speed_ab_h100.json)
+    channels_last: str = described("auto", "NHWC memory format for the U-Net and VAE (auto: on for CUDA when the "
+                                            "teacher is compiled)")
+    compile: str = described("auto", "torch.compile the U-Net and VAE encoder, CUDA only: auto (full for U-Nets of "
+                                      "≥ 100 M parameters in runs of ≥ 4,000 steps, off otherwise) | off | "
+                                      "full (the U-Net as one graph) | regional (its repeated blocks; faster to "
+                                      "compile); true = full")
     compile_cache: str = described("auto", "folder of the persistent compile caches (auto: ~/.cache/carv3d/torch_compile; "
                                            "\"\" = torch's /tmp default)")
 

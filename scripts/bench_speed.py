@@ -195,7 +195,7 @@ TEACHER_MODES: dict[str, dict[str, str]] = {
 def teacher_keys(args: argparse.Namespace, teacher_mode: str) -> dict[str, str]:
     """The teacher.* values of one mode (``fast`` takes --channels-last and --compile)."""
     keys = dict(TEACHER_MODES[teacher_mode])
-    keys.setdefault("channels_last", "auto" if args.channels_last else "off")
+    keys.setdefault("channels_last", "on" if args.channels_last else "off")
     keys.setdefault("compile", "full" if args.compile else "off")
     return keys
 

@@ -62,9 +62,11 @@ def set_wide_head_processor(vae: Any, variant: str) -> int:
 
 
 def encode_fn(vae: Any, channels_last: bool) -> Callable[[Any], Any]:
+    import torch
+
     def encode(pixels: Any) -> Any:
         if channels_last:
-            pixels = pixels.contiguous(memory_format=__import__("torch").channels_last)
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         moments = vae.quant_conv(vae.encoder(pixels))
         return moments.chunk(2, dim=1)[0]
 

@@ -314,7 +314,7 @@ def test_teacher_modes_set_their_keys_and_channels_last_modes_run_last():
         bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "fast"))
     flagged = bench.parse_args(["--teachers", "fast,compiled", "--compile", "--channels-last", "--tiny"])
     assert flagged.teacher_list == ["compiled", "fast"]
-    assert {"teacher.channels_last=auto", "teacher.compile=full"} <= set(
+    assert {"teacher.channels_last=on", "teacher.compile=full"} <= set(
         bench.config_overrides(flagged, Path("m"), 8, "torch", "stratified", "fast"))
 
 

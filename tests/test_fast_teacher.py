@@ -252,7 +252,7 @@ def test_wide_head_math_kernel_matches_sdpa_in_half_precision_values_and_gradien
     def encode(dtype, processor):
         vae.to(dtype)
         layer.set_processor(processor)
-        x = pixels.to(dtype).requires_grad_(True)
+        x = pixels.to(dtype).detach().requires_grad_(True)  # a leaf in every dtype (fp32 .to() is a no-op)
         out = vae.encoder(x)
         (out.float() * weights).sum().backward()
         return out.float(), x.grad.float()

@@ -36,7 +36,7 @@ def test_switch_keys_reject_other_values_and_default_to_auto():
         load_config(overrides=["teacher.cuda_graph=sometimes"])
     cfg = load_config()
     assert (cfg.teacher.cuda_graph, cfg.teacher.channels_last, cfg.train.sync_free, cfg.teacher.compile) == \
-        ("auto", "off", "auto", "auto")  # channels_last measured slower on the H200: opt-in
+        ("auto", "auto", "auto", "auto")  # channels_last=auto: with a compile only (eager NHWC measured slower)
 
 
 def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
@@ -46,7 +46,12 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
     assert fast == FastPaths(False, False, "off")
     assert "cuda_graph=on skipped" in caplog.text and "compile=full skipped" in caplog.text
     on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
-    assert on_cuda == FastPaths(cuda_graph=True, channels_last=False, compile="auto")  # channels_last: opt-in
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last="auto", compile="auto")  # both follow the U-Net
+    for compile_mode, expected in (("off", False), ("full", True), ("regional", True)):  # known now: resolved now
+        cfg = load_config(overrides=[f"teacher.compile={compile_mode}"]).teacher
+        assert resolve_fast_paths(cfg, torch.device("cuda")).channels_last is expected
+    assert resolve_fast_paths(load_config(overrides=["teacher.channels_last=on", "teacher.compile=off"]).teacher,
+                              torch.device("cuda")).channels_last is True  # an explicit on is kept eager too
     assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
                               torch.device("cuda")).cuda_graph is False
 
@@ -381,19 +386,25 @@ def test_a_compiled_call_under_a_dispatch_mode_stays_compiled_afterwards():
     assert guarded_calls == [1]                               # and the compiled code stays in use
 
 
-def test_auto_compile_is_regional_for_a_large_unet_and_off_for_a_small_one(tiny_teacher, monkeypatch, caplog):
+def test_auto_compile_is_full_with_channels_last_for_a_large_unet_and_off_for_a_small_one(tiny_teacher, monkeypatch,
+                                                                                          caplog):
     from carv3d.teacher import fast as fast_module
 
     unet = tiny_teacher.unet
     size = sum(p.numel() for p in unet.parameters())
-    auto = FastPaths(cuda_graph=True, compile="auto")
+    auto = FastPaths(cuda_graph=True, channels_last="auto", compile="auto")
     with caplog.at_level("INFO", logger="carv3d"):
-        assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, compile="off")
+        assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, channels_last=False,
+                                                                         compile="off")
     assert "compile=auto -> off" in caplog.text
     monkeypatch.setattr(fast_module, "AUTO_COMPILE_MIN_PARAMETERS", size)  # as large as the threshold
-    assert fast_module.resolve_auto_compile(auto, unet).compile == "regional"
+    assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, channels_last=True, compile="full")
     explicit = FastPaths(compile="full")
     assert fast_module.resolve_auto_compile(explicit, unet) is explicit
+    # channels_last=auto follows an explicit compile mode as well, and an explicit layout is kept
+    assert fast_module.resolve_auto_compile(FastPaths(channels_last="auto", compile="regional"), unet).channels_last is True
+    assert fast_module.resolve_auto_compile(FastPaths(channels_last=False, compile="auto"), unet).channels_last is False
+    assert FastPaths(channels_last="auto").describe() == "channels_last=auto"
     # On a CPU auto is off before any model is looked at (and says nothing: nothing was asked).
     cpu = resolve_fast_paths(load_config().teacher, torch.device("cpu"))
     assert cpu.compile == "off"

@@ -35,7 +35,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -43,12 +43,12 @@ from carv3d.log import logger
 
 SWITCHES = ("auto", "on", "off")
 COMPILE_MODES = ("off", "full", "regional")
-# teacher.compile=auto compiles (regionally) a U-Net at least this large: Stable Diffusion's has
-# 866 M parameters; the embedded world teacher's 2.4 M run in a step that the render dominates.
+# teacher.compile=auto compiles a U-Net at least this large: Stable Diffusion's has 866 M parameters;
+# the embedded world teacher's 2.4 M run in a step that the render dominates.
 AUTO_COMPILE_MIN_PARAMETERS = 100_000_000
-# A compile pays for itself only over a long run: on an H100 at SD 2.1 scale, K = 8, a cold regional
-# compile starts ≈ 45 s later than eager for steps ≈ 13 ms faster (docs/bench_compile_h100.json), so
-# about 3,500 steps, and auto-K compiles again at every K it visits. Shorter runs stay eager.
+# A compile pays for itself only over a long run: on an H100 at SD 2.1 scale, K = 8, a cold full
+# compile with channels-last tensors costs 40–60 s for steps ≈ 20 ms faster (docs/bench_speed_ab_h100.json),
+# about 3,000 steps, and auto-K compiles again at every K it visits. Shorter runs stay eager.
 AUTO_COMPILE_MIN_STEPS = 4000
 
 
@@ -57,19 +57,26 @@ class FastPaths:
     """Which fast paths a teacher uses (resolved for its device by :func:`resolve_fast_paths`)."""
 
     cuda_graph: bool = False
-    channels_last: bool = False
+    # "auto" until the compile mode is known (resolve_auto_compile): channels-last tensors go with a compile
+    channels_last: Union[bool, str] = False
     compile: str = "off"  # one of COMPILE_MODES, or "auto" until the U-Net is known (resolve_auto_compile)
 
     def describe(self) -> str:
-        on = [name for name in ("cuda_graph", "channels_last") if getattr(self, name)]
+        on = [name for name in ("cuda_graph", "channels_last") if getattr(self, name) is True]
+        if self.channels_last == "auto":
+            on.append("channels_last=auto")
         if self.compile != "off":
             on.append(f"compile={self.compile}")
         return ", ".join(on) if on else "none (eager)"
 
 
+def _spelling(value: Any) -> str:
+    return str(value).lower() if not isinstance(value, bool) else ("on" if value else "off")
+
+
 def _switch(value: Any, key: str, device: torch.device) -> bool:
     """auto → on for CUDA; on → on for CUDA, skipped (logged) elsewhere; off → off."""
-    value = str(value).lower() if not isinstance(value, bool) else ("on" if value else "off")
+    value = _spelling(value)
     if value not in SWITCHES:
         raise ValueError(f"teacher.{key} is '{value}'; expected one of {', '.join(SWITCHES)}")
     if value == "off":
@@ -96,9 +103,12 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
     if mode != "off":
         cache = enable_compile_cache(getattr(teacher_cfg, "compile_cache", "auto"))
         logger.info("teacher: compile=%s, compile cache %s", mode, cache or "torch's default (this boot only)")
+    channels_last: Union[bool, str] = _switch(teacher_cfg.channels_last, "channels_last", device)
+    if channels_last and _spelling(teacher_cfg.channels_last) == "auto":
+        channels_last = "auto" if mode == "auto" else mode != "off"  # with a compile only
     return FastPaths(
         cuda_graph=_switch(teacher_cfg.cuda_graph, "cuda_graph", device),
-        channels_last=_switch(teacher_cfg.channels_last, "channels_last", device),
+        channels_last=channels_last,
         compile=mode,
     )
 
@@ -132,22 +142,28 @@ def compile_mode(value: Any) -> str:
 
 
 def resolve_auto_compile(fast: FastPaths, unet: torch.nn.Module) -> FastPaths:
-    """``compile=auto`` → ``regional`` for a U-Net of at least :data:`AUTO_COMPILE_MIN_PARAMETERS`
+    """``compile=auto`` → ``full`` for a U-Net of at least :data:`AUTO_COMPILE_MIN_PARAMETERS`
     parameters, ``off`` for a smaller one (logged either way); other modes are returned as given.
+    ``channels_last=auto`` then follows the compile: on with one, off without.
 
-    Why regional: measured on an H100 at SD 2.1-base scale, K = 8 (docs/bench_compile_h100.json),
-    a regional compile starts in 59 s on a new machine and 29 s with a warm cache for 90 ms steps,
-    a full compile in 86 s / 37 s for 85–89 ms, eager steps take 104 ms: over 10k steps both
-    compiled modes save 1.5–2.5 minutes, and the regional one costs half the start-up (auto-K
-    compiles each new K it visits again).
+    Why full with channels-last tensors: measured on one H100 at SD 2.1-base scale
+    (docs/bench_speed_ab_h100.json), against the eager teacher with its CUDA graph, the step took
+    54.1 against 74.6 ms at K = 8, 28.7 against 40.0 at K = 1 and 85.7 against 116.5 at K = 16;
+    a cold compile costs 40–60 s per K, won back after about 3,000 steps. Eager, channels-last
+    tensors are slower (GroupNorm has no fast NHWC kernel; Inductor generates its own). Earlier,
+    without channels-last (docs/bench_compile_h100.json), the regional compile started in 59 s for
+    90 ms steps and the full one in 86 s for 85–89 ms against 104 eager.
     """
-    if fast.compile != "auto":
+    mode = fast.compile
+    if mode == "auto":
+        parameters = sum(p.numel() for p in unet.parameters())
+        mode = "full" if parameters >= AUTO_COMPILE_MIN_PARAMETERS else "off"
+        logger.info("teacher: compile=auto -> %s (U-Net of %.1f M parameters; auto compiles from %.0f M)",
+                    mode, parameters / 1e6, AUTO_COMPILE_MIN_PARAMETERS / 1e6)
+    channels_last = (mode != "off") if fast.channels_last == "auto" else fast.channels_last
+    if (mode, channels_last) == (fast.compile, fast.channels_last):
         return fast
-    parameters = sum(p.numel() for p in unet.parameters())
-    mode = "regional" if parameters >= AUTO_COMPILE_MIN_PARAMETERS else "off"
-    logger.info("teacher: compile=auto -> %s (U-Net of %.1f M parameters; auto compiles from %.0f M)",
-                mode, parameters / 1e6, AUTO_COMPILE_MIN_PARAMETERS / 1e6)
-    return FastPaths(cuda_graph=fast.cuda_graph, channels_last=fast.channels_last, compile=mode)
+    return FastPaths(cuda_graph=fast.cuda_graph, channels_last=channels_last, compile=mode)
 
 
 def default_compile_cache() -> Path:
