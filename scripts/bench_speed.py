@@ -354,7 +354,7 @@ def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> 
     """Warm steps, then ``--profile-steps`` steps under torch.profiler: the top kernels, split by section."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from carv3d.testing.profile import annotated_sections, kernel_summary
+    from carv3d.testing.profile import annotated_sections, kernel_summary, kineto_links
 
     device = teacher.device
     trainer = fresh_trainer(cfg, teacher)
@@ -383,7 +383,8 @@ def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> 
             split = trainer.timing_metrics()
             prof.step()
     step_ms = 1000.0 * wall / args.profile_steps
-    summary = kernel_summary(prof.events(), device.type, args.profile_steps, step_ms, top=args.profile_top)
+    summary = kernel_summary(prof.events(), device.type, args.profile_steps, step_ms, top=args.profile_top,
+                             links=kineto_links(prof))
     result = {
         "status": "ok", "config": name, "device": str(device), "noise_draws": int(cfg.estimator.noise_draws),
         "scene": str(cfg.scene.type), "guidance": str(cfg.guidance.type), "render_size": [int(cfg.render.height), int(cfg.render.width)],

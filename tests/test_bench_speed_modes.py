@@ -106,6 +106,47 @@ def test_kernel_summary_on_cuda_links_kernels_to_their_launching_operator_and_it
                                            "unlinked": pytest.approx(0.005)}
 
 
+def test_kernel_summary_links_through_the_raw_kineto_events_when_function_events_lack_the_link():
+    """Older torch (the GPU machine's 2.11) has no ``linked_correlation_id`` on ``FunctionEvent``:
+    every kernel read as unlinked. The link then comes from the raw Kineto events
+    (:func:`kineto_links`); a runtime call whose CUPTI id equals an operator's id is not a launcher."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from carv3d.testing.profile import kineto_links
+
+    def event(name, device, start, end, id_=0, annotation=False):  # no linked_correlation_id attribute
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end),
+                               id=id_, is_user_annotation=annotation, self_cpu_time_total=end - start)
+
+    def raw(correlation, linked, device):
+        return SimpleNamespace(correlation_id=lambda: correlation, linked_correlation_id=lambda: linked,
+                               device_type=lambda: device)
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event("carv3d.encode", cpu, 0, 100, id_=1, annotation=True),
+        event("carv3d.backward", cpu, 100, 200, id_=2, annotation=True),
+        event("aten::convolution", cpu, 10, 20, id_=5),
+        event("cudaLaunchKernel", cpu, 150, 151, id_=5),  # same number, CUPTI's counter: not the launcher
+        event("aten::convolution_backward", cpu, 120, 130, id_=7),
+        event("conv_fprop", cuda, 300, 330, id_=60),
+        event("conv_dgrad", cuda, 400, 420, id_=61),
+        event("graph_kernel", cuda, 430, 440, id_=62),  # a CUDA-graph replay: no link at all
+    ]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: [
+        raw(5, 0, cpu), raw(5, 5, cpu), raw(7, 0, cpu), raw(60, 5, cuda), raw(61, 7, cuda), raw(62, 0, cuda)])))
+    links = kineto_links(prof)
+    assert links == {60: 5, 61: 7}  # device activities only: the runtime call's own link is not kept
+    out = kernel_summary(events, "cuda", 1, 100.0, links=links)
+    assert out["sections_ms_per_step"] == {"encode": pytest.approx(0.03), "backward": pytest.approx(0.02),
+                                           "unlinked": pytest.approx(0.01)}
+    unlinked = kernel_summary(events, "cuda", 1, 100.0)  # without the map: what the 2.11 profiles showed
+    assert unlinked["sections_ms_per_step"] == {"unlinked": pytest.approx(0.06)}
+    assert kineto_links(SimpleNamespace()) == {}
+
+
 def test_profile_markdown_has_one_row_per_kernel_and_the_step_total():
     profile = {"status": "ok", "config": "fast/triton/occupancy_grid/K8", "device": "cuda:0", "steps": 3, "step_ms": 80.0,
                "unprofiled_step_ms": 75.5, "kernel_ms_per_step": 60.0, "kernels_distinct": 412, "top_percent_of_step": 50.0,

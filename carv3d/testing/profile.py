@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import re
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 RANGE_PREFIX = "carv3d."
 OTHER, UNLINKED = "other", "unlinked"
@@ -107,7 +107,34 @@ def _is_annotation(event: Any) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or str(event.name).startswith(_RANGE_NAMES)
 
 
-def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: float, top: int = 10) -> dict[str, Any]:
+# Host-side CUDA runtime / driver calls (cudaLaunchKernel, cuLaunchKernel, ...): never a kernel's launcher.
+_RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")
+
+
+def kineto_links(prof: Any) -> dict[int, int]:
+    """Device activity id → the id of the host operator it is linked to, from the profiler's raw
+    Kineto events.
+
+    ``FunctionEvent`` carries ``linked_correlation_id`` only in recent torch releases; before that
+    the link stopped at the raw ``_KinetoEvent`` (whose ``correlation_id()`` is the ``FunctionEvent``'s
+    ``id``). :func:`kernel_summary` reads this map when its events lack the attribute. Empty when
+    the raw events are not reachable.
+    """
+    from torch.autograd import DeviceType
+
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return {}
+    links = {}
+    for event in results.events():
+        linked = int(event.linked_correlation_id())
+        if linked > 0 and event.device_type() != DeviceType.CPU:
+            links[int(event.correlation_id())] = linked
+    return links
+
+
+def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: float, top: int = 10,
+                   links: Optional[dict[int, int]] = None) -> dict[str, Any]:
     """The top-``top`` kernels by self device time (CPU: self CPU time) from a profiler's ``events()``.
 
     Args:
@@ -116,6 +143,8 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
         steps: how many steps the profile covers.
         step_ms: the wall clock of one profiled step (profiler overhead included), the 100 % of
             ``percent_of_step``.
+        links: device activity id → host operator id (:func:`kineto_links`), for events without a
+            ``linked_correlation_id`` attribute (older torch); without either, a kernel is ``unlinked``.
 
     Returns:
         ``kernels`` (rows: ``name`` (short), ``name_full``, ``calls``, ``total_ms``, ``ms_per_step``,
@@ -127,10 +156,16 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
 
     cuda = device_type == "cuda"
     starts, ends, names = _section_ranges(events)
+    links = links or {}
+
+    def linked_id(event: Any) -> int:
+        linked = getattr(event, "linked_correlation_id", None)
+        return links.get(event.id, 0) if linked is None else int(linked)
+
     by_id = {}
-    if cuda:
-        by_id = {e.id: e for e in events
-                 if e.device_type == DeviceType.CPU and getattr(e, "linked_correlation_id", 0) == 0}
+    if cuda:  # host operators by id; runtime calls share the id space (CUPTI's counter), so never them
+        by_id = {e.id: e for e in events if e.device_type == DeviceType.CPU and not _RUNTIME_CALL.match(str(e.name))
+                 and not getattr(e, "linked_correlation_id", 0)}
     table: dict[str, dict[str, Any]] = {}
     by_section: dict[str, float] = {}
     for event in events:
@@ -140,7 +175,7 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
             if event.device_type != DeviceType.CUDA:
                 continue
             us = float(event.time_range.end - event.time_range.start)
-            launcher = by_id.get(getattr(event, "linked_correlation_id", 0))
+            launcher = by_id.get(linked_id(event))
             section = UNLINKED if launcher is None else _section_at(launcher.time_range.start, starts, ends, names)
         else:
             if event.device_type != DeviceType.CPU or getattr(event, "is_python_function", False):
