@@ -370,7 +370,8 @@ def run_profile(args: argparse.Namespace, cfg: Any, teacher: Any, name: str) -> 
     # One step under a warming profiler first (CUPTI's start-up stays out of the window), then the
     # profiled steps as one recorded window, timed between two synchronisations.
     with annotated_sections(trainer.distill):
-        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
+        with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1),
+                     record_shapes=True) as prof:  # shapes: which copy, which convolution
             trainer.train_step()
             synchronize(device)
             prof.step()

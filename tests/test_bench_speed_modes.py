@@ -142,6 +142,9 @@ def test_kernel_summary_links_through_the_raw_kineto_events_when_function_events
     out = kernel_summary(events, "cuda", 1, 100.0, links=links)
     assert out["sections_ms_per_step"] == {"encode": pytest.approx(0.03), "backward": pytest.approx(0.02),
                                            "unlinked": pytest.approx(0.01)}
+    rows = {row["name"]: row for row in out["kernels"]}
+    assert rows["conv_dgrad"]["launchers_ms"] == {"aten::convolution_backward": pytest.approx(0.02)}
+    assert rows["graph_kernel"]["launchers_ms"] == {}
     unlinked = kernel_summary(events, "cuda", 1, 100.0)  # without the map: what the 2.11 profiles showed
     assert unlinked["sections_ms_per_step"] == {"unlinked": pytest.approx(0.06)}
     assert kineto_links(SimpleNamespace()) == {}
@@ -162,6 +165,13 @@ def test_profile_markdown_has_one_row_per_kernel_and_the_step_total():
     assert "3 profiled steps of 80.0 ms" in text and "75.5 ms without it" in text and "teacher 40.00" in text
     tables = load_script("tables")
     assert tables.profile_table({"profile": profile}) == text
+    # a profile that recorded its launching operators gets a column naming the costliest one
+    profile["kernels"][0]["launchers_ms"] = {"aten::copy_ [[16, 4, 64, 64], [16, 4, 64, 64], []]": 29.0, "aten::mm": 1.0}
+    profile["kernels"][1]["launchers_ms"] = {}
+    lines = profile_markdown(profile).splitlines()
+    assert lines[0].endswith("| launched by (most time) |") and lines[1].count("|") == 8
+    assert lines[2].endswith("| 37.5 | aten::copy_ [[16, 4, 64, 64], [16, 4, 64, 64], []] |")
+    assert lines[3].endswith("| 12.5 | — |")
 
 
 # ------------------------------------------------------------------ the full run's phases

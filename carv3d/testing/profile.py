@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -149,7 +150,8 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
     Returns:
         ``kernels`` (rows: ``name`` (short), ``name_full``, ``calls``, ``total_ms``, ``ms_per_step``,
         ``percent_of_step``, ``section`` (where most of its time is), ``sections_ms`` (ms per step by
-        section)), ``kernel_ms_per_step`` (all kernels), ``kernels_distinct``, ``sections_ms_per_step``
+        section), ``launchers_ms`` (its three costliest launching operators, with their input shapes
+        when the profile recorded them, ms per step)), ``kernel_ms_per_step`` (all kernels), ``kernels_distinct``, ``sections_ms_per_step``
         (all kernels' time by section), ``top_percent_of_step`` (the rows' sum), ``step_ms``, ``steps``.
     """
     from torch.autograd import DeviceType
@@ -182,12 +184,16 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
                 continue
             us = float(event.self_cpu_time_total)
             section = _section_at(event.time_range.start, starts, ends, names)
+            launcher = event
         if us <= 0:
             continue
-        row = table.setdefault(event.name, {"calls": 0, "us": 0.0, "sections": {}})
+        row = table.setdefault(event.name, {"calls": 0, "us": 0.0, "sections": {}, "launchers": Counter()})
         row["calls"] += 1
         row["us"] += us
         row["sections"][section] = row["sections"].get(section, 0.0) + us
+        if launcher is not None:  # which operator, on which input shapes (with record_shapes), spends it
+            shapes = getattr(launcher, "input_shapes", None)
+            row["launchers"][f"{launcher.name} {shapes}" if shapes else str(launcher.name)] += us
         by_section[section] = by_section.get(section, 0.0) + us
     steps = max(int(steps), 1)
     rows = []
@@ -199,6 +205,7 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
             "percent_of_step": 100.0 * per_step / step_ms if step_ms > 0 else None,
             "section": max(row["sections"], key=row["sections"].get),
             "sections_ms": {k: v / 1000.0 / steps for k, v in sorted(row["sections"].items())},
+            "launchers_ms": {k: v / 1000.0 / steps for k, v in row["launchers"].most_common(3)},
         })
     total = sum(r["us"] for r in table.values()) / 1000.0 / steps
     return {
@@ -214,12 +221,17 @@ def kernel_summary(events: list[Any], device_type: str, steps: int, step_ms: flo
 def profile_markdown(profile: dict[str, Any]) -> str:
     """``profile`` (the ``profile`` object of bench_speed's JSON) as a markdown table for docs/BENCHMARKS.md."""
     unit = "device" if profile.get("device", "").startswith("cuda") else "CPU"
-    lines = [f"| # | kernel | section | calls / step | ms / step | % of step |", "|---|---|---|---|---|---|"]
+    launchers = any(row.get("launchers_ms") for row in profile["kernels"])  # profiles since 2026-12-06 18:15
+    lines = [f"| # | kernel | section | calls / step | ms / step | % of step |" + (" launched by (most time) |" if launchers else ""),
+             "|---|---|---|---|---|---|" + ("---|" if launchers else "")]
     for i, row in enumerate(profile["kernels"], 1):
         name = row["name"].replace("|", "\\|")
         pct = "—" if row.get("percent_of_step") is None else f"{row['percent_of_step']:.1f}"
-        lines.append(f"| {i} | `{name}` | {row['section']} | {row['calls_per_step']:.1f} | "
-                     f"{row['ms_per_step']:.3f} | {pct} |")
+        line = f"| {i} | `{name}` | {row['section']} | {row['calls_per_step']:.1f} | {row['ms_per_step']:.3f} | {pct} |"
+        if launchers:
+            top = next(iter(row.get("launchers_ms") or {}), "—").replace("|", "\\|")
+            line += f" {top if len(top) <= 90 else top[:89] + '…'} |"
+        lines.append(line)
     sections = ", ".join(f"{k} {v:.2f}" for k, v in profile.get("sections_ms_per_step", {}).items())
     lines.append("")
     lines.append(f"{profile.get('config', 'step')}: {profile['steps']} profiled steps of {profile['step_ms']:.1f} ms "
