@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in VARIANTS:
                 set_wide_head_processor(vae, variant)
                 torch._dynamo.reset()
+                counters = torch._dynamo.utils.counters
+                counters.clear()
                 fn = encode_fn(vae, channels_last)
                 if compiled:
                     fn = torch.compile(fn, dynamic=False)
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     "max_abs_diff_encoding": float((out.float() - ref_out).abs().max()),
                     "max_abs_diff_image_grad": float((grad.float() - ref_grad).abs().max()),
                     "image_grad_scale": float(ref_grad.abs().max()),
+                    # a compiled row is only a compiled row if Dynamo traced it whole, once
+                    "graph_breaks": sum(counters["graph_break"].values()) if compiled else None,
+                    "recompiles": sum(counters["recompiles"].values()) if compiled else None,
                 }
                 report["rows"].append(row)
                 log(f"{'compiled' if compiled else 'eager'} {'NHWC' if channels_last else 'NCHW'} {variant}: "

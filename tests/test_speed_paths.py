@@ -496,3 +496,19 @@ def test_math_sdpa_processor_traces_into_one_compiled_graph():
     assert backend.frame_count == 1
     torch.testing.assert_close(out, layer(x))
     torch._dynamo.reset()
+
+
+def test_bench_vae_attention_times_every_processor_and_checks_it_against_fp32(tmp_path):
+    from carv3d.testing.scripts import load_script
+
+    bench = load_script("bench_vae_attention")
+    out = tmp_path / "vae_attention.json"
+    assert bench.main(["--device", "cpu", "--size", "32", "--no-compile", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["shape"]["wide_head_layers"] == 1
+    rows = report["rows"]
+    assert [(r["variant"], r["channels_last"]) for r in rows] == [
+        (v, layout) for layout in (False, True) for v in ("sdpa", "sdpa-math", "bmm")]
+    for row in rows:  # fp32 on the CPU: every processor computes the reference's sums
+        assert row["ms_median"] > 0 and row["compiled"] is False
+        assert row["max_abs_diff_encoding"] < 1e-4 and row["max_abs_diff_image_grad"] < 1e-4 * max(row["image_grad_scale"], 1)
