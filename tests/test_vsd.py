@@ -500,3 +500,18 @@ def test_gpu_check_vsd_reprojects_with_the_step_saving_bench_quality_measured(tm
         module.measured_saving(str(tmp_path / "bench.json"), "never")
     with pytest.raises(SystemExit, match="not an arm"):
         module.measured_saving(str(tmp_path / "bench.json"), "other")
+
+
+def test_lora_copy_is_nchw_when_the_teachers_unet_is_channels_last(tiny_teacher):
+    # teacher.compile=auto turns channels-last tensors on with a compile; the LoRA copy runs eagerly,
+    # where NHWC convolutions measured slower, so it goes back to NCHW (the teacher keeps its layout).
+    convs = [m for m in tiny_teacher.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    tiny_teacher.unet.to(memory_format=torch.channels_last)
+    try:
+        assert convs[1].weight.is_contiguous(memory_format=torch.channels_last)
+        particle = LoRAParticle(tiny_teacher, seed=0)
+        copied = [m for m in particle.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert copied and all(m.weight.is_contiguous() for m in copied)
+        assert convs[1].weight.is_contiguous(memory_format=torch.channels_last)  # the teacher's own: untouched
+    finally:
+        tiny_teacher.unet.to(memory_format=torch.contiguous_format)

@@ -108,7 +108,9 @@ class LoRAParticle:
         self.num_train_timesteps = int(teacher.num_train_timesteps)
         self.prediction_type = teacher.prediction_type
         self.camera_condition, self.fused_call = bool(camera_condition), bool(fused_call)
-        unet = copy.deepcopy(teacher.unet)
+        # The copy runs eagerly: NCHW weights, whatever layout a compiled teacher gave its own U-Net
+        # (channels-last eager convolutions measured slower; docs/BENCHMARKS.md).
+        unet = copy.deepcopy(teacher.unet).to(memory_format=torch.contiguous_format)
         if getattr(unet, "class_embedding", None) is not None:
             raise ConfigError(f"guidance.type vsd conditions the LoRA copy on the camera through the U-Net's class "
                               f"embedding, but teacher {teacher.name} already has one; use guidance.type sds or csd.")
