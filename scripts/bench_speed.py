@@ -182,8 +182,10 @@ BASE_CONFIGS = {"nerf": "configs/sd21.yaml", "gaussians": "configs/gaussians_sd2
 
 
 # Teacher modes a sweep times side by side on one card (`--teachers`), as the teacher.* keys each sets.
-# `fast` is the shipped CUDA default, with --compile / --channels-last added on request; the compiled
-# modes compare the compile with and without channels-last tensors in one process, against `fast`.
+# `fast` is the eager teacher with its CUDA graph (the CUDA default for runs too short to compile),
+# with --compile / --channels-last added on request; `compiled-cl` is what teacher.compile=auto gives
+# a long Stable Diffusion run; the compiled modes compare the compile with and without channels-last
+# tensors in one process, against `fast`.
 TEACHER_MODES: dict[str, dict[str, str]] = {
     "eager": {"cuda_graph": "off", "channels_last": "off", "compile": "off"},
     "fast": {"cuda_graph": "auto"},
@@ -512,8 +514,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30; quick 10)")
     parser.add_argument("--compile", action="store_true", help="fast teacher also uses teacher.compile (slow to start)")
     parser.add_argument("--channels-last", action="store_true",
-                        help="fast teacher also uses teacher.channels_last (off by default, as in the shipped config; "
-                             "the 2026-11-29 tables were measured with it on)")
+                        help="fast teacher also uses teacher.channels_last=on (off eager, as the default "
+                             "channels_last=auto does; the 2026-11-29 tables were measured with it on)")
     parser.add_argument("--model-dir", default=None, help="reuse (or build into) this folder instead of a temporary one")
     parser.add_argument("--budget-s", type=float, default=390.0,
                         help="skip the remaining configurations (full runs) once this many seconds have passed")
