@@ -95,9 +95,9 @@ def occupancy(trace: list[dict[str, Any]], gpu_uuids: list[str]) -> dict[str, An
     ends = [t for t in last_busy.values() if t is not None]
     tail = min(ends) if len(ends) == len(gpu_uuids) and ends else None
     start = min((t for t in first_busy.values() if t is not None), default=None)
+    window = [s for s in trace if start is not None and tail is not None and start <= s["t"] <= tail]
     per_gpu = {}
     for uuid in gpu_uuids:
-        window = [s for s in trace if start is not None and tail is not None and start <= s["t"] <= tail]
         busy = [any(a["uuid"] == uuid for a in s["apps"]) for s in window]
         per_gpu[uuid] = {"max_processes": most[uuid], "first_busy_s": first_busy[uuid], "last_busy_s": last_busy[uuid],
                          "busy_fraction_before_tail": (sum(busy) / len(busy)) if busy else None,
