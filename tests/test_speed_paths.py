@@ -386,6 +386,54 @@ def test_a_compiled_call_under_a_dispatch_mode_stays_compiled_afterwards():
     assert guarded_calls == [1]                               # and the compiled code stays in use
 
 
+def test_a_dynamic_batch_traces_the_unet_once_for_every_k_and_static_shapes_once_per_k():
+    """auto-K's batches (2K rows) through diffusers' U-Net: marked dynamic, Dynamo traces one graph
+    for all of them; with static shapes it traces one per batch. Outputs equal the eager U-Net's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from carv3d.teacher.fast import batch_dynamic
+    from carv3d.testing.tiny_teachers import make_tiny_unet
+
+    torch.manual_seed(0)
+    unet = make_tiny_unet(4, 8).requires_grad_(False)
+
+    def eager(sample, t, hidden):
+        return unet(sample, t, encoder_hidden_states=hidden).sample
+
+    frames = {}
+    for mode in ("dynamic", "static"):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        call = torch.compile(eager, backend=counter, dynamic=None if mode == "dynamic" else False)
+        call = batch_dynamic(call) if mode == "dynamic" else call
+        for batch in (2, 4, 6):
+            sample, t = torch.randn(batch, 4, 8, 8), torch.randint(0, 1000, (batch,))
+            hidden = torch.randn(batch, 77, unet.config.cross_attention_dim)
+            torch.testing.assert_close(call(sample, t, hidden), eager(sample, t, hidden))
+        frames[mode] = counter.frame_count
+    torch._dynamo.reset()
+    assert frames == {"dynamic": 1, "static": 3}
+
+
+def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(monkeypatch):
+    """build_unet_call passes dynamic=None and marks the batch for FastPaths.dynamic_batch; static otherwise."""
+    import carv3d.teacher.fast as fast_module
+
+    seen = []
+
+    def fake_compile(fn, dynamic=None, **kwargs):
+        seen.append(dynamic)
+        return fn
+
+    monkeypatch.setattr(fast_module.torch, "compile", fake_compile)
+    unet = torch.nn.Identity()
+    static = build_unet_call(unet, FastPaths(compile="full"))
+    dynamic = build_unet_call(unet, FastPaths(compile="full", dynamic_batch=True))
+    assert seen == [False, None]
+    assert not hasattr(static.__wrapped__, "__wrapped__")            # the compiled call itself
+    assert dynamic.__wrapped__.__name__ == "call"                     # batch_dynamic's marking wrapper
+
+
 def test_auto_compile_is_full_with_channels_last_for_a_large_unet_and_off_for_a_small_one(tiny_teacher, monkeypatch,
                                                                                           caplog):
     from carv3d.teacher import fast as fast_module

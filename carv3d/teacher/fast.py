@@ -33,6 +33,7 @@ eager code path is then exactly the one without fast paths.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class FastPaths:
     # "auto" until the compile mode is known (resolve_auto_compile): channels-last tensors go with a compile
     channels_last: Union[bool, str] = False
     compile: str = "off"  # one of COMPILE_MODES, or "auto" until the U-Net is known (resolve_auto_compile)
+    # compile=full: trace the U-Net's batch dimension as a symbol, so that every K auto-K visits runs
+    # one compiled graph instead of compiling again per K (scripts/bench_compile_shapes.py measures both)
+    dynamic_batch: bool = False
 
     def describe(self) -> str:
         on = [name for name in ("cuda_graph", "channels_last") if getattr(self, name) is True]
@@ -165,7 +169,7 @@ def resolve_auto_compile(fast: FastPaths, unet: torch.nn.Module) -> FastPaths:
     channels_last = (mode != "off") if fast.channels_last == "auto" else fast.channels_last
     if (mode, channels_last) == (fast.compile, fast.channels_last):
         return fast
-    return FastPaths(cuda_graph=fast.cuda_graph, channels_last=channels_last, compile=mode)
+    return dataclasses.replace(fast, channels_last=channels_last, compile=mode)
 
 
 def default_compile_cache() -> Path:
@@ -391,7 +395,9 @@ def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.T
         return unet(sample, timestep, encoder_hidden_states=hidden).sample
 
     call: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = eager
-    if fast.compile == "full":
+    if fast.compile == "full" and fast.dynamic_batch:
+        call = eager_under_dispatch_modes(batch_dynamic(torch.compile(eager, dynamic=None)))
+    elif fast.compile == "full":
         call = eager_under_dispatch_modes(torch.compile(eager, dynamic=False))
     elif fast.compile == "regional":
         compile_regions(unet)
@@ -424,6 +430,27 @@ def build_encode_call(vae: torch.nn.Module, fast: FastPaths) -> Callable[[torch.
     if fast.compile != "off":
         return eager_under_dispatch_modes(torch.compile(eager, dynamic=False))
     return eager
+
+
+def batch_dynamic(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """``compiled`` called with dimension 0 of every tensor argument marked dynamic for Dynamo.
+
+    A compile with static shapes (``dynamic=False``) traces and compiles again for every new batch
+    size, and auto-K changes the U-Net's batch (2·K rows with guidance) a few times early in a run.
+    Marked dynamic, the batch becomes a symbol of the one traced graph: convolutions and matmuls are
+    library calls that take any batch, and Inductor's generated kernels index with it. A size that
+    Dynamo must specialise anyway (a batch of 1) still compiles its own graph (``maybe_mark_dynamic``
+    does not insist).
+    """
+
+    def call(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    call.__wrapped__ = compiled  # type: ignore[attr-defined]
+    return call
 
 
 def eager_under_dispatch_modes(call: Callable[..., Any]) -> Callable[..., Any]:
