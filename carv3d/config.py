@@ -205,7 +205,7 @@ class DiffusersTeacherConfig(TeacherConfig):
     # NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md);
     # compiled, faster (K = 8 step 54.1 ms against 74.6 eager, docs/bench_speed_ab_h100.json)
     channels_last: str = described("auto", "NHWC memory format for the U-Net and VAE (auto: on for CUDA when the "
-                                            "teacher is compiled)")
+                                            "teacher is compiled; unet: the U-Net only, the VAE NCHW)")
     compile: str = described("auto", "torch.compile the U-Net and VAE encoder, CUDA only: auto (full for U-Nets of "
                                       "≥ 100 M parameters in runs of ≥ 4,000 steps, off otherwise) | off | "
                                       "full (the U-Net as one graph) | regional (its repeated blocks; faster to "
@@ -433,7 +433,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "render.background": ("white", "random", "learned"),
     "teacher.dtype": ("auto", "float32", "float16", "bfloat16"),
     "teacher.cuda_graph": ("auto", "on", "off"),
-    "teacher.channels_last": ("auto", "on", "off"),
+    "teacher.channels_last": ("auto", "on", "off", "unet"),
     "teacher.compile": ("auto", "off", "full", "regional"),
     "train.sync_free": ("auto", "on", "off"),
     "estimator.preset": tuple(ESTIMATOR_PRESETS),

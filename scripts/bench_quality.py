@@ -182,11 +182,26 @@ def aggregate(runs: Sequence[dict[str, Any]], metric: str, n_points: int) -> lis
     return [mean_std(curve[i] for curve in by_seed.values()) for i in range(n_points)]
 
 
-def finished_runs(report: dict[str, Any], arm: str, prompt: Union[None, str, Sequence[str]] = None) -> list[dict[str, Any]]:
-    """The arm's finished runs: of every prompt (None), of one, or of a collection of prompts."""
+def finished_runs(report: dict[str, Any], arm: str, prompt: Union[None, str, Sequence[str]] = None,
+                  pairs: Optional[set[tuple[str, int]]] = None) -> list[dict[str, Any]]:
+    """The arm's finished runs: of every prompt (None), of one, or of a collection of prompts;
+    with ``pairs``, only the runs whose (prompt, seed) is one of them."""
     chosen = None if prompt is None else {prompt} if isinstance(prompt, str) else set(prompt)
     return [run for run in report["runs"].values() if run["method"] == arm and "error" not in run
-            and (chosen is None or run["prompt"] in chosen)]
+            and (chosen is None or run["prompt"] in chosen)
+            and (pairs is None or (run["prompt"], run["seed"]) in pairs)]
+
+
+def pairs_finished_by_every_arm(report: dict[str, Any]) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """(the (prompt, seed) pairs every arm finished, the pairs any arm finished).
+
+    They differ in a report cut short (a killed benchmark, or one resumed later): its arms' means
+    would then average different prompts, so the summary also compares the arms on the first set.
+    """
+    arms, _ = report_arms(report)
+    done = {arm: {(run["prompt"], run["seed"]) for run in finished_runs(report, arm)} for arm in arms}
+    every = set.intersection(*done.values()) if done else set()
+    return every, set.union(*done.values()) if done else set()
 
 
 def report_arms(report: dict[str, Any]) -> tuple[dict[str, list[str]], str]:
@@ -235,12 +250,13 @@ def versus(curves: dict[str, Any], steps: Sequence[Optional[float]], baseline_cu
     }
 
 
-def compare(report: dict[str, Any], prompt: Union[None, str, Sequence[str]], times: Sequence[float]) -> dict[str, Any]:
-    """Every arm's curves for one prompt, a subset of prompts, or all (None), and each arm against the
-    baseline."""
+def compare(report: dict[str, Any], prompt: Union[None, str, Sequence[str]], times: Sequence[float],
+            pairs: Optional[set[tuple[str, int]]] = None) -> dict[str, Any]:
+    """Every arm's curves for one prompt, a subset of prompts, or all (None), optionally only over the
+    (prompt, seed) ``pairs``, and each arm against the baseline."""
     arms, baseline = report_arms(report)
     n_points = len(times)
-    runs = {arm: finished_runs(report, arm, prompt) for arm in arms}
+    runs = {arm: finished_runs(report, arm, prompt, pairs) for arm in arms}
     curves = {arm: {metric: aggregate(runs[arm], metric, n_points) for metric in METRICS} for arm in arms}
     steps = {arm: mean_steps(runs[arm], n_points) if runs[arm] else [None] * n_points for arm in arms}
     return {
@@ -288,9 +304,15 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     prompts = report["settings"]["prompts"]
     overall = compare(report, None, times)
     subsets = report["settings"].get("subsets") or {}
-    return {"overall": overall, "per_prompt": {p: compare(report, p, times) for p in prompts},
-            "subsets": {name: compare(report, members, times) for name, members in subsets.items()},
-            "ranking": ranking(report, overall), "target_fraction_of_budget": TARGET_RATIO}
+    summary = {"overall": overall, "per_prompt": {p: compare(report, p, times) for p in prompts},
+               "subsets": {name: compare(report, members, times) for name, members in subsets.items()},
+               "ranking": ranking(report, overall), "target_fraction_of_budget": TARGET_RATIO}
+    every, any_arm = pairs_finished_by_every_arm(report)
+    if every != any_arm:
+        summary["matched"] = {"pairs": sorted([prompt, seed] for prompt, seed in every),
+                              "pairs_left_out": sorted([prompt, seed] for prompt, seed in any_arm - every),
+                              **compare(report, None, times, every)}
+    return summary
 
 
 def parse_subsets(values: Sequence[str], prompts: Sequence[str]) -> dict[str, list[str]]:
@@ -484,13 +506,22 @@ def format_point(point: dict[str, Any]) -> str:
     return f"{point['mean']:.3f}{std}"
 
 
+def column_labels(arms: Sequence[str], width: int = 22) -> dict[str, str]:
+    """Each arm's column header: its name, or what follows the prefix all arms share when the names are
+    too long (sweep-made names differ only at their end), cut to ``width`` characters."""
+    prefix = os.path.commonprefix(list(arms)) if len(arms) > 1 else ""
+    cut = len(prefix) if any(len(arm) > width for arm in arms) else 0
+    return {arm: ("…" + arm[cut:] if cut else arm)[:width] for arm in arms}
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """Mean IoU per arm at each checkpoint, then each arm against the baseline; with more than two
     arms, the best arm per preset (the tuning result)."""
     overall = report["summary"]["overall"]
     times = report["settings"]["checkpoint_seconds"]
     arms = list(overall["curves"])
-    lines = ["  t (s)  " + "".join(f"{arm[:22]:>24s}" for arm in arms)]
+    labels = column_labels(arms)
+    lines = ["  t (s)  " + "".join(f"{labels[arm]:>24s}" for arm in arms)]
     for i, t in enumerate(times):
         lines.append(f"{t:7.1f}  " + "".join(f"{format_point(overall['curves'][arm]['silhouette_iou'][i]):>24s}"
                                              for arm in arms))
@@ -510,6 +541,14 @@ def format_summary(report: dict[str, Any]) -> str:
                          + ("never" if reach is None else f"{reach:.1f} s ({result['fraction_of_budget']:.0%})")
                          + f"; ahead on IoU / colour at every checkpoint: {result['ahead_on_iou']['every_checkpoint']}"
                            f" / {result['ahead_on_colour_error']['every_checkpoint']}")
+    matched = report["summary"].get("matched")
+    if matched:
+        lines.append(f"matched: the {len(matched['pairs'])} (prompt, seed) pairs every arm finished "
+                     f"({len(matched['pairs_left_out'])} left out)")
+        lines.append("  t (s)  " + "".join(f"{labels[arm]:>24s}" for arm in arms))
+        for i, t in enumerate(times):
+            lines.append(f"{t:7.1f}  " + "".join(f"{format_point(matched['curves'][arm]['silhouette_iou'][i]):>24s}"
+                                                 for arm in arms))
     if len(arms) > 2:
         for group, arm in report["summary"]["ranking"]["best"].items():
             lines.append(f"best {group} arm: {arm}")

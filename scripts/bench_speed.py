@@ -191,6 +191,9 @@ TEACHER_MODES: dict[str, dict[str, str]] = {
     "fast": {"cuda_graph": "auto"},
     "compiled": {"cuda_graph": "auto", "channels_last": "off", "compile": "full"},
     "compiled-cl": {"cuda_graph": "auto", "channels_last": "on", "compile": "full"},
+    # the U-Net channels-last, the VAE encoder NCHW (its compiled backward copied NHWC gradients:
+    # docs/profile_compiled_cl_links_h100.json)
+    "compiled-cl-unet": {"cuda_graph": "auto", "channels_last": "unet", "compile": "full"},
 }
 
 

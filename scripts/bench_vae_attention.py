@@ -3,6 +3,7 @@
 
     python scripts/bench_vae_attention.py --out docs/bench_vae_attention_h100.json    # ~2 min on one GPU
     python scripts/bench_vae_attention.py --device cpu --size 64 --no-compile --out tiny.json   # checks the script
+    python scripts/bench_vae_attention.py --compiled-only --variants sdpa-math,bmm --out OUT.json  # the compiled rows
 
 A training step encodes its render with Stable Diffusion's VAE encoder and differentiates through
 it. The encoder's mid-block attends over all (S/8)² latent positions with a single 512-channel head;
@@ -16,9 +17,9 @@ of that layer:
 - ``sdpa-math``: :class:`carv3d.teacher.fast.MathSDPAttnProcessor` (SDPA held to its math kernel),
 - ``bmm``: diffusers' ``AttnProcessor`` (``baddbmm`` + softmax + ``bmm``),
 
-eager with NCHW and with channels-last tensors, and (``--compile``, CUDA) under ``torch.compile`` with
-channels-last tensors (the layout the compiled teacher runs with),
-and records the median milliseconds (CUDA events) and each variant's
+eager and (``--compile``, the default on CUDA) under ``torch.compile``, each with NCHW and with
+channels-last tensors (``--layouts``; the compiled teacher runs the VAE channels-last unless
+``teacher.channels_last=unet``), and records the median milliseconds (CUDA events) and each variant's
 largest difference from an fp32 reference in the encoding and in the image gradient.
 """
 
@@ -81,8 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--compile", dest="compile", action="store_true", default=None)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compiled-only", action="store_true", help="only the compiled rows")
+    parser.add_argument("--layouts", default="nchw,nhwc", help="comma-separated: nchw, nhwc (channels-last)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    layouts = [layout for layout in args.layouts.split(",") if layout]
+    variants = [variant for variant in args.variants.split(",") if variant]
+    if set(layouts) - {"nchw", "nhwc"} or not layouts:
+        parser.error(f"--layouts: expected nchw and/or nhwc, got {args.layouts!r}")
+    if set(variants) - set(VARIANTS) or not variants:
+        parser.error(f"--variants: expected some of {', '.join(VARIANTS)}, got {args.variants!r}")
 
     import torch
 
@@ -123,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     x16 = pixels.to(dtype)
-    for compiled in ([False, True] if compile_too else [False]):
-        for channels_last in ((True,) if compiled else (False, True)):  # compiled: the layout it runs with
+    modes = ([True] if args.compiled_only else [False, True]) if compile_too else [False]
+    if args.compiled_only and not compile_too:
+        parser.error("--compiled-only needs a compile (CUDA, without --no-compile)")
+    for compiled in modes:
+        for channels_last in [layout == "nhwc" for layout in layouts]:
             vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            for variant in VARIANTS:
+            for variant in variants:
                 set_wide_head_processor(vae, variant)
                 torch._dynamo.reset()
                 counters = torch._dynamo.utils.counters

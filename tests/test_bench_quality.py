@@ -404,6 +404,34 @@ def test_a_subset_of_prompts_is_summarised_on_its_own():
         bench.parse_subsets(["just-a-name"], ["a", "b"])
 
 
+def test_a_report_cut_short_is_also_compared_on_the_pairs_every_arm_finished():
+    times = bench.checkpoint_times(10.0, 1)
+    # sds finished a/0 and b/0; carv only a/0 (b/0 was killed). Overall, sds averages a and b while carv
+    # has a alone; matched, both have a alone.
+    runs = [_run("a", 0, "sds", [0.5, 0.6]), _run("b", 0, "sds", [0.5, 1.0]), _run("a", 0, "carv", [0.5, 0.7]),
+            {"prompt": "b", "seed": 0, "method": "carv", "error": "killed"}]
+    report = {"settings": {"checkpoint_seconds": times, "prompts": ["a", "b"]},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    summary = bench.summarize(report)
+    assert summary["overall"]["curves"]["sds"]["silhouette_iou"][1]["mean"] == pytest.approx(0.8)
+    matched = summary["matched"]
+    assert matched["pairs"] == [["a", 0]] and matched["pairs_left_out"] == [["b", 0]]
+    assert matched["runs"] == {"sds": 1, "carv": 1}
+    assert matched["curves"]["sds"]["silhouette_iou"][1]["mean"] == pytest.approx(0.6)
+    assert matched["versus_baseline"]["carv"]["ahead_on_iou"]["every_checkpoint"] is True  # 0.7 > 0.6
+    text = bench.format_summary({"settings": report["settings"], "summary": summary})
+    assert "matched: the 1 (prompt, seed) pairs every arm finished (1 left out)" in text
+    # a complete report has no matched section
+    del report["runs"]["3"], report["runs"]["1"]
+    assert "matched" not in bench.summarize(report)
+
+
+def test_column_labels_drop_the_prefix_long_arm_names_share():
+    assert bench.column_labels(["sds", "carv"]) == {"sds": "sds", "carv": "carv"}
+    long = ["preset_carv-scene_type_gaussians_grad_thre-96ce683f", "preset_carv-scene_type_gaussians_n_points-4342fc23"]
+    assert bench.column_labels(long) == {long[0]: "…grad_thre-96ce683f", long[1]: "…n_points-4342fc23"}
+
+
 def test_bad_evaluation_options_stop_the_bench_before_any_run():
     with pytest.raises(SystemExit, match="--eval-views / --eval-resolution: --views 4"):
         bench.resolve_settings(bench.parse_args(["--eval-views", "4"]))

@@ -56,6 +56,42 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
                               torch.device("cuda")).cuda_graph is False
 
 
+def test_channels_last_unet_puts_the_unet_in_nhwc_and_leaves_the_vae_nchw():
+    def resolved(value, device):
+        return resolve_fast_paths(load_config(overrides=[f"teacher.channels_last={value}", "teacher.compile=off"]).teacher,
+                                  torch.device(device))
+
+    unet_only = resolved("unet", "cuda")
+    assert unet_only.channels_last is True and unet_only.vae_nhwc is False
+    assert "channels_last (U-Net only)" in unet_only.describe()
+    both = resolved("on", "cuda")
+    assert both.channels_last is True and both.vae_nhwc is True and "U-Net only" not in both.describe()
+    on_cpu = resolved("unet", "cpu")
+    assert on_cpu.channels_last is False and on_cpu.vae_nhwc is False
+    with pytest.raises(ConfigError, match="teacher.channels_last"):
+        load_config(overrides=["teacher.channels_last=vae"])
+
+
+def test_the_vaes_layout_follows_each_fast_path_setting_both_ways(tiny_teacher):
+    """with_fast_paths sets the shared VAE's layout either way, so a benchmark's second mode does not
+    inherit the first one's; the encoding is the same in every layout."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    conv = tiny_teacher.vae.encoder.conv_in.weight
+    reference = tiny_teacher.encode(images)
+    try:
+        nhwc = tiny_teacher.with_fast_paths(FastPaths(channels_last=True))
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+        torch.testing.assert_close(nhwc.encode(images), reference)
+        unet_only = tiny_teacher.with_fast_paths(FastPaths(channels_last=True, vae_channels_last=False))
+        assert conv.is_contiguous()
+        assert tiny_teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(unet_only.encode(images), reference)
+    finally:
+        tiny_teacher.with_fast_paths(FastPaths())
+        tiny_teacher.unet.to(memory_format=torch.contiguous_format)
+    assert conv.is_contiguous() and tiny_teacher.unet.conv_in.weight.is_contiguous()
+
+
 # ------------------------------------------------------------------ the U-Net call
 def test_eager_unet_call_is_the_plain_forward_and_cpu_capture_passes_through(tiny_teacher):
     unet = tiny_teacher.unet

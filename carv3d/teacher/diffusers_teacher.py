@@ -136,8 +136,8 @@ class DiffusersTeacher:
             use_math_attention_for_wide_heads(vae.encoder)
         self.fast = resolve_auto_compile(fast or FastPaths(), unet)
         self._unet_call = build_unet_call(unet, self.fast)  # applies channels_last to the U-Net
-        if self.fast.channels_last and vae is not None:
-            vae.to(memory_format=torch.channels_last)
+        if vae is not None:
+            vae.to(memory_format=torch.channels_last if self.fast.vae_nhwc else torch.contiguous_format)
         self._encode_call = build_encode_call(vae, self.fast) if vae is not None else None
         self.tokenizer = tokenizer
         self.vocabulary = vocabulary
@@ -234,8 +234,8 @@ class DiffusersTeacher:
         other = copy.copy(self)
         other.fast = fast = resolve_auto_compile(fast, self.unet)
         other._unet_call = build_unet_call(self.unet, fast)
-        if fast.channels_last and self.vae is not None:
-            self.vae.to(memory_format=torch.channels_last)
+        if self.vae is not None:  # both ways: a benchmark's modes may differ in the VAE's layout alone
+            self.vae.to(memory_format=torch.channels_last if fast.vae_nhwc else torch.contiguous_format)
         other._encode_call = build_encode_call(self.vae, fast) if self.vae is not None else None
         other._embeddings = dict(self._embeddings)
         logger.info("teacher: fast paths %s", fast.describe())

@@ -13,6 +13,9 @@ its forward can be recorded once per shape and replayed:
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's fp16/bf16 convolution kernels
   want (avoids NCHW↔NHWC transposes around every convolution). Applies to the U-Net and the VAE.
   ``auto`` turns it on with a compile only: eager, GroupNorm's NHWC kernels made it slower.
+  ``unet`` converts the U-Net alone and leaves the VAE NCHW: the compiled encoder's backward with
+  channels-last tensors copies its full-resolution gradients between layouts (31 copies, 2.8 ms a
+  K = 8 step; docs/profile_compiled_cl_links_h100.json).
 - ``compile``: ``torch.compile`` (fixed shapes) of the U-Net — ``full``: the whole U-Net as one
   graph; ``regional``: only its repeated blocks (diffusers' ``compile_repeated_blocks``: the
   transformer blocks, compiled once and reused by every instance, which cuts the compile time) —
@@ -63,12 +66,24 @@ class FastPaths:
     # "auto" until the compile mode is known (resolve_auto_compile): channels-last tensors go with a compile
     channels_last: Union[bool, str] = False
     compile: str = "off"  # one of COMPILE_MODES, or "auto" until the U-Net is known (resolve_auto_compile)
-    # compile=full: trace the U-Net's batch dimension as a symbol, so that every K auto-K visits runs
-    # one compiled graph instead of compiling again per K (scripts/bench_compile_shapes.py measures both)
+    # the VAE's layout when it differs from the U-Net's (teacher.channels_last=unet: U-Net NHWC, VAE NCHW);
+    # None: as the U-Net
+    vae_channels_last: Optional[bool] = None
+    # compile=full: trace the U-Net's batch dimension as a symbol, so that every K auto-K visits runs one
+    # compiled graph instead of compiling again per K. Off: on an H100 it compiled once (77 s against
+    # 42-49 s per K) but each call was 24-25 % slower (40.5 against 32.4 ms at K = 8, 78.8 against
+    # 63.4 ms at K = 16; docs/compile_shapes_h100.json), which a 10,000-step run pays many times over.
     dynamic_batch: bool = False
+
+    @property
+    def vae_nhwc(self) -> bool:
+        """Whether the VAE runs with channels-last tensors."""
+        return self.channels_last is True if self.vae_channels_last is None else self.vae_channels_last
 
     def describe(self) -> str:
         on = [name for name in ("cuda_graph", "channels_last") if getattr(self, name) is True]
+        if self.channels_last is True and not self.vae_nhwc:
+            on[on.index("channels_last")] = "channels_last (U-Net only)"
         if self.channels_last == "auto":
             on.append("channels_last=auto")
         if self.compile != "off":
@@ -109,12 +124,15 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
     if mode != "off":
         cache = enable_compile_cache(getattr(teacher_cfg, "compile_cache", "auto"))
         logger.info("teacher: compile=%s, compile cache %s", mode, cache or "torch's default (this boot only)")
-    channels_last: Union[bool, str] = _switch(teacher_cfg.channels_last, "channels_last", device)
-    if channels_last and _spelling(teacher_cfg.channels_last) == "auto":
+    spelling = _spelling(teacher_cfg.channels_last)
+    unet_only = spelling == "unet"  # the U-Net NHWC, the VAE NCHW
+    channels_last: Union[bool, str] = _switch("on" if unet_only else spelling, "channels_last", device)
+    if channels_last and spelling == "auto":
         channels_last = "auto" if mode == "auto" else mode != "off"  # with a compile only
     return FastPaths(
         cuda_graph=_switch(teacher_cfg.cuda_graph, "cuda_graph", device),
         channels_last=channels_last,
+        vae_channels_last=False if unet_only and channels_last else None,
         compile=mode,
     )
 
@@ -420,7 +438,7 @@ def build_encode_call(vae: torch.nn.Module, fast: FastPaths) -> Callable[[torch.
     """
 
     def eager(pixels: torch.Tensor) -> torch.Tensor:
-        if fast.channels_last:
+        if fast.vae_nhwc:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         moments = vae.encoder(pixels)
         if getattr(vae, "quant_conv", None) is not None:
@@ -440,7 +458,8 @@ def batch_dynamic(compiled: Callable[..., Any]) -> Callable[..., Any]:
     Marked dynamic, the batch becomes a symbol of the one traced graph: convolutions and matmuls are
     library calls that take any batch, and Inductor's generated kernels index with it. A size that
     Dynamo must specialise anyway (a batch of 1) still compiles its own graph (``maybe_mark_dynamic``
-    does not insist).
+    does not insist). Measured slower per call than static shapes (see ``FastPaths.dynamic_batch``),
+    so only ``FastPaths(dynamic_batch=True)`` uses it.
     """
 
     def call(*args: Any) -> Any:
