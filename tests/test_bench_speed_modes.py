@@ -357,7 +357,9 @@ def test_teacher_modes_set_their_keys_and_channels_last_modes_run_last():
     assert args.teacher_list == ["fast", "compiled", "eager", "compiled-cl"]
     overrides = bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "compiled-cl")
     assert {"teacher.cuda_graph=auto", "teacher.channels_last=on", "teacher.compile=full",
-            "train.sync_free=auto"} <= set(overrides)
+            "teacher.compile_after=0", "train.sync_free=auto"} <= set(overrides)  # timed steps are compiled ones
+    assert {"teacher.channels_last=unet", "teacher.compile=full", "teacher.compile_after=0"} <= set(
+        bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "compiled-cl-unet"))
     eager = bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "eager")
     assert {"teacher.cuda_graph=off", "teacher.channels_last=off", "teacher.compile=off", "train.sync_free=off"} <= set(eager)
     # fast keeps the shipped layout unless asked, and takes --compile / --channels-last
@@ -365,7 +367,7 @@ def test_teacher_modes_set_their_keys_and_channels_last_modes_run_last():
         bench.config_overrides(args, Path("m"), 8, "torch", "stratified", "fast"))
     flagged = bench.parse_args(["--teachers", "fast,compiled", "--compile", "--channels-last", "--tiny"])
     assert flagged.teacher_list == ["compiled", "fast"]
-    assert {"teacher.channels_last=on", "teacher.compile=full"} <= set(
+    assert {"teacher.channels_last=on", "teacher.compile=full", "teacher.compile_after=0"} <= set(
         bench.config_overrides(flagged, Path("m"), 8, "torch", "stratified", "fast"))
 
 

@@ -118,7 +118,8 @@ def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, 
 
     eager, _ = teachers
     exact = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
-    compiled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=mode), "cuda")
+    compiled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile=mode,
+                                                   compile_after=0), "cuda")
     assert compiled.fast.compile == mode and compiled.fast.cuda_graph
 
     def close_as_eager(got, eager_value, exact_value):
@@ -141,6 +142,31 @@ def test_compiled_teacher_matches_eager_for_noise_and_encode_gradient(teachers, 
         grads.append(x.grad)
     assert close_as_eager(outs[1], outs[0], outs[2])
     assert close_as_eager(grads[1], grads[0], grads[2])
+
+
+def test_a_shape_switches_from_its_eager_graph_to_its_compiled_graph_after_compile_after_calls(teachers, tiny_sd_path):
+    """teacher.compile_after: a shape's first calls replay the eager U-Net's CUDA graph, later ones the
+    compiled U-Net's, recorded anew; the eager graph of that shape is dropped. Every prediction stays
+    as close to the fp32 teacher as the eager fp16 teacher's."""
+    from carv3d.teacher import load_teacher
+    from carv3d.teacher.fast import CompileWhenSettled
+
+    eager, _ = teachers
+    exact = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
+    settled = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="on", compile="full",
+                                                  compile_after=2), "cuda")
+    call = settled._unet_call
+    assert isinstance(call, CompileWhenSettled)
+    x_t, t, cond = _inputs(eager, 2, 0)
+    want = exact.predict_noise(x_t, t, exact.conditioning(exact.embed("a red cube"), ["front"] * 2), guidance_scale=7.5)
+    reference = eager.predict_noise(x_t, t, cond, guidance_scale=7.5)
+    for i in range(4):
+        got = settled.predict_noise(x_t, t, cond, guidance_scale=7.5)
+        assert _relative_error(got, want) <= 1.5 * _relative_error(reference, want) + 1e-3, i
+        if i == 1:
+            assert len(call.early.graphs) == 1 and not call.late.graphs      # two eager replays so far
+    assert not call.early.graphs and len(call.late.graphs) == 1              # switched, the eager graph dropped
+    assert call.early.replays == 2 and call.late.replays == 2 and not call.late.failed
 
 
 def _trainer(tiny_sd_path, tmp_path, fast: bool, teacher=None):

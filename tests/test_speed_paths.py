@@ -46,7 +46,8 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
     assert fast == FastPaths(False, False, "off")
     assert "cuda_graph=on skipped" in caplog.text and "compile=full skipped" in caplog.text
     on_cuda = resolve_fast_paths(load_config().teacher, torch.device("cuda"))  # resolving needs no GPU
-    assert on_cuda == FastPaths(cuda_graph=True, channels_last="auto", compile="auto")  # both follow the U-Net
+    assert on_cuda == FastPaths(cuda_graph=True, channels_last="auto", compile="auto",  # both follow the U-Net
+                                compile_after=150)
     for compile_mode, expected in (("off", False), ("full", True), ("regional", True)):  # known now: resolved now
         cfg = load_config(overrides=[f"teacher.compile={compile_mode}"]).teacher
         assert resolve_fast_paths(cfg, torch.device("cuda")).channels_last is expected
@@ -106,6 +107,81 @@ def test_eager_unet_call_is_the_plain_forward_and_cpu_capture_passes_through(tin
     assert torch.equal(captured(sample, t, hidden), expected)  # CPU tensors: no graph, same call
     assert captured.graphs == {} and captured.replays == 0
     assert "AttnProcessor2_0" in attention_summary(unet) and "(SDPA)" in attention_summary(unet)
+
+
+def test_compile_when_settled_runs_a_shape_eagerly_for_its_first_calls_then_compiled():
+    from carv3d.teacher.fast import CompileWhenSettled
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.calls, self.forgotten = name, [], []
+
+        def __call__(self, sample, t, hidden):
+            self.calls.append(sample.shape[0])
+            return torch.full((1,), float(len(self.name)))
+
+        def forget(self, sample, t, hidden):
+            self.forgotten.append(sample.shape[0])
+
+    early, late = Recorder("early"), Recorder("compiled")
+    call = CompileWhenSettled(early, late, after=2)
+
+    def inputs(batch):
+        return torch.zeros(batch, 4, 8, 8), torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 77, 32)
+
+    # K = 2 passes by (two calls of batch 4), K = 4 settles (batch 8, five calls)
+    results = [call(*inputs(batch)) for batch in (4, 4, 8, 8, 8, 8, 8)]
+    assert early.calls == [4, 4, 8, 8] and late.calls == [8, 8, 8]
+    assert early.forgotten == [8]                     # the eager graph of batch 8 is dropped once, at the switch
+    assert [r.item() for r in results] == [5, 5, 5, 5, 8, 8, 8]
+    assert call(*inputs(4)).item() == 8               # batch 4 counted its own two calls: its third is compiled
+    assert late.calls == [8, 8, 8, 4] and early.forgotten == [8, 4]
+    with pytest.raises(ValueError, match="at least 1"):
+        CompileWhenSettled(early, late, after=0)
+
+
+def test_unet_call_compiles_after_the_configured_calls_and_matches_the_eager_unet(tiny_teacher, monkeypatch):
+    import carv3d.teacher.fast as fast_module
+    from carv3d.teacher.fast import CompileWhenSettled
+
+    compiled_calls = []
+
+    def fake_compile(fn, dynamic=None, **kwargs):
+        def compiled(*args):
+            compiled_calls.append(args[0].shape[0])
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(fast_module.torch, "compile", fake_compile)
+    unet = tiny_teacher.unet
+    call = build_unet_call(unet, FastPaths(compile="full", compile_after=2))
+    assert isinstance(call, CompileWhenSettled)
+    assert isinstance(build_unet_call(unet, FastPaths(compile="full")), type(fake_compile(None)))  # 0: at once
+    generator = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 900])
+    hidden = torch.randn(2, 77, 32, generator=generator)
+    expected = unet(sample, t, encoder_hidden_states=hidden).sample
+    for _ in range(4):
+        assert torch.equal(call(sample, t, hidden), expected)
+    assert compiled_calls == [2, 2]                   # calls 3 and 4
+    cfg = load_config(overrides=["teacher.compile=full", "teacher.compile_after=40"]).teacher
+    assert resolve_fast_paths(cfg, torch.device("cuda")).compile_after == 40
+    assert "after 40 calls" in resolve_fast_paths(cfg, torch.device("cuda")).describe()
+    assert resolve_fast_paths(cfg, torch.device("cpu")).compile_after == 0   # no compile on a CPU
+    with pytest.raises(ConfigError, match="teacher.compile_after"):
+        load_config(overrides=["teacher.compile_after=-1"])
+
+
+def test_captured_unet_forgets_one_shape_and_its_pool_with_the_last():
+    captured = CapturedUNet(lambda s, t, h: s)
+    small = (torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), torch.zeros(2, 77, 32))
+    large = (torch.zeros(4, 4, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4, 77, 32))
+    captured.graphs = {CapturedUNet._key(*small): "graph of 2", CapturedUNet._key(*large): "graph of 4"}
+    captured.pool = "pool"
+    assert captured.forget(*small) is True and list(captured.graphs.values()) == ["graph of 4"]
+    assert captured.pool == "pool"                    # still used by the other graph
+    assert captured.forget(*small) is False
+    assert captured.forget(*large) is True and captured.graphs == {} and captured.pool is None
 
 
 def test_loaded_teacher_on_cpu_runs_eagerly(tiny_teacher):

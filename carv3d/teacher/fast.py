@@ -20,7 +20,9 @@ its forward can be recorded once per shape and replayed:
   graph; ``regional``: only its repeated blocks (diffusers' ``compile_repeated_blocks``: the
   transformer blocks, compiled once and reused by every instance, which cuts the compile time) —
   and of the VAE encoder, whose backward is compiled too (training differentiates through it).
-  Composes with the CUDA graph: the compiled kernels are what gets recorded. Compiled artefacts
+  Composes with the CUDA graph: the compiled kernels are what gets recorded. A full compile starts
+  each U-Net shape eagerly and compiles it after ``teacher.compile_after`` calls
+  (:class:`CompileWhenSettled`), so the K values auto-K only passes through are never compiled. Compiled artefacts
   persist across processes in Inductor's FX-graph and AOT-autograd caches under
   ``teacher.compile_cache`` (:func:`enable_compile_cache`), so a machine compiles each shape's
   kernels once; tracing still runs in every process.
@@ -54,7 +56,7 @@ COMPILE_MODES = ("off", "full", "regional")
 AUTO_COMPILE_MIN_PARAMETERS = 100_000_000
 # A compile pays for itself only over a long run: on an H100 at SD 2.1 scale, K = 8, a cold full
 # compile with channels-last tensors costs 40–60 s for steps ≈ 20 ms faster (docs/bench_speed_ab_h100.json),
-# about 3,000 steps, and auto-K compiles again at every K it visits. Shorter runs stay eager.
+# about 3,000 steps, and each K a run stays at is compiled (teacher.compile_after). Shorter runs stay eager.
 AUTO_COMPILE_MIN_STEPS = 4000
 
 
@@ -74,6 +76,8 @@ class FastPaths:
     # 42-49 s per K) but each call was 24-25 % slower (40.5 against 32.4 ms at K = 8, 78.8 against
     # 63.4 ms at K = 16; docs/compile_shapes_h100.json), which a 10,000-step run pays many times over.
     dynamic_batch: bool = False
+    # compile=full: calls of one shape before it is compiled (teacher.compile_after); 0 = at first sight
+    compile_after: int = 0
 
     @property
     def vae_nhwc(self) -> bool:
@@ -87,7 +91,8 @@ class FastPaths:
         if self.channels_last == "auto":
             on.append("channels_last=auto")
         if self.compile != "off":
-            on.append(f"compile={self.compile}")
+            on.append(f"compile={self.compile}" + (f" (each U-Net shape after {self.compile_after} calls)"
+                                                   if self.compile == "full" and self.compile_after else ""))
         return ", ".join(on) if on else "none (eager)"
 
 
@@ -134,6 +139,7 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
         channels_last=channels_last,
         vae_channels_last=False if unet_only and channels_last else None,
         compile=mode,
+        compile_after=int(getattr(teacher_cfg, "compile_after", 0)) if mode != "off" else 0,
     )
 
 
@@ -360,6 +366,14 @@ class CapturedUNet:
         logger.info("teacher: captured a CUDA graph of the U-Net for input %s", tuple(sample.shape))
         return entry
 
+    def forget(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> bool:
+        """Drop the graph recorded for these inputs' shape (True if there was one). With no graph
+        left the pool handle goes too, so the pool's memory is freed once the graphs are."""
+        dropped = self.graphs.pop(self._key(sample, timestep, hidden), None) is not None
+        if not self.graphs:
+            self.pool = None
+        return dropped
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         # A replayed graph returns a tensor with no autograd history, so a call that needs gradients runs eagerly.
         if not sample.is_cuda or (torch.is_grad_enabled() and sample.requires_grad):
@@ -397,12 +411,50 @@ class CapturedUNet:
         return entry.output.clone()
 
 
+class CompileWhenSettled:
+    """The U-Net call that compiles a shape only once it has held for ``after`` calls.
+
+    ``teacher.compile=full`` with static shapes compiles once per U-Net batch (40–50 s each at
+    Stable Diffusion scale on an H100, docs/compile_shapes_h100.json), and auto-K passes through a
+    few K early in a run before it settles (4, 8, then 16 in a logged sd21 run, ~50 steps each).
+    Here each shape runs ``early`` (the eager U-Net, in its CUDA graph) for its first ``after``
+    calls and ``late`` (the compiled one) from then on, so only the K a run stays at pays a compile.
+    At the switch ``early``'s graph of that shape is dropped (``forget``), freeing its memory.
+
+    Args:
+        early: the call for a shape's first ``after`` calls.
+        late: the call from then on (compiled; it compiles on its first call of each shape).
+        after: calls of one shape before it switches.
+    """
+
+    def __init__(self, early: Callable[..., torch.Tensor], late: Callable[..., torch.Tensor], after: int) -> None:
+        if after < 1:
+            raise ValueError(f"after must be at least 1; got {after}")
+        self.early, self.late, self.after = early, late, int(after)
+        self.calls: Counter = Counter()
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        key = CapturedUNet._key(sample, timestep, hidden)
+        self.calls[key] += 1
+        count = self.calls[key]
+        if count <= self.after:
+            return self.early(sample, timestep, hidden)
+        if count == self.after + 1:
+            logger.info("teacher: U-Net input %s held for %d calls; compiling it now (40-50 s at Stable "
+                        "Diffusion scale)", tuple(sample.shape), self.after)
+            forget = getattr(self.early, "forget", None)
+            if forget is not None:
+                forget(sample, timestep, hidden)
+        return self.late(sample, timestep, hidden)
+
+
 def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The function the teacher calls for one U-Net batch: ``(sample, t, hidden) -> prediction``.
 
     Applies ``channels_last`` to the U-Net's weights (in place) and to each input, then wraps the
-    call in ``torch.compile`` and/or :class:`CapturedUNet` as ``fast`` says. With no fast path it is
-    exactly ``unet(sample, t, encoder_hidden_states=hidden).sample``.
+    call in ``torch.compile`` and/or :class:`CapturedUNet` as ``fast`` says; a full compile with
+    ``compile_after`` starts each shape eagerly (:class:`CompileWhenSettled`). With no fast path it
+    is exactly ``unet(sample, t, encoder_hidden_states=hidden).sample``.
     """
     if fast.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -420,9 +472,10 @@ def build_unet_call(unet: torch.nn.Module, fast: FastPaths) -> Callable[[torch.T
     elif fast.compile == "regional":
         compile_regions(unet)
         call = eager_under_dispatch_modes(eager)
-    if fast.cuda_graph:
-        call = CapturedUNet(call)
-    return call
+    graphed = CapturedUNet if fast.cuda_graph else (lambda fn: fn)
+    if fast.compile == "full" and fast.compile_after > 0:
+        return CompileWhenSettled(graphed(eager), graphed(call), fast.compile_after)
+    return graphed(call)
 
 
 def build_encode_call(vae: torch.nn.Module, fast: FastPaths) -> Callable[[torch.Tensor], torch.Tensor]:
