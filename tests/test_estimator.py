@@ -289,6 +289,27 @@ def test_auto_noise_draws_is_wired_to_the_anova_and_the_timers(caplog):
     assert est.noise_draws == best_integer_noise_draws(auto.alpha, auto.sigma_w2, max(auto.sigma_b2, 0), 2, 16)
 
 
+def test_a_cold_teacher_call_does_not_move_the_cost_ratio():
+    """One teacher call that stalls 45 s (a compile, a CUDA-graph capture) in a window of 1-ms draws:
+    α stays the steady 64 draws per render instead of collapsing to ~0.3."""
+    clock = FakeClock()
+    auto = AutoNoiseDraws(2, min_draws=2, max_draws=16, every=5, smoothing=0.5)
+    dist = TimestepDistribution(ALPHAS, proposal="teacher-weight")
+    est = ScoreDistillationEstimator(dist, noise_draws="auto", stratified=True, auto=auto, timer=StepTimer(clock=clock))
+    calls = []
+
+    def teacher(x_t, t, upstream_index):
+        calls.append(1)
+        clock.now += 0.001 * x_t.shape[0] + (45.0 if len(calls) == 3 else 0.0)
+        return linear_teacher(x_t, t, upstream_index)
+
+    g = torch.Generator().manual_seed(0)
+    for step in range(11):
+        est.record_upstream_time(0.064)
+        est.estimate(torch.randn(1, 2, 3, generator=g) * 0.3, teacher, g, step)
+    assert auto.alpha == pytest.approx(64.0, rel=1e-6)
+
+
 def test_state_dict_round_trip_continues_identically():
     cfg = load_config()
     a = build_estimator(cfg.estimator, ALPHAS, "cpu")

@@ -250,3 +250,36 @@ def test_welford_leaves_out_nonfinite_rows():
     torch.testing.assert_close(acc.variance, clean.variance, rtol=1e-12, atol=0)
     acc.update(torch.full((3, 5), float("nan"), dtype=torch.float64))  # nothing finite: nothing changes
     torch.testing.assert_close(acc.variance, clean.variance, rtol=1e-12, atol=0)
+
+
+def test_steady_totals_leave_out_a_cold_step_and_keep_everything_when_too_few():
+    """Ten steps of 1 s upstream + 0.5 s teacher, one of which compiled for 45 s: the steady totals are
+    the nine others' exactly; the plain totals keep all ten. With two steps there is no median."""
+    now = [0.0]
+    timer = StepTimer(clock=lambda: now[0])
+    for step in range(10):
+        timer.next_step()
+        with timer("upstream"):
+            now[0] += 1.0
+        with timer("teacher"):
+            now[0] += 0.5 + (45.0 if step == 3 else 0.0)
+        timer.add_count("draws", 4)
+    steady = timer.steady()
+    assert steady["seconds"] == {"upstream": 9.0, "teacher": 4.5} and steady["counts"] == {"draws": 36.0}
+    assert steady["steps"] == 9 and steady["left_out"] == 1 and steady["left_out_seconds"] == pytest.approx(46.5)
+    assert timer.seconds("teacher") == pytest.approx(50.0) and timer.count("draws") == 40  # the plain totals
+    # a resumed window is one aggregate step: kept whole, never compared with single steps
+    restored = StepTimer(clock=lambda: now[0])
+    restored.load_state_dict(timer.state_dict())
+    for step in range(3):
+        restored.next_step()
+        with restored("teacher"):
+            now[0] += 0.5 + (10.0 if step == 1 else 0.0)
+    again = restored.steady()
+    assert again["seconds"]["teacher"] == pytest.approx(4.5 + 1.0) and again["left_out"] == 1
+    few = StepTimer(clock=lambda: now[0])
+    for extra in (0.0, 45.0):
+        few.next_step()
+        with few("teacher"):
+            now[0] += 0.5 + extra
+    assert few.steady()["seconds"]["teacher"] == pytest.approx(46.0) and few.steady()["left_out"] == 0

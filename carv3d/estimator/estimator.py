@@ -221,12 +221,15 @@ class ScoreDistillationEstimator:
         self.timer.record("upstream", seconds)
 
     def cost_ratio(self) -> float:
-        """α = (upstream seconds per render)/(teacher seconds per draw) over the current window.
+        """α = (upstream seconds per render)/(teacher seconds per draw) over the current window's
+        steady steps (:meth:`StepTimer.steady`: a step that took over 5× the median, compiling or
+        recording a graph, is left out).
 
         NaN when the upstream was not timed. Reading it synchronises with CUDA.
         """
-        renders, draws = self.timer.count("renders"), self.timer.count("draws")
-        upstream, teacher = self.timer.seconds("upstream"), self.timer.seconds("teacher")
+        steady = self.timer.steady()  # steps that compiled or recorded a graph are left out
+        renders, draws = steady["counts"].get("renders", 0.0), steady["counts"].get("draws", 0.0)
+        upstream, teacher = steady["seconds"].get("upstream", 0.0), steady["seconds"].get("teacher", 0.0)
         if renders <= 0 or draws <= 0 or upstream <= 0 or teacher <= 0:
             return math.nan
         return (upstream / renders) / (teacher / draws)
@@ -331,6 +334,7 @@ class ScoreDistillationEstimator:
             at the end of an accounting window applies from the next call.
         """
         self._check_upstream(upstream)
+        self.timer.next_step()  # a step's group: the last backward, this render, encode and teacher call
         self._before_step(step)
         dist = self.distribution
         R, K = int(upstream.shape[0]), self.noise_draws

@@ -14,10 +14,18 @@ Example::
     with timer("teacher"):
         eps_hat = unet(x_t, t)
     timer.seconds("upstream"), timer.seconds("teacher")   # totals since the last reset
+
+Steady totals. A run's first call of a shape compiles or records a CUDA graph (tens of seconds at
+Stable Diffusion scale), and a JIT build can stall one step; such a step says nothing about what a
+step costs. With :meth:`StepTimer.next_step` marking step boundaries, :meth:`StepTimer.steady`
+sums only the steps whose total time is at most ``OUTLIER_FACTOR`` × the median step's, so the
+cost ratio that chooses K is not dragged by one cold step (a 45-s compile in a window of fifty
+50-ms steps would otherwise make the teacher look 19× dearer).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -25,6 +33,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 MAX_PENDING = 4096  # resolve old CUDA events beyond this many, so an unread timer stays small
+OUTLIER_FACTOR = 5.0  # a step over this many times the median step is cold (compiling, capturing, building)
+MIN_STEPS_FOR_OUTLIERS = 3  # fewer steps have no median to compare with: all count
 
 
 class StepTimer:
@@ -41,9 +51,14 @@ class StepTimer:
         self.use_events = self.device.type == "cuda" and clock is None
         self.clock = clock or time.perf_counter
         self._open: dict[str, Any] = {}
-        self._pending: list[tuple[str, Any, Any]] = []
+        self._pending: list[tuple[str, Any, Any, int]] = []  # (name, start, end, step group)
         self._seconds: dict[str, float] = {}
         self._counts: dict[str, float] = {}
+        # per step (next_step), for steady(): seconds and counts of each group; a restored window is one
+        # aggregate group, kept whole and left out of the median
+        self._group_seconds: list[dict[str, float]] = [{}]
+        self._group_counts: list[dict[str, float]] = [{}]
+        self._group_aggregate: list[bool] = [False]
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -67,7 +82,7 @@ class StepTimer:
         if self.use_events:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self._pending.append((name, started, event))
+            self._pending.append((name, started, event, len(self._group_seconds) - 1))
             if len(self._pending) > MAX_PENDING:
                 self._resolve(len(self._pending) // 2)
         else:
@@ -83,20 +98,66 @@ class StepTimer:
         finally:
             self.stop(name)
 
-    def record(self, name: str, seconds: float) -> None:
-        """Add a duration measured elsewhere."""
+    def record(self, name: str, seconds: float, group: Optional[int] = None) -> None:
+        """Add a duration measured elsewhere (to the current step, or to step group ``group``)."""
         self._seconds[name] = self._seconds.get(name, 0.0) + float(seconds)
+        into = self._group_seconds[-1 if group is None else group]
+        into[name] = into.get(name, 0.0) + float(seconds)
 
     def add_count(self, name: str, n: float = 1.0) -> None:
         """Count things (renders, teacher draws) alongside the times."""
         self._counts[name] = self._counts.get(name, 0.0) + float(n)
+        into = self._group_counts[-1]
+        into[name] = into.get(name, 0.0) + float(n)
+
+    def next_step(self) -> None:
+        """Start the next step's group (for :meth:`steady`); a no-op while the current one is empty."""
+        if self._group_seconds[-1] or self._group_counts[-1] or any(g == len(self._group_seconds) - 1
+                                                                   for *_, g in self._pending):
+            self._group_seconds.append({})
+            self._group_counts.append({})
+            self._group_aggregate.append(False)
 
     def _resolve(self, n: Optional[int] = None) -> None:
         n = len(self._pending) if n is None else n
-        for name, start, end in self._pending[:n]:
+        for name, start, end, group in self._pending[:n]:
             end.synchronize()
-            self.record(name, start.elapsed_time(end) / 1000.0)
+            self.record(name, start.elapsed_time(end) / 1000.0, group)
         del self._pending[:n]
+
+    def steady(self) -> dict[str, Any]:
+        """Seconds and counts since the last reset over the steady steps only (synchronises with CUDA).
+
+        A step (a group between :meth:`next_step` calls) is left out when its total seconds exceed
+        ``OUTLIER_FACTOR`` × the median step's and there are at least ``MIN_STEPS_FOR_OUTLIERS`` steps.
+        Returns ``{"seconds": {...}, "counts": {...}, "steps": kept, "left_out": n, "left_out_seconds": s}``.
+        """
+        self._resolve()
+        totals = [sum(g.values()) for g in self._group_seconds]
+        measured = [t for t, agg, g, c in zip(totals, self._group_aggregate, self._group_seconds,
+                                              self._group_counts) if not agg and (g or c)]
+        limit = float("inf")
+        if len(measured) >= MIN_STEPS_FOR_OUTLIERS:
+            median = statistics.median(measured)
+            if median > 0:
+                limit = OUTLIER_FACTOR * median
+        seconds: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        kept = left_out = 0
+        left_out_seconds = 0.0
+        for total, aggregate, group_seconds, group_counts in zip(totals, self._group_aggregate, self._group_seconds,
+                                                                  self._group_counts):
+            if not aggregate and total > limit:
+                left_out += 1
+                left_out_seconds += total
+                continue
+            kept += bool(group_seconds or group_counts) and not aggregate
+            for name, value in group_seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + value
+            for name, value in group_counts.items():
+                counts[name] = counts.get(name, 0.0) + value
+        return {"seconds": seconds, "counts": counts, "steps": kept, "left_out": left_out,
+                "left_out_seconds": left_out_seconds}
 
     def seconds(self, name: str) -> float:
         """Total seconds of section ``name`` since the last reset (synchronises with CUDA)."""
@@ -117,18 +178,24 @@ class StepTimer:
         Sections still open are not included. Restored seconds are the ones measured before the save:
         wall-clock measurements, so a resumed window's α is never bit-identical to an uninterrupted
         run's (neither are two uninterrupted runs'); restoring them keeps seconds and counts of
-        the window consistent, which α = (upstream s/render)/(teacher s/draw) needs.
+        the window consistent, which α = (upstream s/render)/(teacher s/draw) needs. The window's
+        steady part (:meth:`steady`) is what is saved: a restored window is one aggregate step, so a
+        cold step before the save stays left out after it.
         """
-        self._resolve()
-        return {"seconds": dict(self._seconds), "counts": dict(self._counts)}
+        steady = self.steady()
+        return {"seconds": steady["seconds"], "counts": steady["counts"]}
 
     def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
         self.reset()
         self._seconds = {k: float(v) for k, v in state.get("seconds", {}).items()}
         self._counts = {k: float(v) for k, v in state.get("counts", {}).items()}
+        self._group_seconds, self._group_counts = [dict(self._seconds)], [dict(self._counts)]
+        self._group_aggregate = [True]
+        self.next_step()
 
     def reset(self) -> None:
         """Forget totals and counts (open sections keep running)."""
         self._pending.clear()
         self._seconds.clear()
         self._counts.clear()
+        self._group_seconds, self._group_counts, self._group_aggregate = [{}], [{}], [False]
