@@ -136,6 +136,8 @@ def test_compile_when_settled_runs_a_shape_eagerly_for_its_first_calls_then_comp
     assert [r.item() for r in results] == [5, 5, 5, 5, 8, 8, 8]
     assert call(*inputs(4)).item() == 8               # batch 4 counted its own two calls: its third is compiled
     assert late.calls == [8, 8, 8, 4] and early.forgotten == [8, 4]
+    early.replays, late.replays = 6, 4
+    assert call.replays == 10                         # what bench_speed reports as cuda_graph_replays
     with pytest.raises(ValueError, match="at least 1"):
         CompileWhenSettled(early, late, after=0)
 

@@ -433,6 +433,11 @@ class CompileWhenSettled:
         self.early, self.late, self.after = early, late, int(after)
         self.calls: Counter = Counter()
 
+    @property
+    def replays(self) -> int:
+        """CUDA-graph replays of both calls (0 without graphs)."""
+        return int(getattr(self.early, "replays", 0)) + int(getattr(self.late, "replays", 0))
+
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         key = CapturedUNet._key(sample, timestep, hidden)
         self.calls[key] += 1
