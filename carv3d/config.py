@@ -212,7 +212,7 @@ class DiffusersTeacherConfig(TeacherConfig):
                                       "compile); true = full")
     compile_cache: str = described("auto", "folder of the persistent compile caches (auto: ~/.cache/carv3d/torch_compile; "
                                            "\"\" = torch's /tmp default)")
-    # auto-K passes through a few K early in a run (4, 8, 16 in a logged sd21 run, ~50 steps each); a
+    # auto-K passes through a few K early in a run (4, 8, 16 in a logged SD 2.1 run, ~50 steps each); a
     # compile costs 40-50 s per K (docs/compile_shapes_h100.json), so only the K it settles on is compiled
     compile_after: int = between(0, MAX_STEPS, 150, help="compile=full: a U-Net batch shape runs eagerly (CUDA "
                                  "graph) until it has been called this many times, then compiled; 0 = at once")

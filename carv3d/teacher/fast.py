@@ -416,7 +416,8 @@ class CompileWhenSettled:
 
     ``teacher.compile=full`` with static shapes compiles once per U-Net batch (40–50 s each at
     Stable Diffusion scale on an H100, docs/compile_shapes_h100.json), and auto-K passes through a
-    few K early in a run before it settles (4, 8, then 16 in a logged sd21 run, ~50 steps each).
+    few K early in a run before it settles (4, 8, then 16 in a logged SD 2.1 run, ~50 steps each:
+    docs/speed_suite_h100_r3/gaussians_full_run.json).
     Here each shape runs ``early`` (the eager U-Net, in its CUDA graph) for its first ``after``
     calls and ``late`` (the compiled one) from then on, so only the K a run stays at pays a compile.
     At the switch ``early``'s graph of that shape is dropped (``forget``), freeing its memory.
