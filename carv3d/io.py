@@ -101,6 +101,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_json_report(path: PathLike, report: Any, indent: int = 2, **dumps: Any) -> None:
+    """A benchmark's JSON, rewritten atomically (its folder made first), so that a reader or a run
+    killed mid-write sees the previous complete file; values JSON cannot hold are written as ``str``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(report, indent=indent, default=str, **dumps))
+
+
 def temporaries_of(folder: PathLike, stem_patterns: Iterable[str]) -> list[Path]:
     """The :func:`atomic_path` temporaries in ``folder`` whose target's stem matches one of the regexes.
 

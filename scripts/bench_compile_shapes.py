@@ -47,11 +47,10 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    """Rewritten atomically after every step, so a killed benchmark keeps what it measured."""
-    from carv3d.io import atomic_write_text
+    """Rewritten after every step, so a killed benchmark keeps what it measured."""
+    from carv3d.io import write_json_report
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(report, indent=2, default=str))
+    write_json_report(path, report)
 
 
 # ------------------------------------------------------------------ one mode (a child process)

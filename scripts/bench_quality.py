@@ -494,9 +494,9 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ report and plot
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Atomic: a time limit mid-write leaves the previous complete file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=str))
-    os.replace(tmp, path)
+    from carv3d.io import write_json_report
+
+    write_json_report(path, report, indent=1, allow_nan=False)
 
 
 def format_point(point: dict[str, Any]) -> str:

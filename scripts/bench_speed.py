@@ -91,10 +91,9 @@ def log(message: str) -> None:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Atomic rewrite, so a reader (or a killed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    from carv3d.io import write_json_report
+
+    write_json_report(path, report)
 
 
 # ------------------------------------------------------------------ the card

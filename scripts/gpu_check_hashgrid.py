@@ -74,9 +74,9 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    from carv3d.io import write_json_report
+
+    write_json_report(path, report)
 
 
 def timed(device: torch.device, fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:

@@ -78,10 +78,9 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    from carv3d.io import write_json_report
+
+    write_json_report(path, report)
 
 
 def section(report: dict[str, Any], path: Path, name: str, fn: Callable[[], Any]) -> None:

@@ -70,9 +70,9 @@ def log(message: str) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    from carv3d.io import write_json_report
+
+    write_json_report(path, data)
 
 
 def part_timeout(name: str, remaining: float, parts: dict[str, tuple[float, float]], selected: list[str]) -> float:

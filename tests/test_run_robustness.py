@@ -386,3 +386,20 @@ def test_empty_random_and_truncated_checkpoints_are_a_checkpoint_error(tmp_path,
     with pytest.raises(CheckpointError, match="is corrupt or not a carv3d checkpoint") as err:
         load_checkpoint(path)
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_benchmark_json_is_written_whole_or_not_at_all(tmp_path):
+    """write_json_report: the folder is made, odd values become strings, and a report that cannot be
+    written (NaN with allow_nan=False) leaves the previous complete file and no temporary behind."""
+    import json
+    from pathlib import Path as _Path
+
+    from carv3d.io import write_json_report
+
+    path = tmp_path / "deep" / "report.json"
+    write_json_report(path, {"seconds": 1.5, "where": _Path("/x")}, indent=1)
+    assert json.loads(path.read_text()) == {"seconds": 1.5, "where": "/x"}
+    with pytest.raises(ValueError):
+        write_json_report(path, {"seconds": float("nan")}, allow_nan=False)
+    assert json.loads(path.read_text())["seconds"] == 1.5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]

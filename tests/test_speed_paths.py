@@ -529,8 +529,9 @@ def test_a_dynamic_batch_traces_the_unet_once_for_every_k_and_static_shapes_once
     assert frames == {"dynamic": 1, "static": 3}
 
 
-def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(monkeypatch):
-    """build_unet_call passes dynamic=None and marks the batch for FastPaths.dynamic_batch; static otherwise."""
+def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(tiny_teacher, monkeypatch):
+    """build_unet_call passes dynamic=None and marks dimension 0 of the inputs for Dynamo with
+    FastPaths.dynamic_batch; static shapes (dynamic=False, nothing marked) otherwise."""
     import carv3d.teacher.fast as fast_module
 
     seen = []
@@ -540,12 +541,15 @@ def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(monkeypatch):
         return fn
 
     monkeypatch.setattr(fast_module.torch, "compile", fake_compile)
-    unet = torch.nn.Identity()
-    static = build_unet_call(unet, FastPaths(compile="full"))
-    dynamic = build_unet_call(unet, FastPaths(compile="full", dynamic_batch=True))
+    static = build_unet_call(tiny_teacher.unet, FastPaths(compile="full"))
+    dynamic = build_unet_call(tiny_teacher.unet, FastPaths(compile="full", dynamic_batch=True))
     assert seen == [False, None]
-    assert not hasattr(static.__wrapped__, "__wrapped__")            # the compiled call itself
-    assert dynamic.__wrapped__.__name__ == "call"                     # batch_dynamic's marking wrapper
+    marked = {}
+    for name, call in (("static", static), ("dynamic", dynamic)):
+        sample, t, hidden = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+        call(sample, t, hidden)
+        marked[name] = [getattr(x, "_dynamo_weak_dynamic_indices", set()) for x in (sample, t, hidden)]
+    assert marked == {"static": [set(), set(), set()], "dynamic": [{0}, {0}, {0}]}
 
 
 def test_auto_compile_is_full_with_channels_last_for_a_large_unet_and_off_for_a_small_one(tiny_teacher, monkeypatch,
