@@ -18,7 +18,7 @@ import torch
 from carv3d.cameras import orbit_cameras
 from carv3d.io import atomic_path, reporting_full_disk
 from carv3d.log import logger
-from carv3d.render.turntable import image_grid, render_turntable, write_image, write_video
+from carv3d.render.turntable import image_grid, render_turntable, to_uint8, write_image, write_video
 
 
 def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -69,13 +69,6 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [0, 1] → (B, H, W, 3) uint8."""
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-
-
 # Rays per renderer call of the end-of-run renders (sheets; the turntable and the export's silhouettes
 # use the same number): deterministic renders under torch.no_grad, so the chunking changes no pixel
 # (tests/test_memory.py), and it bounds their memory whatever the resolution: 4 views at 128 px in one
@@ -93,7 +86,7 @@ def validation_sheet(scene, resolution: int, n_views: int = 4, elevation: float 
     # One render gives all three rows: the albedo composites from the lambertian render's samples.
     out = scene.render(cameras, generator=None, shading="lambertian", height=resolution, width=resolution,
                        need_albedo=True, chunk_rays=chunk_rays)
-    rows = [_to_uint8(out.albedo), _to_uint8(out.rgb), _to_uint8(out.opacity)]
+    rows = [to_uint8(out.albedo), to_uint8(out.rgb), to_uint8(out.opacity)]
     return image_grid(np.concatenate(rows), ncols=n_views)
 
 

@@ -115,6 +115,13 @@ def test_to_uint8_rounds_and_clamps():
     np.testing.assert_array_equal(out[0, 0, :, 0], [0, 0, 128, 0, 1, 255])
 
 
+def test_to_uint8_writes_non_finite_pixels_black_or_white_and_one_channel_grey():
+    images = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5]).view(1, 1, 1, 4)
+    out = to_uint8(images)
+    assert out.shape == (1, 1, 4, 3)
+    np.testing.assert_array_equal(out[0, 0], [[0] * 3, [255] * 3, [0] * 3, [128] * 3])
+
+
 def test_turntable_progress_bar_counts_the_frames_and_changes_nothing(capsys):
     scene = NeRFScene.from_parts(BlackSphere(0.4), VolumeRenderer(1.0, samples_per_ray=8, background="white"))
     quiet = render_turntable(scene, n_frames=3, size=8)

@@ -24,8 +24,13 @@ ImageArray = Union[np.ndarray, torch.Tensor]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] → (B, H, W, 3) uint8, rounded to the nearest level."""
-    scaled = (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    """(B, 3 or 1, H, W) float in [0, 1] → (B, H, W, 3) uint8, rounded to the nearest level; one
+    channel is shown grey. A non-finite pixel (a diverged run's last validation) is written black
+    (NaN, -inf) or white (+inf) rather than left to the cast, whose result is undefined."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    finite = torch.nan_to_num(images.detach().float(), nan=0.0, posinf=1.0, neginf=0.0)
+    scaled = (finite.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
     return scaled.permute(0, 2, 3, 1).cpu().numpy()
 
 
