@@ -203,9 +203,11 @@ class DiffusersTeacherConfig(TeacherConfig):
     cuda_graph: str = described("auto", "replay the guided U-Net call as a CUDA graph per batch shape (auto: on for CUDA)")
     # With a compile only: eager NHWC measured slower on the H200 at SD 2.1 scale (GroupNorm has no fast
     # NHWC kernel: U-Net at K = 8 48.5 ms vs 44.5 ms, VAE encode 13.6 vs 11.3; docs/BENCHMARKS.md);
-    # compiled, faster (K = 8 step 54.1 ms against 74.6 eager, docs/bench_speed_ab_h100.json)
-    channels_last: str = described("auto", "NHWC memory format for the U-Net and VAE (auto: on for CUDA when the "
-                                            "teacher is compiled; unet: the U-Net only, the VAE NCHW)")
+    # compiled, faster (K = 8 step 54.1 ms against 74.6 eager, docs/bench_speed_ab_h100.json), and
+    # faster still with the VAE left NCHW (52.8-54.7 against 54.5-55.1 ms, docs/bench_speed_vae_layout_h100.json)
+    channels_last: str = described("auto", "NHWC memory format: auto (the U-Net only when the teacher is compiled "
+                                            "on CUDA, as unet; NCHW eager) | on (U-Net and VAE) | off | unet "
+                                            "(the U-Net NHWC, the VAE NCHW)")
     compile: str = described("auto", "torch.compile the U-Net and VAE encoder, CUDA only: auto (full for U-Nets of "
                                       "≥ 100 M parameters in runs of ≥ 4,000 steps, off otherwise) | off | "
                                       "full (the U-Net as one graph) | regional (its repeated blocks; faster to "

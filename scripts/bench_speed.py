@@ -182,9 +182,9 @@ BASE_CONFIGS = {"nerf": "configs/sd21.yaml", "gaussians": "configs/gaussians_sd2
 
 # Teacher modes a sweep times side by side on one card (`--teachers`), as the teacher.* keys each sets.
 # `fast` is the eager teacher with its CUDA graph (the CUDA default for runs too short to compile),
-# with --compile / --channels-last added on request; `compiled-cl` is what teacher.compile=auto gives
-# a long Stable Diffusion run; the compiled modes compare the compile with and without channels-last
-# tensors in one process, against `fast`.
+# with --compile / --channels-last added on request; `compiled-cl-unet` is what teacher.compile=auto
+# gives a long Stable Diffusion run; the compiled modes compare the compile with and without
+# channels-last tensors (U-Net and VAE, or the U-Net only) in one process, against `fast`.
 TEACHER_MODES: dict[str, dict[str, str]] = {
     "eager": {"cuda_graph": "off", "channels_last": "off", "compile": "off"},
     "fast": {"cuda_graph": "auto"},
@@ -513,7 +513,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--rasterizers", default="auto", help="Gaussian rasterizers: auto, torch, gsplat (comma-separated)")
     parser.add_argument("--teachers", default=None,
                         help="comma-separated teacher modes: eager, fast, compiled (compile=full), compiled-cl "
-                             "(compile=full with channels_last) (default eager,fast; --profile: fast)")
+                             "(compile=full with channels_last), compiled-cl-unet (compile=full, the U-Net "
+                             "channels_last: what a long run resolves auto to) (default eager,fast; --profile: fast)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration (default 8; quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 30; quick 10)")
     parser.add_argument("--compile", action="store_true", help="fast teacher also uses teacher.compile (slow to start)")

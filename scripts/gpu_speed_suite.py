@@ -22,7 +22,7 @@ order (SD 2.1-base shapes with random weights, built once into a work folder out
    compile the teacher, see ``AUTO_COMPILE_MIN_STEPS``); the bar is ≤ 180 s.
 6. ``nerf_full_run`` (nerf_full_run.json): ``carv3d train --config configs/sd21.yaml`` with as many
    steps as the remaining time fits (from the ``nerf`` part's K = 8 rate), with
-   ``teacher.compile=full teacher.channels_last=on`` (what the 10,000-step run it projects to resolves
+   ``teacher.compile=full teacher.channels_last=unet`` (what the 10,000-step run it projects to resolves
    ``auto`` to) on an
    empty compile cache, and its projection to 10,000 steps.
 
@@ -238,7 +238,7 @@ def part_command(name: str, args: argparse.Namespace, timeout: float, out_dir: P
     # more): it compiles as the projected 10,000-step run of configs/sd21.yaml does, so the projection
     # holds that run's compile time and compiled rate.
     return bench_argv(args, out, "--full-run-steps", str(steps), "--full-run-config", "configs/sd21.yaml", *full,
-                      "--full-run-set", *sets, "teacher.compile=full", "teacher.channels_last=on"), how
+                      "--full-run-set", *sets, "teacher.compile=full", "teacher.channels_last=unet"), how
 
 
 def main(argv: Optional[list[str]] = None) -> int:

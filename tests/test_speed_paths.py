@@ -50,7 +50,8 @@ def test_fast_paths_are_off_on_cpu_whatever_is_asked(caplog):
                                 compile_after=150)
     for compile_mode, expected in (("off", False), ("full", True), ("regional", True)):  # known now: resolved now
         cfg = load_config(overrides=[f"teacher.compile={compile_mode}"]).teacher
-        assert resolve_fast_paths(cfg, torch.device("cuda")).channels_last is expected
+        fast = resolve_fast_paths(cfg, torch.device("cuda"))
+        assert fast.channels_last is expected and fast.vae_nhwc is False  # compiled: the U-Net only
     assert resolve_fast_paths(load_config(overrides=["teacher.channels_last=on", "teacher.compile=off"]).teacher,
                               torch.device("cuda")).channels_last is True  # an explicit on is kept eager too
     assert resolve_fast_paths(load_config(overrides=["teacher.cuda_graph=off"]).teacher,
@@ -564,12 +565,16 @@ def test_auto_compile_is_full_with_channels_last_for_a_large_unet_and_off_for_a_
                                                                          compile="off")
     assert "compile=auto -> off" in caplog.text
     monkeypatch.setattr(fast_module, "AUTO_COMPILE_MIN_PARAMETERS", size)  # as large as the threshold
-    assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, channels_last=True, compile="full")
+    assert fast_module.resolve_auto_compile(auto, unet) == FastPaths(cuda_graph=True, channels_last=True, compile="full",
+                                                                     vae_channels_last=False)  # the VAE stays NCHW
     explicit = FastPaths(compile="full")
     assert fast_module.resolve_auto_compile(explicit, unet) is explicit
     # channels_last=auto follows an explicit compile mode as well, and an explicit layout is kept
-    assert fast_module.resolve_auto_compile(FastPaths(channels_last="auto", compile="regional"), unet).channels_last is True
+    regional = fast_module.resolve_auto_compile(FastPaths(channels_last="auto", compile="regional"), unet)
+    assert regional.channels_last is True and regional.vae_nhwc is False
     assert fast_module.resolve_auto_compile(FastPaths(channels_last=False, compile="auto"), unet).channels_last is False
+    both = fast_module.resolve_auto_compile(FastPaths(channels_last=True, compile="auto"), unet)
+    assert both.channels_last is True and both.vae_nhwc is True  # an explicit on keeps the VAE in NHWC too
     assert FastPaths(channels_last="auto").describe() == "channels_last=auto"
     # On a CPU auto is off before any model is looked at (and says nothing: nothing was asked).
     cpu = resolve_fast_paths(load_config().teacher, torch.device("cpu"))

@@ -133,14 +133,31 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
     unet_only = spelling == "unet"  # the U-Net NHWC, the VAE NCHW
     channels_last: Union[bool, str] = _switch("on" if unet_only else spelling, "channels_last", device)
     if channels_last and spelling == "auto":
-        channels_last = "auto" if mode == "auto" else mode != "off"  # with a compile only
-    return FastPaths(
+        channels_last = "auto"  # follows the compile (_auto_layout), now or once the U-Net is known
+    return _auto_layout(FastPaths(
         cuda_graph=_switch(teacher_cfg.cuda_graph, "cuda_graph", device),
         channels_last=channels_last,
         vae_channels_last=False if unet_only and channels_last else None,
         compile=mode,
         compile_after=int(getattr(teacher_cfg, "compile_after", 0)) if mode != "off" else 0,
-    )
+    ))
+
+
+def _auto_layout(fast: FastPaths) -> FastPaths:
+    """``channels_last=auto`` once the compile mode is known: compiled, the U-Net in NHWC and the VAE
+    in NCHW (``teacher.channels_last=unet``); eager, NCHW throughout. Other layouts are kept.
+
+    Why: eager NHWC measured slower (GroupNorm has no fast NHWC kernel). Compiled, NHWC speeds the
+    U-Net, but the VAE encoder's compiled backward then converts its channels-last gradients between
+    layouts (31 copies, 2.8 ms of a K = 8 step; docs/profile_compiled_cl_links_h100.json). With the
+    VAE in NCHW the backward took 9.9-10.1 against 11.5-11.7 ms and the step 52.8 / 54.7 against
+    54.5 / 55.1 ms at K = 8 and 84.8 against 86.2 ms at K = 16, in both orders on one H100
+    (docs/bench_speed_vae_layout_h100.json and _r2.json).
+    """
+    if fast.channels_last != "auto" or fast.compile == "auto":
+        return fast
+    compiled = fast.compile != "off"
+    return dataclasses.replace(fast, channels_last=compiled, vae_channels_last=False if compiled else None)
 
 
 def auto_compile_for_run(teacher_cfg: Any, steps: int) -> Any:
@@ -174,7 +191,8 @@ def compile_mode(value: Any) -> str:
 def resolve_auto_compile(fast: FastPaths, unet: torch.nn.Module) -> FastPaths:
     """``compile=auto`` → ``full`` for a U-Net of at least :data:`AUTO_COMPILE_MIN_PARAMETERS`
     parameters, ``off`` for a smaller one (logged either way); other modes are returned as given.
-    ``channels_last=auto`` then follows the compile: on with one, off without.
+    ``channels_last=auto`` then follows the compile (:func:`_auto_layout`): the U-Net in NHWC with
+    one, NCHW without.
 
     Why full with channels-last tensors: measured on one H100 at SD 2.1-base scale
     (docs/bench_speed_ab_h100.json), against the eager teacher with its CUDA graph, the step took
@@ -190,10 +208,9 @@ def resolve_auto_compile(fast: FastPaths, unet: torch.nn.Module) -> FastPaths:
         mode = "full" if parameters >= AUTO_COMPILE_MIN_PARAMETERS else "off"
         logger.info("teacher: compile=auto -> %s (U-Net of %.1f M parameters; auto compiles from %.0f M)",
                     mode, parameters / 1e6, AUTO_COMPILE_MIN_PARAMETERS / 1e6)
-    channels_last = (mode != "off") if fast.channels_last == "auto" else fast.channels_last
-    if (mode, channels_last) == (fast.compile, fast.channels_last):
+    if mode == fast.compile and fast.channels_last != "auto":
         return fast
-    return dataclasses.replace(fast, channels_last=channels_last, compile=mode)
+    return _auto_layout(dataclasses.replace(fast, compile=mode))
 
 
 def default_compile_cache() -> Path:
