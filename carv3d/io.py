@@ -136,6 +136,47 @@ def make_writable_folder(folder: PathLike) -> Path:
     return folder
 
 
+def unwritable_reason(folder: PathLike) -> Optional[str]:
+    """Why files could not be created in ``folder``, or None when they can: tested in ``folder``, or,
+    when it does not exist yet, in its nearest existing parent (where the folder would be created).
+    Creates nothing that outlives the call (a check before a run, unlike :func:`make_writable_folder`)."""
+    existing = Path(folder).expanduser()
+    while not existing.exists():
+        if existing.parent == existing:
+            return f"no part of {folder} exists"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        return f"cannot create files in {existing}: {err.strerror or err}"
+    return None
+
+
+def check_output_file(target: Path, overwrite: bool, option: str = "--out") -> None:
+    """Fail early, before the slow part, when a report could not be written to ``target``: a folder, an
+    existing file without ``overwrite``, or a parent folder that cannot be created or written
+    (:func:`make_writable_folder`). A missing parent folder is created. ``option``: the flag that
+    names ``target``, for the message."""
+    from carv3d.errors import OutputPathError
+
+    if target.is_dir():
+        raise OutputPathError(f"'{target}' is a folder; pass {option} with a file name.")
+    if target.exists() and not overwrite:
+        raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or {option} to write elsewhere.")
+    folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"cannot write '{target}': '{folder}' is a file, not a folder; pass {option} with a "
+                              f"file in a folder.")
+    try:
+        make_writable_folder(folder)
+    except OSError as err:
+        raise OutputPathError(f"cannot write '{target}': {err.strerror or err} in '{folder}'; pass {option} with a "
+                              f"file in a writable folder.") from None
+
+
 # ---------------------------------------------------------------------------------------- full disk
 # ENOSPC: no space; EDQUOT: quota exhausted; EFBIG: the file size limit (RLIMIT_FSIZE) was reached.
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

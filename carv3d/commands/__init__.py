@@ -11,8 +11,8 @@ the handlers, so that ``carv3d --help`` is quick. The library never imports this
 (tests/test_architecture.py).
 """
 
-from carv3d.commands import config, evaluate, export, render, sweep, train, variance
+from carv3d.commands import config, doctor, evaluate, export, render, sweep, train, variance
 
-COMMANDS = (train, export, render, variance, evaluate, sweep, config)
+COMMANDS = (train, export, render, variance, evaluate, sweep, config, doctor)
 
 __all__ = ["COMMANDS"]

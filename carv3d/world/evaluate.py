@@ -34,14 +34,12 @@ import math
 import re
 import time
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from carv3d.errors import OutputPathError, PromptError, UserError
-from carv3d.io import make_writable_folder
+from carv3d.errors import PromptError, UserError
 from carv3d.cameras import Cameras, make_cameras
 from carv3d.world.metrics import MeshLike, chamfer_to_world, front_back_check, masked_colour_error, psnr, silhouette_iou
 from carv3d.world.objects import COLOURS, OBJECT_NAMES, OBJECTS, material_albedo
@@ -366,25 +364,6 @@ def evaluate_scene(scene: Any, prompt: str, *, mesh: MeshLike = None, views: int
         "seconds": time.perf_counter() - start,
     }
     return _round(result)
-
-
-def check_output_file(target: Path, overwrite: bool) -> None:
-    """Fail early, before the slow part, when the JSON could not be written to ``target``: a folder, an
-    existing file without ``overwrite``, or a parent folder that cannot be created or written
-    (:func:`carv3d.io.make_writable_folder`). A missing parent folder is created."""
-    if target.is_dir():
-        raise OutputPathError(f"'{target}' is a folder; pass --out with a file name.")
-    if target.exists() and not overwrite:
-        raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")
-    folder = target.parent
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"cannot write '{target}': '{folder}' is a file, not a folder; pass --out with a "
-                              f"file in a folder.")
-    try:
-        make_writable_folder(folder)
-    except OSError as err:
-        raise OutputPathError(f"cannot write '{target}': {err.strerror or err} in '{folder}'; pass --out with a "
-                              f"file in a writable folder.") from None
 
 
 def format_summary(result: dict[str, Any]) -> str:
