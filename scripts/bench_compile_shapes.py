@@ -9,7 +9,7 @@ step 10, 8 from step 60, 16 from step 110 in a logged run), so the guided U-Net 
 2K = 8, 16 and 32. ``teacher.compile=full`` with static shapes traces and compiles the U-Net again
 for each. This script measures, at Stable Diffusion 2.1-base scale (random weights of its shapes,
 ``carv3d.testing.random_sd``), fp16, channels-last, the U-Net call exactly as the teacher builds it
-(:func:`carv3d.teacher.fast.build_unet_call`, CUDA graph included), once per mode in a fresh process
+(:func:`carv3d.teacher.graphs.build_unet_call`, CUDA graph included), once per mode in a fresh process
 with an empty compile cache (a new machine):
 
 - ``static``: ``torch.compile(dynamic=False)``, one graph per batch;
@@ -57,7 +57,8 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def one_mode(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from carv3d.teacher.fast import FastPaths, build_unet_call
+    from carv3d.teacher.fast import FastPaths
+    from carv3d.teacher.graphs import build_unet_call
     from carv3d.testing.timing import call_times_ms
 
     device = torch.device(args.device)

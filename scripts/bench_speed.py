@@ -144,7 +144,7 @@ def teacher_flops(teacher: Any, noise_draws: int, guidance_scale: float, render_
 
     Calls the modules directly (not a CUDA-graph replay, which the counter cannot see), with Dynamo
     off: a compiled function called under ``FlopCounterMode`` is marked to run eagerly for the rest
-    of the process (carv3d.teacher.fast.eager_under_dispatch_modes).
+    of the process (carv3d.teacher.compiling.eager_under_dispatch_modes).
     """
     c, h, w = teacher.latent_shape
     device, dtype = teacher.device, teacher.dtype

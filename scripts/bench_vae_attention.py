@@ -7,14 +7,14 @@
 
 A training step encodes its render with Stable Diffusion's VAE encoder and differentiates through
 it. The encoder's mid-block attends over all (S/8)² latent positions with a single 512-channel head;
-no fused attention kernel covers heads that wide (:data:`carv3d.teacher.fast.FUSED_ATTENTION_MAX_HEAD_DIM`),
+no fused attention kernel covers heads that wide (:data:`carv3d.teacher.attention.FUSED_ATTENTION_MAX_HEAD_DIM`),
 so ``scaled_dot_product_attention`` falls to the memory-efficient kernel's generic variant. This
 times the encoder's forward + backward (gradient into the image, the weights frozen, as in training)
 of SD's VAE shape (random weights, ``carv3d.testing.random_sd``) at ``--size``² for each processor
 of that layer:
 
 - ``sdpa``: diffusers' ``AttnProcessor2_0`` (SDPA chooses the kernel; the default before this),
-- ``sdpa-math``: :class:`carv3d.teacher.fast.MathSDPAttnProcessor` (SDPA held to its math kernel),
+- ``sdpa-math``: :class:`carv3d.teacher.attention.MathSDPAttnProcessor` (SDPA held to its math kernel),
 - ``bmm``: diffusers' ``AttnProcessor`` (``baddbmm`` + softmax + ``bmm``),
 
 eager and (``--compile``, the default on CUDA) under ``torch.compile``, each with NCHW and with
@@ -48,13 +48,13 @@ def log(message: str) -> None:
 def processor(variant: str) -> Any:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from carv3d.teacher.fast import MathSDPAttnProcessor
+    from carv3d.teacher.attention import MathSDPAttnProcessor
 
     return {"sdpa": AttnProcessor2_0, "sdpa-math": MathSDPAttnProcessor, "bmm": AttnProcessor}[variant]()
 
 
 def set_wide_head_processor(vae: Any, variant: str) -> int:
-    from carv3d.teacher.fast import wide_head_attention_layers
+    from carv3d.teacher.attention import wide_head_attention_layers
 
     layers = wide_head_attention_layers(vae.encoder)
     for layer in layers:

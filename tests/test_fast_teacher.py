@@ -45,7 +45,7 @@ def _inputs(teacher, n: int, seed: int):
 
 
 def test_fast_teacher_matches_eager_and_replays_fresh_inputs(teachers):
-    from carv3d.teacher.fast import CapturedUNet
+    from carv3d.teacher.graphs import CapturedUNet
 
     eager, fast = teachers
     assert fast.fast.cuda_graph and fast.fast.channels_last and isinstance(fast._unet_call, CapturedUNet)
@@ -67,7 +67,7 @@ def test_captured_unet_outputs_survive_replays_and_eviction():
     """A returned prediction is a copy (the next replay must not overwrite it), evicting every graph
     at ``max_graphs`` starts a fresh pool that captures again, and a call that needs gradients runs
     eagerly with its autograd history. An fp32 linear map, so replay and eager agree to rounding."""
-    from carv3d.teacher.fast import CapturedUNet
+    from carv3d.teacher.graphs import CapturedUNet
 
     weight = torch.randn(8, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     forward = lambda x, t, h: x @ weight + t.view(-1, 1) + h.sum()  # noqa: E731
@@ -149,7 +149,7 @@ def test_a_shape_switches_from_its_eager_graph_to_its_compiled_graph_after_compi
     compiled U-Net's, recorded anew; the eager graph of that shape is dropped. Every prediction stays
     as close to the fp32 teacher as the eager fp16 teacher's."""
     from carv3d.teacher import load_teacher
-    from carv3d.teacher.fast import CompileWhenSettled
+    from carv3d.teacher.compiling import CompileWhenSettled
 
     eager, _ = teachers
     exact = load_teacher(DiffusersTeacherConfig(pretrained=str(tiny_sd_path), cuda_graph="off", dtype="float32"), "cuda")
@@ -266,7 +266,7 @@ def test_wide_head_math_kernel_matches_sdpa_in_half_precision_values_and_gradien
     # memory-efficient kernel), both against an fp32 reference.
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from carv3d.teacher.fast import MathSDPAttnProcessor, wide_head_attention_layers
+    from carv3d.teacher.attention import MathSDPAttnProcessor, wide_head_attention_layers
     from carv3d.testing.random_sd import make_vae
 
     torch.manual_seed(0)

@@ -14,7 +14,9 @@ import torch
 
 from carv3d.config import load_config
 from carv3d.errors import ConfigError
-from carv3d.teacher.fast import CapturedUNet, FastPaths, attention_summary, build_unet_call, resolve_fast_paths
+from carv3d.teacher.attention import attention_summary
+from carv3d.teacher.fast import FastPaths, resolve_fast_paths
+from carv3d.teacher.graphs import CapturedUNet, build_unet_call
 
 from test_train_e2e import tiny_overrides
 
@@ -111,7 +113,7 @@ def test_eager_unet_call_is_the_plain_forward_and_cpu_capture_passes_through(tin
 
 
 def test_compile_when_settled_runs_a_shape_eagerly_for_its_first_calls_then_compiled():
-    from carv3d.teacher.fast import CompileWhenSettled
+    from carv3d.teacher.compiling import CompileWhenSettled
 
     class Recorder:
         def __init__(self, name):
@@ -144,8 +146,8 @@ def test_compile_when_settled_runs_a_shape_eagerly_for_its_first_calls_then_comp
 
 
 def test_unet_call_compiles_after_the_configured_calls_and_matches_the_eager_unet(tiny_teacher, monkeypatch):
-    import carv3d.teacher.fast as fast_module
-    from carv3d.teacher.fast import CompileWhenSettled
+    import carv3d.teacher.graphs as graphs_module
+    from carv3d.teacher.compiling import CompileWhenSettled
 
     compiled_calls = []
 
@@ -155,7 +157,7 @@ def test_unet_call_compiles_after_the_configured_calls_and_matches_the_eager_une
             return fn(*args)
         return compiled
 
-    monkeypatch.setattr(fast_module.torch, "compile", fake_compile)
+    monkeypatch.setattr(graphs_module.torch, "compile", fake_compile)
     unet = tiny_teacher.unet
     call = build_unet_call(unet, FastPaths(compile="full", compile_after=2))
     assert isinstance(call, CompileWhenSettled)
@@ -422,7 +424,7 @@ def test_regional_compile_wraps_exactly_the_repeated_blocks(tiny_teacher):
     nothing else; the U-Net itself stays eager. (Counted on a copy: the fixture is shared.)"""
     import copy
 
-    from carv3d.teacher.fast import compile_regions
+    from carv3d.teacher.compiling import compile_regions
 
     unet = copy.deepcopy(tiny_teacher.unet)
     expected = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
@@ -437,7 +439,7 @@ def test_regional_compile_wraps_exactly_the_repeated_blocks(tiny_teacher):
 def test_compile_cache_goes_to_a_folder_that_outlives_the_process(tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from carv3d.teacher.fast import default_compile_cache, enable_compile_cache
+    from carv3d.teacher.compiling import default_compile_cache, enable_compile_cache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("CARV3D_CACHE", str(tmp_path / "cache"))
@@ -466,10 +468,10 @@ def test_a_compiled_call_under_a_dispatch_mode_stays_compiled_afterwards():
     """Dynamo marks a function's code object "skip" for the whole process when it is called under
     a TorchDispatchMode (FlopCounterMode here). The unguarded function shows that reference
     behaviour — after one call under the mode the backend is never called again — and the guarded
-    one (what fast.py returns) keeps compiling and running the compiled code."""
+    one (what the teacher's compiled calls are wrapped in) keeps compiling and running the compiled code."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from carv3d.teacher.fast import eager_under_dispatch_modes
+    from carv3d.teacher.compiling import eager_under_dispatch_modes
 
     def counting_backend(calls):
         def backend(graph_module, example_inputs):
@@ -506,7 +508,7 @@ def test_a_dynamic_batch_traces_the_unet_once_for_every_k_and_static_shapes_once
     for all of them; with static shapes it traces one per batch. Outputs equal the eager U-Net's."""
     from torch._dynamo.testing import CompileCounter
 
-    from carv3d.teacher.fast import batch_dynamic
+    from carv3d.teacher.compiling import batch_dynamic
     from carv3d.testing.tiny_teachers import make_tiny_unet
 
     torch.manual_seed(0)
@@ -533,7 +535,7 @@ def test_a_dynamic_batch_traces_the_unet_once_for_every_k_and_static_shapes_once
 def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(tiny_teacher, monkeypatch):
     """build_unet_call passes dynamic=None and marks dimension 0 of the inputs for Dynamo with
     FastPaths.dynamic_batch; static shapes (dynamic=False, nothing marked) otherwise."""
-    import carv3d.teacher.fast as fast_module
+    import carv3d.teacher.graphs as graphs_module
 
     seen = []
 
@@ -541,7 +543,7 @@ def test_unet_call_compiles_with_a_dynamic_batch_only_when_asked(tiny_teacher, m
         seen.append(dynamic)
         return fn
 
-    monkeypatch.setattr(fast_module.torch, "compile", fake_compile)
+    monkeypatch.setattr(graphs_module.torch, "compile", fake_compile)
     static = build_unet_call(tiny_teacher.unet, FastPaths(compile="full"))
     dynamic = build_unet_call(tiny_teacher.unet, FastPaths(compile="full", dynamic_batch=True))
     assert seen == [False, None]
@@ -610,7 +612,7 @@ def _vae_style_attention(channels: int = 512) -> torch.nn.Module:
 def test_math_sdpa_processor_matches_sdpa_and_the_explicit_softmax_values_and_gradients():
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from carv3d.teacher.fast import MathSDPAttnProcessor
+    from carv3d.teacher.attention import MathSDPAttnProcessor
 
     torch.manual_seed(0)
     layer = _vae_style_attention().double()
@@ -633,8 +635,8 @@ def test_math_sdpa_processor_matches_sdpa_and_the_explicit_softmax_values_and_gr
 
 
 def test_only_heads_wider_than_the_fused_kernels_get_the_math_kernel():
-    from carv3d.teacher.fast import (FUSED_ATTENTION_MAX_HEAD_DIM, MathSDPAttnProcessor, use_math_attention_for_wide_heads,
-                                     wide_head_attention_layers)
+    from carv3d.teacher.attention import (FUSED_ATTENTION_MAX_HEAD_DIM, MathSDPAttnProcessor,
+                                          use_math_attention_for_wide_heads, wide_head_attention_layers)
     from carv3d.testing.random_sd import make_vae
 
     torch.manual_seed(0)
@@ -654,7 +656,7 @@ def test_math_sdpa_processor_traces_into_one_compiled_graph():
     # (no graph break), or the compiled encoder would run its attention eagerly.
     import torch._dynamo.testing
 
-    from carv3d.teacher.fast import MathSDPAttnProcessor
+    from carv3d.teacher.attention import MathSDPAttnProcessor
 
     torch.manual_seed(0)
     layer = _vae_style_attention(64)

@@ -130,7 +130,8 @@ def test_at_init_lora_prediction_is_the_teacher_without_guidance(tiny_teacher):
     u, c = teacher.predict_noise_branches(draws.x_t, draws.t, plain.select(idx))
     torch.testing.assert_close(residual, 6.5 * (c - u), rtol=1e-4, atol=1e-5)
     # with the teacher's CUDA-graph fast path the copy's call goes through CapturedUNet (eager on a CPU)
-    from carv3d.teacher.fast import CapturedUNet, FastPaths
+    from carv3d.teacher.fast import FastPaths
+    from carv3d.teacher.graphs import CapturedUNet
 
     graphed = LoRAParticle(teacher.with_fast_paths(FastPaths(cuda_graph=True)), seed=0)
     assert isinstance(graphed._particle_call, CapturedUNet)

@@ -27,10 +27,11 @@ from transformers import AutoTokenizer, CLIPTextModel
 from carv3d.config import check_prompt
 from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.log import logger
+from carv3d.teacher.attention import attention_summary, use_math_attention_for_wide_heads
 from carv3d.teacher.base import VIEW_SUFFIXES, Conditioning, PromptEmbedding, build_conditioning
-from carv3d.teacher.fast import (FastPaths, attention_summary, build_encode_call, build_unet_call,
-                                 resolve_auto_compile, use_math_attention_for_wide_heads)
+from carv3d.teacher.fast import FastPaths, resolve_auto_compile
 from carv3d.teacher.folder import inspect_teacher_folder
+from carv3d.teacher.graphs import build_encode_call, build_unet_call
 from carv3d.teacher.vocabulary import PromptVocabulary
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -336,7 +337,7 @@ class DiffusersTeacher:
         threestudio writes ε_c + s'·(ε_c − ε_u); its s' = 100 is s = 101 here.) Both branches run in
         one U-Net call on the batch [x_t; x_t] with [uncond; cond], at most ``max_batch`` samples
         (2·max_batch rows) per call; s = 1 skips the unconditional half. With ``fast.cuda_graph`` each
-        call shape is recorded once and replayed (:class:`carv3d.teacher.fast.CapturedUNet`). The U-Net runs in the teacher
+        call shape is recorded once and replayed (:class:`carv3d.teacher.graphs.CapturedUNet`). The U-Net runs in the teacher
         dtype; guidance and the v/x₀ → ε conversion (:func:`model_output_to_noise`) in float32.
 
         Args:

@@ -134,7 +134,7 @@ class LoRAParticle:
         self._labels: dict[int, torch.Tensor] = {}
         self._particle_call: Any = self._particle_forward
         if teacher.fast.cuda_graph:
-            from carv3d.teacher.fast import CapturedUNet
+            from carv3d.teacher.graphs import CapturedUNet
 
             self._particle_call = CapturedUNet(self._particle_forward)
         # The training forward and backward as CUDA graphs too (one per batch shape; eager on failure).
