@@ -134,7 +134,7 @@ def _teacher_checks(cfg: Any, device: torch.device) -> list[Check]:
 
 
 def _compile_cache_check(setting: str) -> Check:
-    from carv3d.teacher.fast import default_compile_cache
+    from carv3d.teacher.compiling import default_compile_cache
 
     if setting == "":
         return Check("compile cache", NOTE, "torch's default under /tmp: emptied by a reboot, so compiles repeat")
