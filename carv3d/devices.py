@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -44,16 +44,32 @@ def package_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def time_extension_load(module: str, label: str) -> float:
-    """Import ``module`` (which builds a JIT-compiled CUDA extension on first use, loads it after) and
-    return the seconds it took. A failure is logged, not raised: this is only a warm-up, and the code
-    that needs the kernels reports a real problem itself."""
+def load_extension(module: str, importer: Callable[[str], Any] = importlib.import_module) -> tuple[float, Optional[str]]:
+    """Import ``module``, which builds a JIT-compiled CUDA extension on first use on a machine and
+    loads the build afterwards: (seconds it took, None), or (seconds, what went wrong).
+
+    A failed build does not always raise: nerfacc's and gsplat's ``_backend`` modules print a
+    message and leave ``_C = None`` when they find no CUDA toolkit, and the run then fails at its
+    first kernel call. So a module whose ``_C`` is None counts as a failure too.
+    """
     started = time.perf_counter()
     try:
-        importlib.import_module(module)
-    except Exception as err:  # only a warm-up
-        logger.warning("%s CUDA warm-up failed: %s", label, err)
-    return time.perf_counter() - started
+        loaded = importer(module)
+    except Exception as err:  # a failed build is what this reports
+        return time.perf_counter() - started, f"{type(err).__name__}: {err}"
+    seconds = time.perf_counter() - started
+    if getattr(loaded, "_C", True) is None:
+        return seconds, f"{module} imported without its compiled kernels (_C is None: no CUDA toolkit found?)"
+    return seconds, None
+
+
+def time_extension_load(module: str, label: str) -> float:
+    """:func:`load_extension`'s seconds; a failure is logged, not raised: this is only a warm-up, and
+    the code that needs the kernels reports a real problem itself."""
+    seconds, error = load_extension(module)
+    if error:
+        logger.warning("%s CUDA warm-up failed: %s", label, error)
+    return seconds
 
 
 def warm_up_nerfacc() -> Optional[float]:

@@ -12,10 +12,9 @@ from typing import Any, Optional, Union
 
 from carv3d.devices import resolve_device
 from carv3d.errors import OutputPathError
-from carv3d.io import atomic_write_text
+from carv3d.io import atomic_write_text, check_output_file
 from carv3d.run_dir import load_run_config, require_run_dir
 from carv3d.saved_scene import load_scene
-from carv3d.io import check_output_file
 from carv3d.world.evaluate import (EVALUATION_FILE, check_options, evaluate_scene, to_json, truth_lighting_for,
                                    world_prompt)
 

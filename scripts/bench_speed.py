@@ -680,7 +680,7 @@ def run_sweep(args: argparse.Namespace, report: dict[str, Any], out_path: Path, 
     from carv3d.errors import UserError
     from carv3d.scene.hashgrid import tinycudann_import_error
     from carv3d.teacher import load_teacher
-    from carv3d.teacher.fast import resolve_fast_paths
+    from carv3d.teacher.fast import prepare_compile_cache, resolve_fast_paths
 
     tcnn_error = tinycudann_import_error()
     flops_cache: dict[Any, dict[str, int]] = {}
@@ -707,7 +707,9 @@ def run_sweep(args: argparse.Namespace, report: dict[str, Any], out_path: Path, 
                         if loaded is None:
                             loaded = teacher = load_teacher(cfg.teacher, device)
                         else:
-                            teacher = loaded.with_fast_paths(resolve_fast_paths(cfg.teacher, device))
+                            fast = resolve_fast_paths(cfg.teacher, device)
+                            prepare_compile_cache(fast, cfg.teacher)
+                            teacher = loaded.with_fast_paths(fast)
                         log(f"{teacher_mode} teacher ready in {time.perf_counter() - t_load:.1f} s "
                             f"(fast paths: {teacher.fast.describe()})")
                     t_cfg = time.perf_counter()

@@ -56,29 +56,28 @@ class Field(Protocol):
     def normals(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-def select_sampler(render_cfg, device: torch.device | str) -> str:
-    """The one place the ray sampler is chosen, from ``render.sampler`` and the device.
+def choose_sampler(render_cfg, device: torch.device | str) -> tuple[str, str]:
+    """The one place the ray sampler is chosen, from ``render.sampler`` and the device, and why.
 
-    - ``auto``: ``occupancy_grid`` on a CUDA device, else ``stratified`` (logged either way).
+    - ``auto``: ``occupancy_grid`` on a CUDA device, else ``stratified``.
     - ``stratified``: always available.
     - ``occupancy_grid``: CUDA only; asked for on another device it is a user error.
 
     The decision looks at the *device*, never at whether a CUDA compiler is installed.
 
     Returns:
-        ``"stratified"`` or ``"occupancy_grid"``.
+        (``"stratified"`` or ``"occupancy_grid"``, the reason to log).
 
     Raises:
-        BackendUnavailableError: ``occupancy_grid`` requested on a non-CUDA device.
+        BackendUnavailableError: ``occupancy_grid`` requested on a non-CUDA device, or an unknown name.
     """
     device = torch.device(device)
     requested = str(render_cfg.sampler)
     is_cuda = device.type == "cuda"
     if requested == "auto":
-        chosen = "occupancy_grid" if is_cuda else "stratified"
-        reason = "CUDA device" if is_cuda else f"device '{device}' is not CUDA; nerfacc's occupancy grid needs CUDA"
-        logger.info("render.sampler=auto -> %s (%s)", chosen, reason)
-        return chosen
+        if is_cuda:
+            return "occupancy_grid", "auto: CUDA device"
+        return "stratified", f"auto: device '{device}' is not CUDA; nerfacc's occupancy grid needs CUDA"
     if requested == "occupancy_grid" and not is_cuda:
         raise BackendUnavailableError(
             f"render.sampler=occupancy_grid needs a CUDA device (nerfacc's occupancy-grid marching is CUDA-only), "
@@ -86,8 +85,14 @@ def select_sampler(render_cfg, device: torch.device | str) -> str:
         )
     if requested not in SAMPLERS:
         raise BackendUnavailableError(f"unknown render.sampler '{requested}'; expected auto, stratified or occupancy_grid.")
-    logger.info("render.sampler=%s", requested)
-    return requested
+    return requested, f"requested by render.sampler={requested}"
+
+
+def select_sampler(render_cfg, device: torch.device | str) -> str:
+    """:func:`choose_sampler`'s sampler, its choice logged."""
+    chosen, reason = choose_sampler(render_cfg, device)
+    logger.info("render.sampler -> %s (%s)", chosen, reason)
+    return chosen
 
 
 @dataclass

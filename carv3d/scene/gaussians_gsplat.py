@@ -11,7 +11,7 @@ rasterisation with the conventions of :mod:`carv3d.scene.gaussians_raster` (eps2
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -28,25 +28,22 @@ def gsplat_installed() -> bool:
     return package_installed("gsplat")
 
 
-def select_rasterizer(requested: str, device: torch.device | str) -> str:
-    """``scene.rasterizer`` and the device → ``torch`` or ``gsplat`` (logged).
+def choose_rasterizer(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """``scene.rasterizer`` and the device → (``torch`` or ``gsplat``, why).
 
     - ``auto``: gsplat on a CUDA device when it is installed, else torch.
     - ``gsplat``: CUDA and the package are required; otherwise a user error saying what to do.
 
     Raises:
-        BackendUnavailableError: gsplat asked for without CUDA or without the package.
+        BackendUnavailableError: gsplat asked for without CUDA or without the package, or an unknown name.
     """
     device = torch.device(device)
     if requested == "auto":
         if device.type != "cuda":
-            chosen, reason = "torch", f"device '{device}' is not CUDA"
-        elif not gsplat_installed():
-            chosen, reason = "torch", f"gsplat is not installed ({INSTALL_HINT})"
-        else:
-            chosen, reason = "gsplat", "CUDA device, gsplat installed"
-        logger.info("scene.rasterizer=auto -> %s (%s)", chosen, reason)
-        return chosen
+            return "torch", f"auto: device '{device}' is not CUDA"
+        if not gsplat_installed():
+            return "torch", f"auto: gsplat is not installed ({INSTALL_HINT})"
+        return "gsplat", "auto: CUDA device, gsplat installed"
     if requested == "gsplat":
         if device.type != "cuda":
             raise BackendUnavailableError(f"scene.rasterizer=gsplat needs a CUDA device (gsplat's kernels are CUDA-only), "
@@ -56,8 +53,14 @@ def select_rasterizer(requested: str, device: torch.device | str) -> str:
                                           f"or use scene.rasterizer=torch.")
     elif requested not in RASTERIZERS:
         raise BackendUnavailableError(f"unknown scene.rasterizer '{requested}'; expected auto, torch or gsplat.")
-    logger.info("scene.rasterizer=%s", requested)
-    return requested
+    return requested, f"requested by scene.rasterizer={requested}"
+
+
+def select_rasterizer(requested: str, device: torch.device | str) -> str:
+    """:func:`choose_rasterizer`'s rasteriser, its choice logged."""
+    chosen, reason = choose_rasterizer(requested, device)
+    logger.info("scene.rasterizer -> %s (%s)", chosen, reason)
+    return chosen
 
 
 def rasterize_gsplat(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,

@@ -397,6 +397,24 @@ def choose_grid_backend(
     return "torch", f"auto: tinycudann does not import ({tcnn_reason}), nor does triton ({triton_reason})"
 
 
+def grid_backend_unavailable(backend: str, device: Device) -> Optional[str]:
+    """Why ``backend`` (a :func:`choose_grid_backend` answer) cannot run on ``device``, or None.
+    ``torch`` runs anywhere; ``tcnn`` and ``triton`` need a CUDA device and their package."""
+    device = torch.device(device)
+    if backend == "torch":
+        return None
+    if device.type != "cuda":
+        return (f"scene.grid.backend={backend} needs a CUDA device, but the device is '{device}'; "
+                f"use scene.grid.backend=auto or torch")
+    reason = tinycudann_import_error() if backend == "tcnn" else triton_import_error()
+    if reason is None:
+        return None
+    if backend == "tcnn":
+        return f"scene.grid.backend=tcnn but tinycudann does not import ({reason}); {TCNN_INSTALL_HINT}"
+    return (f"scene.grid.backend=triton but triton does not import ({reason}); install it with `pip install "
+            f"triton` (carv3d's [gpu] extra), or use scene.grid.backend=torch")
+
+
 _BACKEND_NAMES = {"torch": "pure-torch", "triton": "Triton", "tcnn": "tinycudann"}
 
 

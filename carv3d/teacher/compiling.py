@@ -37,32 +37,41 @@ def default_compile_cache() -> Path:
     return base / "carv3d" / "torch_compile"
 
 
+def compile_cache_folder(setting: Any = "auto") -> Optional[Path]:
+    """The folder Inductor's persistent caches will use for ``teacher.compile_cache`` = ``setting``,
+    decided without creating or changing anything (:func:`enable_compile_cache` then makes it so).
+
+    ``setting``: ``auto`` (:func:`default_compile_cache`), a folder, or ``""`` for torch's default
+    (None). An explicit ``TORCHINDUCTOR_CACHE_DIR`` in the environment wins; Inductor writes its own
+    /tmp default into that variable the first time anything asks for its cache folder, so only a
+    value other than that default is the user's choice.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and os.path.abspath(env) != os.path.abspath(default_cache_dir()):
+        return Path(env)
+    text = str(setting)
+    if text == "":
+        return None
+    return default_compile_cache() if text == "auto" else Path(text).expanduser()
+
+
 def enable_compile_cache(setting: Any = "auto") -> Optional[Path]:
     """Point Inductor's persistent caches at a folder that outlives the process (and /tmp).
 
     Inductor keeps compiled kernels in an FX-graph cache and, for training graphs, an
     AOT-autograd cache, keyed by the traced graph, the inputs' shapes/dtypes, the device and the
     torch version; both default to ``/tmp/torchinductor_<user>``, which a reboot or a fresh
-    container empties. ``setting``: ``auto`` (:func:`default_compile_cache`), a folder, or ``""``
-    to leave torch's default. An explicit ``TORCHINDUCTOR_CACHE_DIR`` in the environment wins.
+    container empties. The folder is :func:`compile_cache_folder`'s, created here.
 
     Returns:
         The cache folder in use, or None for torch's default.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    text = str(setting)
-    # Inductor writes its /tmp default into the variable the first time anything asks for its cache
-    # folder, so only a value other than that default is the user's own choice.
-    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if env and os.path.abspath(env) != os.path.abspath(default_cache_dir()):
-        folder: Optional[Path] = Path(env)
-    elif text == "":
-        folder = None
-        if env:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")  # Inductor's default, as it was
+    folder = compile_cache_folder(setting)
+    if folder is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)  # Inductor's default, as it was
     else:
-        folder = default_compile_cache() if text == "auto" else Path(text).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read by Inductor at each cache lookup
     import torch._functorch.config as functorch_config

@@ -9,11 +9,13 @@ short run and :func:`resolve_auto_compile` settles it once the U-Net is known. T
 - ``cuda_graph``: the U-Net's forward recorded once per shape and replayed
   (:class:`carv3d.teacher.graphs.CapturedUNet`).
 - ``channels_last``: NHWC weights and activations, the layout cuDNN's fp16/bf16 convolution kernels
-  want (avoids NCHW↔NHWC transposes around every convolution). Applies to the U-Net and the VAE.
-  ``auto`` turns it on with a compile only: eager, GroupNorm's NHWC kernels made it slower.
-  ``unet`` converts the U-Net alone and leaves the VAE NCHW: the compiled encoder's backward with
-  channels-last tensors copies its full-resolution gradients between layouts (31 copies, 2.8 ms a
-  K = 8 step; docs/profile_compiled_cl_links_h100.json).
+  want (avoids NCHW↔NHWC transposes around every convolution). ``on``: the U-Net and the VAE;
+  ``unet``: the U-Net alone, the VAE NCHW, since the compiled encoder's backward with channels-last
+  tensors copies its full-resolution gradients between layouts (31 copies, 2.8 ms a K = 8 step;
+  docs/profile_compiled_cl_links_h100.json). ``auto`` is ``unet`` with a compile and off eager,
+  where GroupNorm's NHWC kernels made it slower (:func:`_auto_layout`).
+- ``compile`` also sets where Inductor keeps its caches (:func:`prepare_compile_cache`, when a
+  teacher is built; deciding changes nothing).
 - ``compile``: ``torch.compile`` of the U-Net (``full`` or ``regional``) and of the VAE encoder
   (:mod:`carv3d.teacher.compiling`); ``auto`` compiles a large U-Net in a long run only.
 
@@ -113,9 +115,6 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
         if mode != "auto":
             logger.info("teacher: compile=%s skipped on %s (only used on CUDA)", mode, device)
         mode = "off"
-    if mode != "off":
-        cache = enable_compile_cache(getattr(teacher_cfg, "compile_cache", "auto"))
-        logger.info("teacher: compile=%s, compile cache %s", mode, cache or "torch's default (this boot only)")
     spelling = _spelling(teacher_cfg.channels_last)
     unet_only = spelling == "unet"  # the U-Net NHWC, the VAE NCHW
     channels_last: Union[bool, str] = _switch("on" if unet_only else spelling, "channels_last", device)
@@ -128,6 +127,16 @@ def resolve_fast_paths(teacher_cfg: Any, device: torch.device) -> FastPaths:
         compile=mode,
         compile_after=int(getattr(teacher_cfg, "compile_after", 0)) if mode != "off" else 0,
     ))
+
+
+def prepare_compile_cache(fast: FastPaths, teacher_cfg: Any) -> None:
+    """Before a teacher with these fast paths is built: with a compile, point Inductor's persistent
+    caches at ``teacher.compile_cache`` (created; logged). Kept apart from :func:`resolve_fast_paths`,
+    which only decides, so that deciding (``carv3d doctor``, tests) changes nothing."""
+    if fast.compile == "off":
+        return
+    cache = enable_compile_cache(getattr(teacher_cfg, "compile_cache", "auto"))
+    logger.info("teacher: compile=%s, compile cache %s", fast.compile, cache or "torch's default (this boot only)")
 
 
 def _auto_layout(fast: FastPaths) -> FastPaths:

@@ -27,7 +27,7 @@ import carv3d
 from carv3d.errors import ConfigError, TeacherWeightsError
 from carv3d.teacher.base import Teacher
 from carv3d.teacher.diffusers_teacher import DiffusersTeacher
-from carv3d.teacher.fast import resolve_fast_paths
+from carv3d.teacher.fast import prepare_compile_cache, resolve_fast_paths
 from carv3d.devices import resolve_device
 from carv3d.log import logger, quiet_dependencies
 
@@ -158,10 +158,11 @@ def load_diffusers_teacher(teacher_cfg: Any, device: torch.device) -> DiffusersT
     ``view_dependent_prompting`` are for the caller of ``embed`` / ``predict_noise``.
     """
     folder = resolve_teacher_path(str(teacher_cfg.pretrained))
+    fast = resolve_fast_paths(teacher_cfg, device)
+    prepare_compile_cache(fast, teacher_cfg)
     return DiffusersTeacher.from_folder(
         folder, device=device, dtype=resolve_dtype(str(teacher_cfg.dtype), device),
-        resolution=int(teacher_cfg.resolution), max_batch=int(teacher_cfg.max_batch),
-        fast=resolve_fast_paths(teacher_cfg, device),
+        resolution=int(teacher_cfg.resolution), max_batch=int(teacher_cfg.max_batch), fast=fast,
     )
 
 
