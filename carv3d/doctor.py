@@ -84,7 +84,7 @@ def _device_check(cfg: Any) -> tuple[Check, Optional[torch.device]]:
 
 def _prompt_checks(cfg: Any) -> list[Check]:
     from carv3d.config import check_prompt
-    from carv3d.sweep.checks import closed_vocabulary
+    from carv3d.teacher.loading import closed_vocabulary
 
     if not str(cfg.prompt or "").strip():
         return [Check("prompt", NOTE, "none given: `carv3d train` needs --prompt (or prompt: in the config); pass "

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from carv3d.errors import PromptError, UserError
-from carv3d.log import logger
+from carv3d.errors import PromptError
+from carv3d.teacher.loading import closed_vocabulary
 from carv3d.sweep.errors import SweepError
 
 MAX_RUNS = 1000
@@ -48,26 +48,6 @@ def check_size(grid: dict[str, list[Any]], zipped: dict[str, list[Any]], max_run
             f"--max-runs {count} (run_sweep(..., max_runs={count}))."
         )
     return count
-
-
-def closed_vocabulary(pretrained: str) -> tuple[Any, str]:
-    """The :class:`~carv3d.teacher.vocabulary.PromptVocabulary` of the teacher ``pretrained`` names (or
-    None) and the teacher's folder.
-
-    None when the teacher has no vocabulary file (Stable Diffusion: any prompt) or its weights are
-    not on this machine (e.g. they live on the Ray workers): then the run checks its prompt when it
-    loads the teacher, as ``carv3d train`` does.
-    """
-    from carv3d.teacher.loading import resolve_teacher_path
-    from carv3d.teacher.vocabulary import VOCABULARY_FILE, PromptVocabulary
-
-    try:
-        folder = resolve_teacher_path(pretrained)
-    except UserError as err:
-        logger.debug("sweep: prompts not checked up front for teacher %r (%s)", pretrained, err)
-        return None, pretrained
-    vocabulary_file = folder / VOCABULARY_FILE
-    return (PromptVocabulary.from_file(vocabulary_file) if vocabulary_file.is_file() else None), str(folder)
 
 
 def check_prompts(runs: Iterable[tuple[str, DictConfig]], locate: Callable[[str, str], str]) -> None:

@@ -16,7 +16,7 @@ import logging
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from huggingface_hub import snapshot_download
@@ -24,10 +24,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 import carv3d
-from carv3d.errors import ConfigError, TeacherWeightsError
+from carv3d.errors import ConfigError, TeacherWeightsError, UserError
 from carv3d.teacher.base import Teacher
 from carv3d.teacher.diffusers_teacher import DiffusersTeacher
 from carv3d.teacher.fast import prepare_compile_cache, resolve_fast_paths
+from carv3d.teacher.vocabulary import VOCABULARY_FILE, PromptVocabulary
 from carv3d.devices import resolve_device
 from carv3d.log import logger, quiet_dependencies
 
@@ -120,6 +121,24 @@ def resolve_teacher_path(pretrained: str) -> Path:
         ) from err
     logger.info("teacher: %s found in the local Hugging Face cache at %s", name, snapshot)
     return snapshot
+
+
+
+def closed_vocabulary(pretrained: str) -> tuple[Optional[PromptVocabulary], str]:
+    """The :class:`~carv3d.teacher.vocabulary.PromptVocabulary` of the teacher ``pretrained`` names (or
+    None) and the teacher's folder.
+
+    None when the teacher has no vocabulary file (Stable Diffusion: any prompt) or its weights are
+    not on this machine (e.g. they live on a sweep's Ray workers): then the run checks its prompt
+    when it loads the teacher. Used where prompts are checked before any run (sweeps, ``carv3d doctor``).
+    """
+    try:
+        folder = resolve_teacher_path(pretrained)
+    except UserError as err:
+        logger.debug("prompts not checked up front for teacher %r (%s)", pretrained, err)
+        return None, pretrained
+    vocabulary_file = folder / VOCABULARY_FILE
+    return (PromptVocabulary.from_file(vocabulary_file) if vocabulary_file.is_file() else None), str(folder)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
