@@ -236,11 +236,12 @@ def full_run_table(report: dict[str, Any]) -> str:
     section = report["full_run"]
     total = section["projected_steps"]
     lines = [f"| config | steps | cache | wall s | start-up s | first step done s | steps/s (steady) | "
-             f"outputs s (export) | peak GB | {total:,}-step run s (projected) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"steps/s settled (one-offs s) | outputs s (export) | peak GB | {total:,}-step run s (projected) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in section["runs"]:
         if run.get("status") != "ok" and run.get("steps_done") is None:
             lines.append(f"| {section['config']} | {section['steps']} | {run['cache']} | {run.get('status')}: "
-                         f"{run.get('reason', '')} | | | | | | |")
+                         f"{run.get('reason', '')} | | | | | | | |")
             continue
         projected = (run.get("projection") or {}).get("projected_s")
         # a run stopped at its timeout still reports how far it got: "253 of 1000 (timed out)"
@@ -249,7 +250,8 @@ def full_run_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {section['config']} | {steps} | {run['cache']} | {run['wall_s']:.1f} | "
             f"{_fmt(run.get('startup_s'), '.1f')} | {_fmt(run.get('time_to_first_step_s'), '.1f')} | "
-            f"{_fmt(run.get('steps_per_s_steady'), '.2f')} | {_fmt(run.get('outputs_s'), '.1f')} "
+            f"{_fmt(run.get('steps_per_s_steady'), '.2f')} | {_fmt(run.get('steps_per_s_settled'), '.2f')} "
+            f"({_fmt(run.get('one_off_s'), '.1f')}) | {_fmt(run.get('outputs_s'), '.1f')} "
             f"({_fmt(run.get('export_s'), '.1f')}) | {_fmt(run.get('peak_memory_gb'), '.2f')} | {_fmt(projected, '.0f')} |")
     lines.append("")
     lines.append(f"{report.get('device_name')}, torch {report.get('torch')}, {report.get('date')}; "

@@ -222,6 +222,31 @@ def test_projection_states_its_formula_and_inputs(tmp_path):
     assert projection({}, 10000)["projected_s"] is None
 
 
+def test_one_off_events_are_split_from_the_settled_rate_and_projected_once():
+    from carv3d.testing.full_run import ONE_OFF_FACTOR, one_off_split
+
+    # logged every 10 steps at 0.085 s a step, with a 35-s compile inside steps 250-260 and a 5-s
+    # capture inside steps 100-110 (both over 5x the median interval), and a 0.5-s blip at step 500
+    # (under it: it stays in the settled rate)
+    extra = {260: 35.0, 110: 5.0, 500: 0.5}
+    rows, clock = [], 0.0
+    for step in range(10, 1010, 10):
+        clock += 10 * 0.085 + extra.get(step, 0.0)
+        rows.append({"step": step, "elapsed_seconds": clock})
+    assert (0.85 + 0.5) / 10 < ONE_OFF_FACTOR * 0.085 < (0.85 + 5.0) / 10
+    split = one_off_split(rows)
+    assert split["one_off_s"] == pytest.approx(40.0) and split["one_off_intervals"] == 2
+    assert split["steps_per_s_settled"] == pytest.approx(970 / (97 * 0.85 + 0.5))  # 97 settled intervals
+    run = {"time_to_first_step_s": 30.0, "outputs_s": 10.0, "steps_per_s_steady": 990 / (clock - rows[0]["elapsed_seconds"]),
+           **split}
+    out = projection(run, 10000)
+    assert out["projected_s"] == pytest.approx(30.0 + 40.0 + 9999 / split["steps_per_s_settled"] + 10.0)
+    assert "one_off_s" in out["formula"]
+    spread = projection({k: v for k, v in run.items() if k not in split}, 10000)["projected_s"]
+    assert spread > out["projected_s"] + 300  # spread over every step, the 40 s would count ~10 times
+    assert one_off_split(rows[:3]) == {}  # two intervals: no median to judge by
+
+
 def test_step_policy_of_the_sd21_configs_at_short_and_full_length():
     from carv3d.config import load_config
 

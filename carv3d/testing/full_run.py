@@ -149,7 +149,8 @@ def phases(result: dict[str, Any]) -> dict[str, Any]:
     steady rate), ``time_to_first_step_s``, ``training_clock_s`` (run.json: time inside steps),
     ``steps_per_s`` (steps / training clock) and ``steps_per_s_steady`` (between the first and the
     last logged step: the first step's compile and capture left out; K changes of auto-K and their
-    CUDA-graph captures kept in), ``training_end_s`` (the last checkpoint written), ``outputs_s``
+    CUDA-graph captures kept in), ``steps_per_s_settled`` and ``one_off_s`` (those one-off events
+    split off: :func:`one_off_split`), ``training_end_s`` (the last checkpoint written), ``outputs_s``
     (training end → ``outputs in``: final sheet, turntable, export), ``export_s``, ``exit_s``.
     """
     lines, start = result["lines"], result["start_epoch"]
@@ -177,6 +178,7 @@ def phases(result: dict[str, Any]) -> dict[str, Any]:
     if len(timed) >= 2 and timed[-1]["elapsed_seconds"] > timed[0]["elapsed_seconds"]:
         steady = (timed[-1]["step"] - timed[0]["step"]) / (timed[-1]["elapsed_seconds"] - timed[0]["elapsed_seconds"])
     out["steps_per_s_steady"] = steady
+    out.update(one_off_split(timed))
     if timed and steady:
         out["first_step_s"] = max(timed[0]["elapsed_seconds"] - (timed[0]["step"] - 1) / steady, 0.0)
     elif timed and timed[0]["step"] == 1:
@@ -216,6 +218,34 @@ def phases(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# An interval between logged steps whose time per step exceeds this many times the median interval's
+# holds a one-off: a compile or a CUDA-graph capture (the rule of carv3d.estimator.timing's steady steps).
+ONE_OFF_FACTOR = 5.0
+
+
+def one_off_split(timed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The training clock between logged steps, split into settled steps and one-off events.
+
+    Each interval between consecutive logged rows gives seconds per step. An interval over
+    :data:`ONE_OFF_FACTOR` × the median interval's seconds per step held a one-off event (a compile,
+    a capture): its time beyond the median rate is ``one_off_s``, counted once, and the settled rate
+    ``steps_per_s_settled`` comes from the other intervals. A projection to a longer run then adds
+    the one-offs once instead of spreading them over every step (``steps_per_s_steady`` does).
+    Empty with fewer than three intervals (no median to speak of).
+    """
+    pairs = [(b["step"] - a["step"], b["elapsed_seconds"] - a["elapsed_seconds"])
+             for a, b in zip(timed, timed[1:]) if b["step"] > a["step"]]
+    if len(pairs) < 3:
+        return {}
+    rates = sorted(seconds / steps for steps, seconds in pairs)
+    median = rates[len(rates) // 2]
+    settled = [(n, t) for n, t in pairs if t / n <= ONE_OFF_FACTOR * median]
+    events = [(n, t) for n, t in pairs if t / n > ONE_OFF_FACTOR * median]
+    settled_steps, settled_seconds = sum(n for n, _ in settled), sum(t for _, t in settled)
+    return {"steps_per_s_settled": settled_steps / settled_seconds if settled_seconds > 0 else None,
+            "one_off_s": sum(t - n * median for n, t in events), "one_off_intervals": len(events)}
+
+
 def _changes(pairs: list[tuple[int, int]]) -> list[list[int]]:
     """[(step, K), ...] at each logged step → only where K changed."""
     path: list[list[int]] = []
@@ -228,11 +258,16 @@ def _changes(pairs: list[tuple[int, int]]) -> list[list[int]]:
 def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
     """A ``total_steps`` run projected from a shorter one (a projection, not a measurement).
 
-    ``time_to_first_step + (total_steps − 1) / steps_per_s_steady + sheets · sheet_s + outputs_s``,
-    where ``sheets`` counts the extra mid-run validation sheets of the longer run and ``sheet_s`` is the
-    final sheet's cost when it could be measured (else 0: stated).
+    ``time_to_first_step + one_off_s + (total_steps − 1) / steps_per_s_settled + sheets · sheet_s
+    + outputs_s``: the one-off events (compiles, captures; :func:`one_off_split`) once, the other
+    steps at the settled rate. ``sheets`` counts the extra mid-run validation sheets of the longer
+    run and ``sheet_s`` is the final sheet's cost when it could be measured (else 0: stated). A run
+    too short to split (fewer than three logged intervals) is projected at ``steps_per_s_steady``,
+    one-offs spread over its steps, and says so.
     """
-    needed = ("time_to_first_step_s", "steps_per_s_steady", "outputs_s")
+    split = run.get("steps_per_s_settled") is not None and run.get("one_off_s") is not None
+    rate_key = "steps_per_s_settled" if split else "steps_per_s_steady"
+    needed = ("time_to_first_step_s", rate_key, "outputs_s")
     missing = [k for k in needed if run.get(k) is None]
     if missing:
         return {"total_steps": total_steps, "projected_s": None, "missing": missing}
@@ -240,18 +275,21 @@ def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
     extra_sheets = max(int(policy.get(f"validation_sheets_at_{total_steps}", 0))
                        - int(policy.get("validation_sheets_at_n", 0)), 0)
     sheet = run.get("final_sheet_after_checkpoint_s") or 0.0
-    value = (run["time_to_first_step_s"] + (total_steps - 1) / run["steps_per_s_steady"]
+    one_off = run["one_off_s"] if split else 0.0
+    value = (run["time_to_first_step_s"] + one_off + (total_steps - 1) / run[rate_key]
              + extra_sheets * sheet + run["outputs_s"])
-    return {"total_steps": total_steps, "projected_s": value,
-            "formula": "time_to_first_step_s + (total_steps - 1) / steps_per_s_steady "
-                       "+ extra_validation_sheets * sheet_s + outputs_s",
-            "inputs": {"time_to_first_step_s": run["time_to_first_step_s"],
-                       "steps_per_s_steady": run["steps_per_s_steady"], "extra_validation_sheets": extra_sheets,
+    formula = ("time_to_first_step_s + one_off_s + (total_steps - 1) / steps_per_s_settled" if split
+               else "time_to_first_step_s + (total_steps - 1) / steps_per_s_steady") \
+        + " + extra_validation_sheets * sheet_s + outputs_s"
+    return {"total_steps": total_steps, "projected_s": value, "formula": formula,
+            "inputs": {"time_to_first_step_s": run["time_to_first_step_s"], "one_off_s": one_off,
+                       rate_key: run[rate_key], "extra_validation_sheets": extra_sheets,
                        "sheet_s": sheet, "outputs_s": run["outputs_s"]},
-            "notes": "checkpoints beyond the measured run's are left out (a few 100 ms each); the steady rate "
-                     "carries the measured run's auto-K changes (each new K: a CUDA-graph capture and, with "
-                     "teacher.compile, a recompile) spread over its steps, while a longer run visits at most "
-                     "the 15 values of [2, 16] once each: after a run that changed K, the projection is high"}
+            "notes": "checkpoints beyond the measured run's are left out (a few 100 ms each); the one-off "
+                     "events (a compile, a CUDA-graph capture for each K auto-K visits) are counted as the "
+                     "measured run had them: a longer run may visit further K, each with its own capture"
+                     + ("" if split else "; too few logged intervals to split them off, so they are "
+                                          "spread over the steps and the projection is high")}
 
 
 def step_policy(cfg: Any, steps: int, total_steps: int) -> dict[str, Any]:
