@@ -484,6 +484,7 @@ def run_full(args: argparse.Namespace, folder: Path, report: dict[str, Any], out
         if entry.get("status") == "ok":
             proj = entry["projection"].get("projected_s")
             log(f"{state}: {entry['wall_s']:.1f} s wall, {entry.get('steps_per_s_steady') or 0:.2f} steps/s steady, "
+                f"{entry.get('steps_per_s_settled') or 0:.2f} settled + {entry.get('one_off_s') or 0:.1f} s of one-offs, "
                 f"first step at {entry.get('time_to_first_step_s') or float('nan'):.1f} s, outputs "
                 f"{entry.get('outputs_s') or float('nan'):.1f} s; {args.full_run_total} steps projected "
                 f"{proj if proj is None else round(proj)} s")
