@@ -53,8 +53,8 @@ def _extension_check(name: str, module: str, build: bool, importer: Callable[[st
         return Check(name, FAIL, f"the CUDA build failed after {seconds:.1f} s: {error[:400]}. It needs a CUDA "
                                  f"toolkit (nvcc) matching torch's CUDA {torch.version.cuda} and ninja; see the "
                                  f"README's GPU install")
-    return Check(name, OK, f"built or loaded in {seconds:.1f} s (a build is once per machine, under "
-                           f"~/.cache/torch_extensions)")
+    return Check(name, OK, f"built or loaded in {seconds:.1f} s (a build is kept per machine, in torch's "
+                           f"extensions folder: TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)")
 
 
 def _device_check(cfg: Any) -> tuple[Check, Optional[torch.device]]:

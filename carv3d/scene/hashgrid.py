@@ -411,6 +411,10 @@ def grid_backend_unavailable(backend: str, device: Device) -> Optional[str]:
         return None
     if backend == "tcnn":
         return f"scene.grid.backend=tcnn but tinycudann does not import ({reason}); {TCNN_INSTALL_HINT}"
+    return _triton_missing(reason)
+
+
+def _triton_missing(reason: str) -> str:
     return (f"scene.grid.backend=triton but triton does not import ({reason}); install it with `pip install "
             f"triton` (carv3d's [gpu] extra), or use scene.grid.backend=torch")
 
@@ -457,11 +461,8 @@ def make_hash_encoding(
         encoding: nn.Module = TcnnHashGridEncoding(*args, generator=generator, device=device)
     elif backend == "triton":
         reason = triton_import_error()
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"the triton hash-grid backend needs a CUDA device and the triton package ({reason}); "
-                "install it with `pip install triton` (carv3d's [gpu] extra), or use scene.grid.backend=torch"
-            )
+        if reason is not None:  # the device is the kernels' own check (Triton's interpreter runs on a CPU)
+            raise BackendUnavailableError(_triton_missing(reason))
         from carv3d.scene.hashgrid_triton import TritonHashGridEncoding  # imports triton: only when chosen
 
         encoding = TritonHashGridEncoding(*args, generator=generator, device=device)

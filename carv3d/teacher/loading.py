@@ -123,7 +123,6 @@ def resolve_teacher_path(pretrained: str) -> Path:
     return snapshot
 
 
-
 def closed_vocabulary(pretrained: str) -> tuple[Optional[PromptVocabulary], str]:
     """The :class:`~carv3d.teacher.vocabulary.PromptVocabulary` of the teacher ``pretrained`` names (or
     None) and the teacher's folder.

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from carv3d.estimator.timing import MIN_STEPS_FOR_OUTLIERS, OUTLIER_FACTOR
+
 # The console script's entry, plus an exit hook for the allocator's peak (a no-op without CUDA).
 CLI_WITH_PEAK = r"""
 import atexit, os, sys
@@ -218,9 +220,9 @@ def phases(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# An interval between logged steps whose time per step exceeds this many times the median interval's
-# holds a one-off: a compile or a CUDA-graph capture (the rule of carv3d.estimator.timing's steady steps).
-ONE_OFF_FACTOR = 5.0
+# An interval between logged steps whose time per step exceeds OUTLIER_FACTOR times the median
+# interval's holds a one-off (a compile, a CUDA-graph capture): the estimator's rule for steady steps.
+ONE_OFF_FACTOR = OUTLIER_FACTOR
 
 
 def one_off_split(timed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def one_off_split(timed: list[dict[str, Any]]) -> dict[str, Any]:
     """
     pairs = [(b["step"] - a["step"], b["elapsed_seconds"] - a["elapsed_seconds"])
              for a, b in zip(timed, timed[1:]) if b["step"] > a["step"]]
-    if len(pairs) < 3:
+    if len(pairs) < MIN_STEPS_FOR_OUTLIERS:
         return {}
     rates = sorted(seconds / steps for steps, seconds in pairs)
     median = rates[len(rates) // 2]
