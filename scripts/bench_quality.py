@@ -555,6 +555,27 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def legend_labels(report: dict[str, Any], width: int = 48) -> dict[str, str]:
+    """Each arm's legend entry: the overrides that set it apart from the other arms, keys without
+    their first part (``type=gaussians, lr.opacity=0.1``), wrapped at ``width`` characters; the
+    arm's name when the report does not list the arms' overrides."""
+    import textwrap
+
+    arms = list(report["summary"]["overall"]["curves"])
+    settings = report["settings"].get("arms") or {}
+    if len(arms) < 2 or not all(arm in settings for arm in arms):
+        return {arm: arm for arm in arms}
+    listed = {arm: [o.replace('"', "") for o in settings[arm]] for arm in arms}
+    common = set.intersection(*(set(v) for v in listed.values()))
+    labels = {}
+    for arm in arms:
+        parts = [o.split(".", 1)[-1] for o in listed[arm] if o not in common]
+        labels[arm] = "\n".join(textwrap.wrap(", ".join(parts), width)) if parts else arm
+    if len(set(labels.values())) < len(arms):  # two arms alike once shortened: their names say which
+        labels = {arm: f"{arm}\n{text}" for arm, text in labels.items()}
+    return labels
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """IoU vs training wall clock: overall (mean over prompts and seeds, band ± std over seeds) on
     top, one panel per prompt below."""
@@ -570,7 +591,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig = plt.figure(figsize=(4.2 * ncols, 3.2 * nrows), constrained_layout=True)
     grid = fig.add_gridspec(nrows, ncols)
     overall = fig.add_subplot(grid[0, :])
-    draw_panel(overall, report["summary"]["overall"], times, "all prompts and seeds")
+    labels = legend_labels(report)
+    draw_panel(overall, report["summary"]["overall"], times, "all prompts and seeds", labels)
     for index, prompt in enumerate(prompts):
         axis = fig.add_subplot(grid[1 + index // ncols, index % ncols])
         draw_panel(axis, report["summary"]["per_prompt"][prompt], times, prompt)
@@ -598,7 +620,9 @@ def arm_colours(arms: Sequence[str]) -> dict[str, Any]:
     return {arm: cmap(i % cmap.N) for i, arm in enumerate(arms)}
 
 
-def draw_panel(axis: Any, comparison: dict[str, Any], times: Sequence[float], title: str) -> None:
+def draw_panel(axis: Any, comparison: dict[str, Any], times: Sequence[float], title: str,
+               labels: Optional[dict[str, str]] = None) -> None:
+    """One panel; with ``labels``, its legend (the per-prompt panels share the overall one's colours)."""
     colours = arm_colours(list(comparison["curves"]))
     for arm in comparison["curves"]:
         points = comparison["curves"][arm]["silhouette_iou"]
@@ -606,7 +630,7 @@ def draw_panel(axis: Any, comparison: dict[str, Any], times: Sequence[float], ti
         mean = [p["mean"] for p in points if p["mean"] is not None]
         std = [p["std"] or 0.0 for p in points if p["mean"] is not None]
         n = comparison["runs"][arm]
-        axis.plot(xs, mean, marker="o", ms=3, color=colours[arm], label=f"{arm[:40]} (n={n})")
+        axis.plot(xs, mean, marker="o", ms=3, color=colours[arm], label=f"{(labels or {}).get(arm, arm)} (n={n})")
         axis.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                           color=colours[arm], alpha=0.2, linewidth=0)
     target = comparison["baseline_final_mean_iou"]
@@ -619,7 +643,8 @@ def draw_panel(axis: Any, comparison: dict[str, Any], times: Sequence[float], ti
     axis.set_xlabel("training wall clock (s)")
     axis.set_ylabel("silhouette IoU")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="lower right")
+    if labels is not None:
+        axis.legend(fontsize=7, loc="lower right")
 
 
 # ------------------------------------------------------------------------------------ main

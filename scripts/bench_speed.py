@@ -497,6 +497,28 @@ def run_full(args: argparse.Namespace, folder: Path, report: dict[str, Any], out
         write_json(out_path, report)
 
 
+def reproject(path: Path) -> int:
+    """Recompute every full run's projection in a ``--full-run-steps`` JSON with today's formula."""
+    from carv3d.io import atomic_write_text
+    from carv3d.testing.full_run import projection
+
+    report = json.loads(path.read_text())
+    section = report.get("full_run")
+    if not section:
+        print(f"error: {path} has no full runs (it is not a --full-run-steps report)", file=sys.stderr)
+        return 2
+    for entry in section["runs"]:
+        if "steps_done" in entry:
+            old = (entry.get("projection") or {}).get("projected_s")
+            entry["projection"] = projection({**entry, "policy": entry.get("policy", section["policy_from_config"])},
+                                             int(section["projected_steps"]))
+            entry["projection"]["reprojected"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "previous_s": old}
+            log(f"{entry['cache']}: {section['projected_steps']} steps projected "
+                f"{entry['projection'].get('projected_s')} s (was {old})")
+    atomic_write_text(path, json.dumps(report, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------ main
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -542,6 +564,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     full.add_argument("--full-run-timeout", type=float, default=560.0, help="seconds per run; a run past it is stopped")
     full.add_argument("--full-run-total", type=int, default=10000, help="steps of the projected full-length run")
     full.add_argument("--full-run-set", nargs="*", default=[], metavar="key=value", help="more overrides for the run")
+    full.add_argument("--reproject", type=Path, default=None, metavar="JSON",
+                      help="only recompute the projections of a --full-run-steps report with the current formula")
     full.add_argument("--keep-runs", action="store_true",
                       help="keep the run directories and the compile cache (default: removed)")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value",
@@ -594,6 +618,8 @@ def build_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, P
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.reproject:
+        return reproject(args.reproject)
     started = time.perf_counter()
     from carv3d.config import load_config
     from carv3d.devices import resolve_device

@@ -466,3 +466,22 @@ def test_the_eta_follows_the_waves_of_runs_side_by_side():
     assert progress.finished(duration=60.0) == pytest.approx(60.0)  # running: 0 → 60, 60 → 120; queued: 1 → from 60
     now["t"] = 100.0
     assert progress.finished(duration=100.0) == pytest.approx(80.0)  # mean 80: running end at 140 and 180
+
+
+def test_legend_labels_name_what_sets_each_arm_apart():
+    """The plot's legend: an arm's overrides less those every arm shares, keys without their first
+    part; arms alike once shortened get their names back; a report without arm settings, the names."""
+    curves = {"nerf-1": {}, "gauss-2": {}, "gauss-3": {}}
+    report = {"summary": {"overall": {"curves": curves}}, "settings": {"arms": {
+        "nerf-1": ['estimator.preset="carv"', 'scene.type="nerf"'],
+        "gauss-2": ['estimator.preset="carv"', 'scene.type="gaussians"'],
+        "gauss-3": ['estimator.preset="carv"', 'scene.type="gaussians"', "scene.lr.opacity=0.1"]}}}
+    assert bench.legend_labels(report) == {"nerf-1": "type=nerf", "gauss-2": "type=gaussians",
+                                        "gauss-3": "type=gaussians, lr.opacity=0.1"}
+    wrapped = bench.legend_labels(report, width=16)["gauss-3"]
+    assert wrapped == "type=gaussians,\nlr.opacity=0.1"
+    report["settings"]["arms"]["gauss-2"] = ['estimator.preset="carv"', 'scene.type="nerf"']  # alike
+    alike = bench.legend_labels(report)
+    assert alike["nerf-1"] == "nerf-1\ntype=nerf" and alike["gauss-2"] == "gauss-2\ntype=nerf"
+    assert bench.legend_labels({"summary": {"overall": {"curves": {"sds": {}, "carv": {}}}}, "settings": {}}) == \
+        {"sds": "sds", "carv": "carv"}

@@ -260,12 +260,13 @@ def _changes(pairs: list[tuple[int, int]]) -> list[list[int]]:
 def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
     """A ``total_steps`` run projected from a shorter one (a projection, not a measurement).
 
-    ``time_to_first_step + one_off_s + (total_steps − 1) / steps_per_s_settled + sheets · sheet_s
-    + outputs_s``: the one-off events (compiles, captures; :func:`one_off_split`) once, the other
-    steps at the settled rate. ``sheets`` counts the extra mid-run validation sheets of the longer
-    run and ``sheet_s`` is the final sheet's cost when it could be measured (else 0: stated). A run
-    too short to split (fewer than three logged intervals) is projected at ``steps_per_s_steady``,
-    one-offs spread over its steps, and says so.
+    ``time_to_first_step + one_off_s + (total_steps − 1) / steps_per_s_settled
+    + loop_overhead_s · E_total / E_n + outputs_s``: the one-off events (compiles, captures;
+    :func:`one_off_split`) once, the other steps at the settled rate, and the loop's time outside
+    its steps (mid-run validation sheets and checkpoints, ``loop_overhead_s``) scaled by the number
+    of those events, ``E = sheets + checkpoints``, in the longer run against the measured one. A
+    run too short to split (fewer than three logged intervals) is projected at
+    ``steps_per_s_steady``, one-offs spread over its steps, and says so.
     """
     split = run.get("steps_per_s_settled") is not None and run.get("one_off_s") is not None
     rate_key = "steps_per_s_settled" if split else "steps_per_s_steady"
@@ -274,22 +275,27 @@ def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
     if missing:
         return {"total_steps": total_steps, "projected_s": None, "missing": missing}
     policy = run.get("policy", {})
-    extra_sheets = max(int(policy.get(f"validation_sheets_at_{total_steps}", 0))
-                       - int(policy.get("validation_sheets_at_n", 0)), 0)
-    sheet = run.get("final_sheet_after_checkpoint_s") or 0.0
+    events_n = int(policy.get("validation_sheets_at_n", 0)) + int(policy.get("checkpoints_at_n", 0))
+    events_total = (int(policy.get(f"validation_sheets_at_{total_steps}", 0))
+                    + int(policy.get(f"checkpoints_at_{total_steps}", 0)))
+    overhead = run.get("loop_overhead_s")
+    loop = max(float(overhead), 0.0) * events_total / events_n if overhead is not None and events_n > 0 else 0.0
     one_off = run["one_off_s"] if split else 0.0
     value = (run["time_to_first_step_s"] + one_off + (total_steps - 1) / run[rate_key]
-             + extra_sheets * sheet + run["outputs_s"])
+             + loop + run["outputs_s"])
     formula = ("time_to_first_step_s + one_off_s + (total_steps - 1) / steps_per_s_settled" if split
                else "time_to_first_step_s + (total_steps - 1) / steps_per_s_steady") \
-        + " + extra_validation_sheets * sheet_s + outputs_s"
+        + " + loop_overhead_s * events_total / events_n + outputs_s"
     return {"total_steps": total_steps, "projected_s": value, "formula": formula,
             "inputs": {"time_to_first_step_s": run["time_to_first_step_s"], "one_off_s": one_off,
-                       rate_key: run[rate_key], "extra_validation_sheets": extra_sheets,
-                       "sheet_s": sheet, "outputs_s": run["outputs_s"]},
-            "notes": "checkpoints beyond the measured run's are left out (a few 100 ms each); the one-off "
-                     "events (a compile, a CUDA-graph capture for each K auto-K visits) are counted as the "
-                     "measured run had them: a longer run may visit further K, each with its own capture"
+                       rate_key: run[rate_key], "loop_overhead_s": overhead, "events_n": events_n,
+                       "events_total": events_total, "loop_overhead_projected_s": loop,
+                       "outputs_s": run["outputs_s"]},
+            "notes": "events are validation sheets and checkpoints, each assumed to cost what the measured "
+                     "run's cost on average" + ("" if overhead is not None and events_n > 0 else
+                                               " (not measured here: counted as 0)")
+                     + "; the one-off events (a compile, a CUDA-graph capture for each K auto-K visits) are "
+                     "counted as the measured run had them: a longer run may visit further K, each with its own capture"
                      + ("" if split else "; too few logged intervals to split them off, so they are "
                                           "spread over the steps and the projection is high")}
 
