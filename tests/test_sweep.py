@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,7 +18,7 @@ from carv3d.cli import main
 from carv3d.config import to_yaml
 from carv3d.sweep import SweepError, load_sweep, run_name, run_sweep
 from carv3d.sweep.jobs import RunJob, pack_dir, unpack_dir
-from carv3d.sweep.local import run_in_slots, run_in_worker_process, run_local, worker_slots
+from carv3d.sweep.local import WorkerProcess, run_in_slots, run_local, worker_slots
 from carv3d.sweep.state import RunResult, plan_runs, sweep_lock, write_state
 from carv3d.sweep.summary import collect_rows, write_summary
 
@@ -282,9 +284,113 @@ def test_a_worker_process_that_dies_is_a_failed_run(tmp_path, monkeypatch):
                  log_path=str(tmp_path / "logs" / "dies.log"))
     # A job file the worker cannot read: it exits with a traceback before writing a result.
     monkeypatch.setattr(RunJob, "to_dict", lambda self: {"not": "a job"})
-    result = run_in_worker_process(job, slot="3")
+    worker = WorkerProcess(slot="3")
+    result = worker.run(job)
     assert result.status == "failed" and "exited with code 1" in result.error and "dies.log" in result.error
     assert "TypeError" in (tmp_path / "logs" / "dies.log").read_text()
+    assert worker.process is None  # the next run starts a fresh process
+
+
+# A stand-in for `python -m carv3d.sweep.worker --serve` that speaks its protocol: each result's
+# error field carries the serving process's pid and CUDA_VISIBLE_DEVICES; a job named fail-* fails
+# (and, as the real worker, ends the process), crash-* kills the process before any result.
+FAKE_WORKER = """
+import json, os, sys
+for line in sys.stdin:
+    job_path, result_path, log_path = line.rstrip("\\n").split("\\t")
+    name = json.loads(open(job_path).read())["name"]
+    if name.startswith("crash"):
+        os._exit(3)
+    status = "failed" if name.startswith("fail") else "finished"
+    with open(log_path, "a") as log:
+        log.write(f"{name} in {os.getpid()}\\n")
+    error = f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}"
+    with open(result_path + ".tmp", "w") as out:
+        json.dump({"name": name, "status": status, "error": error}, out)
+    os.replace(result_path + ".tmp", result_path)
+    if status != "finished":
+        sys.exit(0)
+"""
+
+
+def _fake_worker(tmp_path: Path, slot: Optional[str]) -> WorkerProcess:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    return WorkerProcess(slot, command=[sys.executable, str(script)])
+
+
+def _job(tmp_path: Path, name: str) -> RunJob:
+    return RunJob(name=name, action="train", config_yaml="", run_dir=str(tmp_path / name),
+                  log_path=str(tmp_path / "logs" / f"{name}.log"))
+
+
+def test_one_worker_process_serves_run_after_run_and_is_replaced_after_a_failure_or_a_crash(tmp_path):
+    worker = _fake_worker(tmp_path, slot="5")
+    try:
+        first = [worker.run(_job(tmp_path, n)) for n in ("a", "b", "c")]
+        assert [r.status for r in first] == ["finished"] * 3
+        pids = {r.error.split()[0] for r in first}
+        assert len(pids) == 1 and worker.started == 1  # one process for the three runs
+        assert {r.error.split()[1] for r in first} == {"5"}  # it sees only its GPU
+        assert (tmp_path / "logs" / "b.log").read_text().strip() == f"b in {pids.pop()}"
+
+        failed = worker.run(_job(tmp_path, "fail-d"))
+        assert failed.status == "failed" and worker.process is None
+        after_failure = worker.run(_job(tmp_path, "e"))
+        assert after_failure.status == "finished" and worker.started == 2
+        assert after_failure.error.split()[0] != first[0].error.split()[0]
+
+        crashed = worker.run(_job(tmp_path, "crash-f"))
+        assert crashed.status == "failed" and "exited with code 3" in crashed.error and "crash-f.log" in crashed.error
+        assert worker.run(_job(tmp_path, "g")).status == "finished" and worker.started == 3
+    finally:
+        worker.close()
+    assert worker.process is None
+
+
+def test_worker_processes_over_slots_take_each_run_once_and_stay_up(tmp_path):
+    workers = [_fake_worker(tmp_path, slot) for slot in ("0", "1")]
+    jobs = [_job(tmp_path, f"r{i}") for i in range(8)]
+    results: list[RunResult] = []
+    try:
+        run_in_slots(jobs, workers, lambda job, worker: worker.run(job), results.append)
+    finally:
+        for worker in workers:
+            worker.close()
+    assert sorted(r.name for r in results) == sorted(j.name for j in jobs)
+    served = {(r.error.split()[0], r.error.split()[1]) for r in results}
+    assert {gpu for _, gpu in served} <= {"0", "1"} and len({pid for pid, _ in served}) <= 2
+    assert sum(w.started for w in workers) <= 2  # no process per run
+
+
+def test_the_worker_sends_each_runs_output_to_its_log_and_stops_after_a_failed_run(tmp_path, monkeypatch):
+    import io
+
+    import carv3d.sweep.jobs as jobs_module
+    from carv3d.sweep.worker import serve
+
+    ran: list[str] = []
+
+    def fake_execute(job):
+        ran.append(job.name)
+        # fd 1 and 2, where a worker's print, logging, tqdm and C extensions write (pytest swaps sys.stdout)
+        os.write(1, f"stdout of {job.name}\n".encode())
+        os.write(2, f"fd 2 of {job.name}\n".encode())
+        return RunResult(job.name, "failed" if job.name == "bad" else "finished")
+
+    monkeypatch.setattr(jobs_module, "execute_job", fake_execute)
+    lines = []
+    for name in ("one", "bad", "never"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_job(tmp_path, name).to_dict()))
+        lines.append(f"{tmp_path / name}.json\t{tmp_path / name}.result\t{tmp_path / name}.log\n")
+    assert serve(io.StringIO("".join(lines))) == 0
+    assert ran == ["one", "bad"]  # a failed run ends the process: "never" waits for a fresh one
+    one = (tmp_path / "one.log").read_text()
+    assert "stdout of one" in one and "fd 2 of one" in one and "bad" not in one
+    assert "fd 2 of bad" in (tmp_path / "bad.log").read_text()
+    assert json.loads((tmp_path / "bad.result").read_text())["status"] == "failed"
+    assert not (tmp_path / "never.result").exists()
+    assert serve(io.StringIO("not a job line\n")) == 2
 
 
 # ---------------------------------------------------------------------------------------- moving run directories
@@ -422,19 +528,21 @@ def test_a_ray_task_without_the_sweep_disk_ships_the_run_back(tiny_sd_path, tmp_
 
 @pytest.mark.slow
 def test_several_gpus_get_one_worker_process_each(tiny_sd_path, tmp_path):
-    """Two (pretend) GPUs: each run is a worker process that sees only its GPU. On a machine without
-    CUDA the workers train on the CPU, which is enough to check the processes and their devices."""
+    """Two (pretend) GPUs, four runs: one worker process per GPU, which sees only its GPU and trains
+    its runs one after another. On a machine without CUDA the workers train on the CPU, which is
+    enough to check the processes and their devices."""
     overrides = tiny_sweep_overrides(tiny_sd_path, steps=1)
-    path = write_sweep(tmp_path, json.dumps({"name": "gpus", "overrides": overrides, "grid": {"train.seed": [0, 1]},
-                                             "output_dir": str(tmp_path / "sweeps")}))
+    path = write_sweep(tmp_path, json.dumps({"name": "gpus", "overrides": overrides,
+                                             "grid": {"train.seed": [0, 1, 2, 3]}, "output_dir": str(tmp_path / "sweeps")}))
     outcome = run_sweep(path, gpus=["0", "1"])
     assert outcome.exit_code == 0, outcome.report()
-    devices = set()
+    workers = set()
     for run in outcome.spec.runs:
         assert json.loads((outcome.spec.run_dir(run) / "run.json").read_text())["status"] == "finished"
         log = (outcome.spec.directory / "logs" / f"{run.name}.log").read_text()
-        devices.add(log.split("CUDA_VISIBLE_DEVICES=")[1].split()[0])
-    assert devices == {"0", "1"}
+        pid = log.split("sweep worker pid ")[1].split()[0]
+        workers.add((pid, log.split("CUDA_VISIBLE_DEVICES=")[1].split()[0]))
+    assert {gpu for _, gpu in workers} == {"0", "1"} and len(workers) == 2  # two processes for four runs
 
 
 # ---------------------------------------------------------------------------------------- sized for the machine

@@ -1,10 +1,13 @@
-"""The local backend: runs one after another in this process, or one worker process per GPU.
+"""The local backend: runs one after another in this process, or worker processes over GPU slots.
 
 With zero or one visible GPU (and ``--max-parallel`` unset or 1) each run is :func:`execute_job` in
-this process, in order. With several GPUs, each run is a worker process
-(``python -m carv3d.sweep.worker``) that sees one GPU through ``CUDA_VISIBLE_DEVICES``; a pool of
-*slots* (one per GPU by default, ``--max-parallel N`` slots dealt round-robin over the GPUs
-otherwise) hands each run the next free GPU. Worker output goes to ``logs/<run>.log``.
+this process, in order. With several GPUs, each *slot* (one per GPU by default, ``--max-parallel N``
+slots dealt round-robin over the GPUs otherwise) has a worker process
+(``python -m carv3d.sweep.worker --serve``) that sees its GPU through ``CUDA_VISIBLE_DEVICES`` and
+trains the runs it is handed one after another, as the one-GPU sweep does in-process: a run does not
+pay for a new interpreter, torch's import and CUDA's start. A free slot takes the next run. A run
+that fails or is interrupted ends its worker and the slot starts a fresh one. Each run's output
+goes to ``logs/<run>.log``.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import queue
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from carv3d.sweep.jobs import RunJob, execute_job
 from carv3d.sweep.spec import SweepError
 from carv3d.sweep.state import RunResult
+from carv3d.sweep.worker import REUSABLE_AFTER
 
 OnResult = Callable[[RunResult], None]
+Slot = TypeVar("Slot")
 
 
 def visible_gpus() -> list[str]:
@@ -61,16 +67,17 @@ def worker_slots(gpus: Sequence[str], max_parallel: Optional[int] = None) -> lis
     return [None] * (max_parallel or 1)
 
 
-def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Optional[str]],
-                 run_one: Callable[[RunJob, Optional[str]], RunResult], on_result: OnResult) -> None:
+def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Slot], run_one: Callable[[RunJob, Slot], RunResult],
+                 on_result: OnResult) -> None:
     """Run ``jobs`` with at most one job per slot at a time; report each result as it arrives.
 
+    A slot is whatever ``run_one`` runs a job with: a GPU's name, or the worker process serving it.
     A thread per slot takes the next free slot from a queue, so a slot (a GPU) is never given two
     jobs at once and a GPU that finishes early takes the next job. ``on_result`` runs in the
     calling thread. On Ctrl-C the jobs not yet started are cancelled and the running ones are
     awaited (worker processes got the same Ctrl-C and save a checkpoint).
     """
-    free: "queue.Queue[Optional[str]]" = queue.Queue()
+    free: "queue.Queue[Slot]" = queue.Queue()
     for slot in slots:
         free.put(slot)
 
@@ -97,26 +104,79 @@ def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Optional[str]],
     pool.shutdown(wait=True)
 
 
-def run_in_worker_process(job: RunJob, slot: Optional[str]) -> RunResult:
-    """Run one job in ``python -m carv3d.sweep.worker`` with ``CUDA_VISIBLE_DEVICES=slot``."""
-    env = dict(os.environ)
-    if slot is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    log_path = Path(job.log_path) if job.log_path else Path(os.devnull)
-    if job.log_path:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="carv3d-sweep-job-") as tmp:
-        job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        # The worker's stdout/stderr already go to the log file: it must not open it a second time.
-        job_file.write_text(json.dumps(replace(job, log_path=None).to_dict()))
-        with open(log_path, "a") as log:
-            code = subprocess.call([sys.executable, "-m", "carv3d.sweep.worker", str(job_file), str(result_file)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
-        if result_file.is_file():
-            return RunResult.from_dict(json.loads(result_file.read_text()))
-    return RunResult(job.name, "failed", f"worker process exited with code {code} before reporting a result; "
-                     f"see {log_path}")
+class WorkerProcess:
+    """One slot's long-lived worker process (``python -m carv3d.sweep.worker --serve``).
+
+    :meth:`run` hands it a job (a line on its stdin naming the job file, the result file and the
+    run's log) and waits for the result file, starting the process first if there is none or the
+    last one ended. A process that ends without a result is a failed run.
+    """
+
+    COMMAND = (sys.executable, "-m", "carv3d.sweep.worker", "--serve")
+    POLL_SECONDS = 0.1
+
+    def __init__(self, slot: Optional[str], command: Sequence[str] = COMMAND):
+        self.slot = slot
+        self.command = list(command)
+        self.process: Optional[subprocess.Popen] = None
+        self.started = 0  # processes started so far (tests count them)
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        if self.slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.slot
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        self.started += 1
+        # stdout/stderr: between runs the worker prints nothing; during a run it sends both to the run's log
+        return subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env, text=True)
+
+    def run(self, job: RunJob) -> RunResult:
+        log_path = Path(job.log_path) if job.log_path else Path(os.devnull)
+        if job.log_path:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.process is None or self.process.poll() is not None:
+            self.process = self._start()
+        process = self.process
+        with tempfile.TemporaryDirectory(prefix="carv3d-sweep-job-") as tmp:
+            job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+            # The worker points its stdout/stderr at the log file: the job must not open it a second time.
+            job_file.write_text(json.dumps(replace(job, log_path=None).to_dict()))
+            try:
+                assert process.stdin is not None
+                process.stdin.write(f"{job_file}\t{result_file}\t{log_path}\n")
+                process.stdin.flush()
+            except OSError:  # it ended between runs (the poll above raced it)
+                pass
+            while True:
+                code = process.poll()
+                if result_file.is_file():  # written atomically: complete once it exists
+                    result = RunResult.from_dict(json.loads(result_file.read_text()))
+                    break
+                if code is not None:
+                    result = RunResult(job.name, "failed", f"worker process exited with code {code} before "
+                                       f"reporting a result; see {log_path}")
+                    break
+                time.sleep(self.POLL_SECONDS)
+        if result.status not in REUSABLE_AFTER:  # the worker ends itself after such a run
+            self.close()
+        return result
+
+    def close(self, timeout: float = 30.0) -> None:
+        """End the worker: close its stdin (it exits at the end of input), kill it if it does not."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            if process.stdin is not None:
+                process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_local(jobs: Sequence[RunJob], on_result: OnResult, max_parallel: Optional[int] = None,
@@ -127,4 +187,9 @@ def run_local(jobs: Sequence[RunJob], on_result: OnResult, max_parallel: Optiona
         for job in jobs:
             on_result(execute_job(job))
         return
-    run_in_slots(jobs, slots, run_in_worker_process, on_result)
+    workers = [WorkerProcess(slot) for slot in slots]
+    try:
+        run_in_slots(jobs, workers, lambda job, worker: worker.run(job), on_result)
+    finally:
+        for worker in workers:
+            worker.close()
