@@ -38,6 +38,41 @@ def test_exported_glb_has_no_validator_errors(tmp_path, texture_size):
     assert info.get("materialCount", 0) == 1  # vertex colours too: without one glTF's default is metallic
 
 
+def gaussians_field():
+    """Two clusters of Gaussians, red and blue: the density/colour query that a Gaussian run exports."""
+    import math
+
+    import torch
+
+    from carv3d.scene.gaussians_field import GaussianField
+    from carv3d.scene.gaussians_model import Gaussians
+
+    generator = torch.Generator().manual_seed(0)
+    n = 400
+    g = Gaussians(n)
+    centres = torch.tensor([[-0.25, 0.0, 0.0], [0.25, 0.05, 0.0]]).repeat_interleave(n // 2, 0)
+    colours = torch.tensor([[0.9, 0.15, 0.1], [0.1, 0.2, 0.9]]).repeat_interleave(n // 2, 0)
+    with torch.no_grad():
+        g.means.copy_(centres + 0.12 * torch.randn(n, 3, generator=generator))
+        g.log_scales.fill_(math.log(0.06))
+        g.quats.zero_()
+        g.quats[:, 0] = 1.0
+        g.opacity_logits.fill_(2.0)
+        g.sh_dc.copy_(((colours - 0.5) / 0.28209479177387814)[:, None, :])
+    return GaussianField(lambda: g, radius=1.0)
+
+
+@needs_validator
+def test_a_gaussian_scenes_glb_has_no_validator_errors(tmp_path):
+    """The Gaussians' mesh goes through the same export as the NeRF's; its GLB must pass too."""
+    cfg = ExportConfig(resolution=40, texture_size=128, faces=3000, silhouette_views=4, silhouette_size=32)
+    files = export_mesh(gaussians_field(), tmp_path, cfg, formats=["glb"])
+    report = validate_gltf(files["glb"])
+    assert report["issues"]["numErrors"] == 0, error_messages(report)
+    assert report["issues"]["numWarnings"] == 0, report["issues"]["messages"]
+    assert 0 < report["info"]["totalTriangleCount"] <= 3000
+
+
 @needs_validator
 def test_validator_reports_errors_in_a_broken_file(tmp_path):
     files = export_mesh(scene(), tmp_path, ExportConfig(resolution=24, texture_size=0, silhouette_views=2,
