@@ -139,7 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gpus", required=True, help="CUDA_VISIBLE_DEVICES for the sweep, e.g. 0,1")
     parser.add_argument("--baseline", type=Path, help="this script's JSON of the same sweep on one GPU")
     parser.add_argument("--sample-s", type=float, default=1.0)
-    parser.add_argument("--nvidia-smi", default="nvidia-smi")
+    parser.add_argument("--nvidia-smi", default="nvidia-smi",
+                        help="the nvidia-smi to sample; none: no sampling (the sweep's wall clock only, e.g. on a CPU)")
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="passed to carv3d sweep: N worker processes (round-robin over the GPUs; on one GPU or "
+                             "none, N side by side)")
     parser.add_argument("--workdir", type=Path, help="where the sweep's runs go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -147,9 +151,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from carv3d.io import atomic_write_text
     from carv3d.sweep.spec import load_sweep
 
-    smi = shutil.which(args.nvidia_smi)
-    if smi is None:
-        parser.error(f"{args.nvidia_smi} not found: this benchmark watches NVIDIA GPUs")
+    smi = None if args.nvidia_smi == "none" else shutil.which(args.nvidia_smi)
+    if smi is None and args.nvidia_smi != "none":
+        parser.error(f"{args.nvidia_smi} not found: this benchmark watches NVIDIA GPUs (--nvidia-smi none: no sampling)")
     spec = load_sweep(args.sweep)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="carv3d_sweep_gpus_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -157,26 +161,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = args.sweep.read_text()
     sweep_file.write_text(_with_output_dir(text, workdir / "sweeps", args.sweep.parent))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=args.gpus, PYTHONUNBUFFERED="1")
-    visible = parse_gpus(subprocess.run([smi, *GPU_QUERY], capture_output=True, text=True, timeout=10).stdout)
+    visible = parse_gpus(subprocess.run([smi, *GPU_QUERY], capture_output=True, text=True, timeout=10).stdout) if smi else []
     chosen = [g for g in visible if str(g["index"]) in args.gpus.split(",")]
     trace: list[dict[str, Any]] = []
     stop = threading.Event()
     started = time.perf_counter()
     sampler = threading.Thread(target=sample_loop, args=(smi, started, trace, stop, args.sample_s), daemon=True)
-    sampler.start()
+    if smi:
+        sampler.start()
     command = [sys.executable, "-m", "carv3d.cli", "sweep", str(sweep_file), "--backend", args.backend]
+    if args.max_parallel:
+        command += ["--max-parallel", str(args.max_parallel)]
     log = workdir / "sweep.log"
     with log.open("w") as handle:
         code = subprocess.call(command, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     stop.set()
-    sampler.join(timeout=15)
+    if smi:
+        sampler.join(timeout=15)
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "sweep": str(args.sweep), "sweep_name": spec.name,
-        "backend": args.backend, "gpus": chosen, "n_gpus": len(chosen), "exit_code": code, "wall_s": wall,
+        "backend": args.backend, "gpus": chosen, "n_gpus": len(chosen), "max_parallel": args.max_parallel,
+        "exit_code": code, "wall_s": wall, "runs": len(spec.runs),
         "statuses": sweep_statuses(workdir / "sweeps" / spec.name),
-        "occupancy": occupancy(trace, [g["uuid"] for g in chosen]),
+        "occupancy": occupancy(trace, [g["uuid"] for g in chosen]) if smi else None,
         "log_tail": log.read_text(errors="replace").splitlines()[-15:], "trace": trace,
     }
     if args.baseline:
@@ -186,9 +195,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "ideal_wall_s": ideal, "ratio": wall / ideal, "bar": BAR_RATIO, "met": wall <= BAR_RATIO * ideal}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(report, indent=2))
-    occ = report["occupancy"]
+    occ = report["occupancy"] or {}
     print(f"sweep exit {code} in {wall:.0f} s on {len(chosen)} GPU(s); runs {report['statuses']}; one run per GPU: "
-          f"{occ['one_run_per_gpu']}; least busy GPU before the tail: {occ['every_gpu_busy_before_tail']}"
+          f"{occ.get('one_run_per_gpu')}; least busy GPU before the tail: {occ.get('every_gpu_busy_before_tail')}"
           + (f"; {report['baseline']['ratio']:.2f}× the ideal {report['baseline']['ideal_wall_s']:.0f} s"
              if "baseline" in report else ""))
     return 0 if code == 0 else 1
