@@ -16,6 +16,7 @@ import pytest
 
 from carv3d.cli import main
 from carv3d.config import to_yaml
+from carv3d.checkpoint import latest_checkpoint
 from carv3d.sweep import SweepError, load_sweep, run_name, run_sweep
 from carv3d.sweep.jobs import RunJob, pack_dir, unpack_dir
 from carv3d.sweep.local import WorkerProcess, run_in_slots, run_local, worker_slots
@@ -644,3 +645,48 @@ def test_a_zip_axis_may_repeat_a_value_when_its_rows_differ(tmp_path):
         {"estimator.preset": "carv", "guidance": {"type": "csd"}}]
     assert [spec.configs[run.name].guidance.type for run in spec.runs] == ["sds", "sds", "csd"]
     assert len({run.name for run in spec.runs}) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_leaves_the_runs_resumable(tiny_sd_path, tmp_path):
+    """A sweep with two worker processes, Ctrl-C (SIGINT to the process group, as a terminal sends it)
+    while both train: the sweep exits 130, each run saved a checkpoint and is `interrupted`, no
+    worker is left behind, and running the sweep again finishes both from their checkpoints."""
+    import signal
+    import subprocess
+
+    overrides = {**tiny_sweep_overrides(tiny_sd_path, steps=2000), "train.checkpoint_every": 0,
+                 "train.turntable_frames": 0}
+    path = write_sweep(tmp_path, json.dumps({"name": "sigint", "overrides": overrides, "grid": {"train.seed": [0, 1]},
+                                             "output_dir": str(tmp_path / "sweeps")}))
+    spec = load_sweep(path)
+    command = [sys.executable, "-m", "carv3d.cli", "sweep", str(path), "--max-parallel", "2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    sweep = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    metrics = [spec.run_dir(run) / "metrics.jsonl" for run in spec.runs]
+    deadline = time.monotonic() + 240
+    while not all(m.is_file() and m.stat().st_size > 0 for m in metrics):  # both are training
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[0][-3000:]
+        time.sleep(0.5)
+    os.killpg(sweep.pid, signal.SIGINT)
+    output = sweep.communicate(timeout=240)[0].decode(errors="replace")
+    assert sweep.returncode == 130, output[-3000:]
+    with pytest.raises(ProcessLookupError):  # nobody left in the sweep's process group
+        os.killpg(sweep.pid, 0)
+    steps = []
+    for run in spec.runs:
+        status = json.loads((spec.run_dir(run) / "run.json").read_text())
+        assert status["status"] == "interrupted" and 0 < status["step"] < 2000, status
+        assert latest_checkpoint(spec.run_dir(run)) is not None
+        steps.append(status["step"])
+
+    # again, with fewer steps so that it ends soon: both resume from their checkpoints and finish
+    path.write_text(path.read_text().replace('"train.steps": 2000', f'"train.steps": {max(steps) + 2}'))
+    again = run_sweep(path, gpus=["0", "1"])
+    assert again.exit_code == 0, again.report()
+    for run, step in zip(spec.runs, steps):
+        status = json.loads((spec.run_dir(run) / "run.json").read_text())
+        assert (status["status"], status["step"]) == ("finished", max(steps) + 2)
+        log = (spec.directory / "logs" / f"{run.name}.log").read_text()
+        assert "resume" in log.split("sweep worker pid")[-1], log[-2000:]
