@@ -690,3 +690,20 @@ def test_ctrl_c_stops_every_worker_and_leaves_the_runs_resumable(tiny_sd_path, t
         assert (status["status"], status["step"]) == ("finished", max(steps) + 2)
         log = (spec.directory / "logs" / f"{run.name}.log").read_text()
         assert "resume" in log.split("sweep worker pid")[-1], log[-2000:]
+
+
+@pytest.mark.parametrize("overrides", [["scene.type=gaussians"], ["guidance.type=vsd"], ["scene.type=nerf"]],
+                         ids=["gaussians", "vsd", "nerf"])
+def test_a_run_config_of_any_scene_or_guidance_type_survives_the_trip_to_a_worker(overrides):
+    """A worker rebuilds each run's config from its YAML: the seams' own schemas must come back
+    (a Gaussian scene's `rasterizer`, VSD's `lora_rank`), value for value."""
+    from omegaconf import OmegaConf
+
+    from carv3d.config import load_config
+    from carv3d.sweep.jobs import config_from_yaml
+
+    cfg = load_config(overrides=overrides, prompt="a red cube")
+    again = config_from_yaml(OmegaConf.to_yaml(cfg))
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert OmegaConf.get_type(again.scene) is OmegaConf.get_type(cfg.scene)
+    assert OmegaConf.get_type(again.guidance) is OmegaConf.get_type(cfg.guidance)

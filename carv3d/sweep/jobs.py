@@ -66,13 +66,15 @@ def config_from_yaml(text: str, output_dir: Optional[str] = None, explicit: Opti
     """
     from omegaconf import OmegaConf
 
-    from carv3d.config import Config, load_config
+    from carv3d.config import load_config
     from carv3d.sizing import restore_explicit
 
     layer = OmegaConf.create(text)
     if output_dir is not None:
         layer.train.output_dir = output_dir
-    cfg = load_config(base=OmegaConf.merge(OmegaConf.structured(Config), layer))
+    # As data: load_config picks each seam's schema from its `type` (a Gaussian scene's keys are
+    # not the NeRF's), then validates every key against it.
+    cfg = load_config(base=layer)
     if explicit is not None:
         restore_explicit(cfg, explicit)
     return cfg
