@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
 
 from carv3d.cli import main
 from carv3d.config import to_yaml
@@ -294,30 +295,37 @@ def test_a_worker_process_that_dies_is_a_failed_run(tmp_path, monkeypatch):
 
 # A stand-in for `python -m carv3d.sweep.worker --serve` that speaks its protocol: each result's
 # error field carries the serving process's pid and CUDA_VISIBLE_DEVICES; a job named fail-* fails
-# (and, as the real worker, ends the process), crash-* kills the process before any result.
+# (and, as the real worker, ends the process), crash-* kills the process during its run, last-*
+# finishes and then kills the process (between runs), sigint-* dies by Ctrl-C during its run.
 FAKE_WORKER = """
-import json, os, sys
+import json, os, signal, sys
 for line in sys.stdin:
-    job_path, result_path, log_path = line.rstrip("\\n").split("\\t")
-    name = json.loads(open(job_path).read())["name"]
+    request = json.loads(line)
+    name = json.loads(open(request["job"]).read())["name"]
+    open(request["result"] + ".started", "w").close()
     if name.startswith("crash"):
         os._exit(3)
+    if name.startswith("sigint"):
+        signal.raise_signal(signal.SIGINT)
     status = "failed" if name.startswith("fail") else "finished"
-    with open(log_path, "a") as log:
+    with open(request["log"], "a") as log:
         log.write(f"{name} in {os.getpid()}\\n")
-    error = f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')}"
-    with open(result_path + ".tmp", "w") as out:
+    error = f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES')} {os.environ.get('OMP_NUM_THREADS')}"
+    with open(request["result"] + ".tmp", "w") as out:
         json.dump({"name": name, "status": status, "error": error}, out)
-    os.replace(result_path + ".tmp", result_path)
+    os.replace(request["result"] + ".tmp", request["result"])
+    if name.startswith("last"):
+        print("dying between runs", flush=True)
+        os._exit(139)
     if status != "finished":
         sys.exit(0)
 """
 
 
-def _fake_worker(tmp_path: Path, slot: Optional[str]) -> WorkerProcess:
+def _fake_worker(tmp_path: Path, slot: Optional[str], name: str = "worker-0") -> WorkerProcess:
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    return WorkerProcess(slot, command=[sys.executable, str(script)])
+    return WorkerProcess(slot, name=name, threads=3, command=[sys.executable, str(script)])
 
 
 def _job(tmp_path: Path, name: str) -> RunJob:
@@ -333,6 +341,7 @@ def test_one_worker_process_serves_run_after_run_and_is_replaced_after_a_failure
         pids = {r.error.split()[0] for r in first}
         assert len(pids) == 1 and worker.started == 1  # one process for the three runs
         assert {r.error.split()[1] for r in first} == {"5"}  # it sees only its GPU
+        assert {r.error.split()[2] for r in first} == {os.environ.get("OMP_NUM_THREADS", "3")}  # its share of cores
         assert (tmp_path / "logs" / "b.log").read_text().strip() == f"b in {pids.pop()}"
 
         failed = worker.run(_job(tmp_path, "fail-d"))
@@ -347,6 +356,46 @@ def test_one_worker_process_serves_run_after_run_and_is_replaced_after_a_failure
     finally:
         worker.close()
     assert worker.process is None
+
+
+def test_a_worker_that_dies_between_runs_costs_no_run_and_ctrl_c_is_an_interrupted_run(tmp_path):
+    worker = _fake_worker(tmp_path, slot=None)
+    try:
+        assert worker.run(_job(tmp_path, "last-a")).status == "finished"
+        time.sleep(0.3)  # it is gone before the next run is handed over (or, racing, just after)
+        after = worker.run(_job(tmp_path, "b"))
+        assert after.status == "finished" and worker.started == 2  # handed to a fresh process, not failed
+        assert "dying between runs" in (tmp_path / "logs" / "worker-0.log").read_text()  # its own output kept
+
+        interrupted = worker.run(_job(tmp_path, "sigint-c"))
+        assert interrupted.status == "interrupted" and worker.process is None
+        assert worker.run(_job(tmp_path, "d")).status == "finished" and worker.started == 3
+    finally:
+        worker.close()
+
+
+def test_an_error_in_the_sweep_itself_stops_the_running_jobs_and_starts_no_more():
+    jobs = [RunJob(name=f"r{i}", action="train", config_yaml="", run_dir="") for i in range(12)]
+    started: list[str] = []
+    stop = threading.Event()
+    aborted: list[bool] = []
+
+    def slow_run(job, slot):
+        started.append(job.name)
+        stop.wait(2.0)  # a run that ends early when asked to (on_abort), as a worker does on SIGINT
+        return RunResult(job.name, "interrupted" if stop.is_set() else "finished")
+
+    def full_disk(result):
+        raise OSError(28, "No space left on device")
+
+    def abort():
+        aborted.append(True)
+        stop.set()
+
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="No space"):
+        run_in_slots(jobs, ["0", "1"], slow_run, full_disk, on_abort=abort)
+    assert aborted and len(started) <= 3 and time.monotonic() - t0 < 10
 
 
 def test_worker_processes_over_slots_take_each_run_once_and_stay_up(tmp_path):
@@ -383,7 +432,8 @@ def test_the_worker_sends_each_runs_output_to_its_log_and_stops_after_a_failed_r
     lines = []
     for name in ("one", "bad", "never"):
         (tmp_path / f"{name}.json").write_text(json.dumps(_job(tmp_path, name).to_dict()))
-        lines.append(f"{tmp_path / name}.json\t{tmp_path / name}.result\t{tmp_path / name}.log\n")
+        lines.append(json.dumps({"job": f"{tmp_path / name}.json", "result": f"{tmp_path / name}.result",
+                                 "log": f"{tmp_path / name}.log"}) + "\n")
     assert serve(io.StringIO("".join(lines))) == 0
     assert ran == ["one", "bad"]  # a failed run ends the process: "never" waits for a fresh one
     one = (tmp_path / "one.log").read_text()
@@ -391,6 +441,7 @@ def test_the_worker_sends_each_runs_output_to_its_log_and_stops_after_a_failed_r
     assert "fd 2 of bad" in (tmp_path / "bad.log").read_text()
     assert json.loads((tmp_path / "bad.result").read_text())["status"] == "failed"
     assert not (tmp_path / "never.result").exists()
+    assert (tmp_path / "one.result.started").exists() and not (tmp_path / "never.result.started").exists()
     assert serve(io.StringIO("not a job line\n")) == 2
 
 
@@ -707,3 +758,28 @@ def test_a_run_config_of_any_scene_or_guidance_type_survives_the_trip_to_a_worke
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
     assert OmegaConf.get_type(again.scene) is OmegaConf.get_type(cfg.scene)
     assert OmegaConf.get_type(again.guidance) is OmegaConf.get_type(cfg.guidance)
+
+
+def test_after_a_run_the_process_is_left_as_a_fresh_one(monkeypatch):
+    """A worker trains many runs: after each, the environment is as before it, and torch.compile
+    holds no graphs (else a run of new shapes could hit the per-function limit of compiled variants
+    and run uncompiled, silently)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from carv3d.sweep.jobs import as_a_fresh_process
+
+    before = dict(os.environ)
+    counter = CompileCounter()
+    double = torch.compile(lambda x: x * 2, backend=counter, dynamic=False)
+    for size in (2, 3):  # one "run"'s shapes
+        double(torch.ones(size))
+    assert counter.frame_count == 2
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = "/somewhere/a/run/chose"  # as a run's teacher.compile_cache does
+    try:
+        as_a_fresh_process(before)
+        assert dict(os.environ) == before
+        double(torch.ones(2))  # the next run compiles its shapes afresh
+        assert counter.frame_count == 3
+    finally:
+        os.environ.clear()
+        os.environ.update(before)

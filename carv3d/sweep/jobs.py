@@ -12,9 +12,12 @@ disk), :func:`pack_dir` and :func:`unpack_dir` move a run directory as a ``.tar.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
+import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -101,6 +104,7 @@ def execute_job(job: RunJob, output_dir: Optional[str] = None) -> RunResult:
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
     started = time.perf_counter()
+    environment = dict(os.environ)
     logger.info("sweep run %s: %s", job.name, job.action)
     try:
         if job.action == "resume":
@@ -125,7 +129,26 @@ def execute_job(job: RunJob, output_dir: Optional[str] = None) -> RunResult:
         if handler is not None:
             logger.removeHandler(handler)
             handler.close()
+        as_a_fresh_process(environment)
     return RunResult(job.name, status, error, time.perf_counter() - started)
+
+
+def as_a_fresh_process(environment: dict[str, str]) -> None:
+    """Leave this process for the next run as a new one would be: the environment as before the run
+    (a run sets e.g. ``TORCHINDUCTOR_CACHE_DIR`` from its own ``teacher.compile_cache``), no
+    compiled graphs held (torch.compile keeps at most a few variants of a function per process and
+    runs the rest uncompiled, silently; kernels still come from the on-disk cache), the run's
+    objects collected and CUDA's cached blocks released."""
+    os.environ.clear()
+    os.environ.update(environment)
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.reset()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def _log_failure(handler: Optional[logging.Handler], message: str) -> None:

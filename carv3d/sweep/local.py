@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 from carv3d.sweep.jobs import RunJob, execute_job
 from carv3d.sweep.spec import SweepError
 from carv3d.sweep.state import RunResult
-from carv3d.sweep.worker import REUSABLE_AFTER
+from carv3d.sweep.worker import REUSABLE_AFTER, STARTED_SUFFIX
 
 OnResult = Callable[[RunResult], None]
 Slot = TypeVar("Slot")
@@ -68,14 +69,15 @@ def worker_slots(gpus: Sequence[str], max_parallel: Optional[int] = None) -> lis
 
 
 def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Slot], run_one: Callable[[RunJob, Slot], RunResult],
-                 on_result: OnResult) -> None:
+                 on_result: OnResult, on_abort: Optional[Callable[[], None]] = None) -> None:
     """Run ``jobs`` with at most one job per slot at a time; report each result as it arrives.
 
     A slot is whatever ``run_one`` runs a job with: a GPU's name, or the worker process serving it.
     A thread per slot takes the next free slot from a queue, so a slot (a GPU) is never given two
     jobs at once and a GPU that finishes early takes the next job. ``on_result`` runs in the
     calling thread. On Ctrl-C the jobs not yet started are cancelled and the running ones are
-    awaited (worker processes got the same Ctrl-C and save a checkpoint).
+    awaited (worker processes got the same Ctrl-C and save a checkpoint). On any other error here
+    (``on_result`` failing, say) the same, after ``on_abort`` (which asks the running jobs to stop).
     """
     free: "queue.Queue[Slot]" = queue.Queue()
     for slot in slots:
@@ -101,66 +103,104 @@ def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Slot], run_one: Callabl
             if id(future) not in reported and future.done() and not future.cancelled() and future.exception() is None:
                 on_result(future.result())
         raise
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        if on_abort is not None:
+            on_abort()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     pool.shutdown(wait=True)
 
 
 class WorkerProcess:
     """One slot's long-lived worker process (``python -m carv3d.sweep.worker --serve``).
 
-    :meth:`run` hands it a job (a line on its stdin naming the job file, the result file and the
-    run's log) and waits for the result file, starting the process first if there is none or the
-    last one ended. A process that ends without a result is a failed run.
+    :meth:`run` hands it a job (a JSON line on its stdin naming the job file, the result file and
+    the run's log) and waits for the result file, starting the process first if there is none or
+    the last one ended. A process that ends without a result is a failed run, or an interrupted one
+    when Ctrl-C ended it. One that ends before it began the run (it died between runs) is replaced
+    and given the run once more. Between runs the process's own output (a crash at start-up, say)
+    goes to ``<logs>/<name>.log``.
     """
 
     COMMAND = (sys.executable, "-m", "carv3d.sweep.worker", "--serve")
     POLL_SECONDS = 0.1
+    INTERRUPTED_CODES = (130, -signal.SIGINT)
 
-    def __init__(self, slot: Optional[str], command: Sequence[str] = COMMAND):
+    def __init__(self, slot: Optional[str], name: str = "worker", threads: Optional[int] = None,
+                 command: Sequence[str] = COMMAND):
         self.slot = slot
+        self.name = name
+        self.threads = threads  # CPU threads per worker: the machine's cores shared between the slots
         self.command = list(command)
         self.process: Optional[subprocess.Popen] = None
         self.started = 0  # processes started so far (tests count them)
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self, log_folder: Optional[Path]) -> subprocess.Popen:
         env = dict(os.environ)
         if self.slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.slot
+        if self.threads is not None and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         env.setdefault("HF_HUB_OFFLINE", "1")
         self.started += 1
-        # stdout/stderr: between runs the worker prints nothing; during a run it sends both to the run's log
+        if log_folder is not None:
+            log_folder.mkdir(parents=True, exist_ok=True)
+            with open(log_folder / f"{self.name}.log", "ab") as own_log:  # the child keeps its own copy
+                return subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=own_log, stderr=own_log,
+                                        env=env, text=True)
         return subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, text=True)
 
     def run(self, job: RunJob) -> RunResult:
         log_path = Path(job.log_path) if job.log_path else Path(os.devnull)
-        if job.log_path:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.process is None or self.process.poll() is not None:
-            self.process = self._start()
-        process = self.process
+        log_folder = log_path.parent if job.log_path else None
         with tempfile.TemporaryDirectory(prefix="carv3d-sweep-job-") as tmp:
             job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
+            began = Path(str(result_file) + STARTED_SUFFIX)
             # The worker points its stdout/stderr at the log file: the job must not open it a second time.
             job_file.write_text(json.dumps(replace(job, log_path=None).to_dict()))
-            try:
-                assert process.stdin is not None
-                process.stdin.write(f"{job_file}\t{result_file}\t{log_path}\n")
-                process.stdin.flush()
-            except OSError:  # it ended between runs (the poll above raced it)
-                pass
-            while True:
-                code = process.poll()
-                if result_file.is_file():  # written atomically: complete once it exists
+            request = json.dumps({"job": str(job_file), "result": str(result_file), "log": str(log_path)})
+            for attempt in range(2):
+                if self.process is None or self.process.poll() is not None:
+                    self.process = self._start(log_folder)
+                code = self._hand_over(self.process, request, result_file)
+                if result_file.is_file():
                     result = RunResult.from_dict(json.loads(result_file.read_text()))
                     break
-                if code is not None:
-                    result = RunResult(job.name, "failed", f"worker process exited with code {code} before "
-                                       f"reporting a result; see {log_path}")
+                self.process = None
+                if code in self.INTERRUPTED_CODES:
+                    result = RunResult(job.name, "interrupted", "interrupted by Ctrl-C; re-run the sweep to resume")
                     break
-                time.sleep(self.POLL_SECONDS)
+                if began.exists() or attempt == 1:
+                    where = log_path if began.exists() else (log_folder or Path(".")) / f"{self.name}.log"
+                    result = RunResult(job.name, "failed", f"worker process exited with code {code} before "
+                                       f"reporting a result; see {where}")
+                    break
+                # it died before taking the run (between runs): a fresh process gets it once more
         if result.status not in REUSABLE_AFTER:  # the worker ends itself after such a run
             self.close()
         return result
+
+    def _hand_over(self, process: subprocess.Popen, request: str, result_file: Path) -> Optional[int]:
+        """Send the request; wait for the result file or the process's end; return its exit code."""
+        try:
+            assert process.stdin is not None
+            process.stdin.write(request + "\n")
+            process.stdin.flush()
+        except OSError:  # it ended before the line reached it
+            pass
+        while True:
+            code = process.poll()
+            if result_file.is_file() or code is not None:  # written atomically: complete once it exists
+                return code
+            time.sleep(self.POLL_SECONDS)
+
+    def interrupt(self) -> None:
+        """Ctrl-C for this worker alone: its run saves a checkpoint and stops."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
 
     def close(self, timeout: float = 30.0) -> None:
         """End the worker: close its stdin (it exits at the end of input), kill it if it does not."""
@@ -173,7 +213,7 @@ class WorkerProcess:
         except OSError:
             pass
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=max(timeout, 0.0))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -187,9 +227,16 @@ def run_local(jobs: Sequence[RunJob], on_result: OnResult, max_parallel: Optiona
         for job in jobs:
             on_result(execute_job(job))
         return
-    workers = [WorkerProcess(slot) for slot in slots]
-    try:
-        run_in_slots(jobs, workers, lambda job, worker: worker.run(job), on_result)
-    finally:
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    workers = [WorkerProcess(slot, name=f"worker-{i}", threads=threads) for i, slot in enumerate(slots)]
+
+    def stop_workers() -> None:  # an error in the sweep itself (a full disk): the runs save and stop
         for worker in workers:
-            worker.close()
+            worker.interrupt()
+
+    try:
+        run_in_slots(jobs, workers, lambda job, worker: worker.run(job), on_result, on_abort=stop_workers)
+    finally:
+        deadline = time.monotonic() + 30.0
+        for worker in workers:
+            worker.close(timeout=deadline - time.monotonic())
