@@ -783,3 +783,27 @@ def test_after_a_run_the_process_is_left_as_a_fresh_one(monkeypatch):
     finally:
         os.environ.clear()
         os.environ.update(before)
+
+
+@pytest.mark.slow
+def test_a_run_in_a_used_worker_trains_exactly_as_in_a_fresh_one(tiny_sd_path, tmp_path):
+    """Seed 0, seed 1, then seed 0 again (its val_every differs, which 3 steps never reach) over two
+    workers: the third run shares a process with an earlier run, the first had a fresh one; their
+    metrics agree to the bit."""
+    overrides = {**tiny_sweep_overrides(tiny_sd_path, steps=3), "estimator.preset": "carv"}
+    overrides.pop("train.val_every")
+    path = write_sweep(tmp_path, json.dumps({"name": "reuse", "overrides": overrides,
+                                             "zip": {"train.seed": [0, 1, 0], "train.val_every": [0, 0, 1000]},
+                                             "output_dir": str(tmp_path / "sweeps")}))
+    outcome = run_sweep(path, gpus=["0", "1"])
+    assert outcome.exit_code == 0, outcome.report()
+
+    def numbers(run):
+        rows = [json.loads(line) for line in (outcome.spec.run_dir(run) / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not (k.startswith("time_") or "seconds" in k)} for row in rows]
+
+    first, _, third = outcome.spec.runs
+    pids = {r.name: (outcome.spec.directory / "logs" / f"{r.name}.log").read_text().split("sweep worker pid ")[1].split()[0]
+            for r in outcome.spec.runs}
+    assert len(set(pids.values())) == 2  # two workers for three runs: the third ran in a used process
+    assert numbers(first) == numbers(third) and len(numbers(first)) == 3
