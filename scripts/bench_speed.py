@@ -507,14 +507,23 @@ def reproject(path: Path) -> int:
     if not section:
         print(f"error: {path} has no full runs (it is not a --full-run-steps report)", file=sys.stderr)
         return 2
+    # a run stopped during its outputs (its time limit) borrows the outputs' time of a run that finished them
+    finished = next((e for e in section["runs"] if e.get("outputs_s") is not None), None)
     for entry in section["runs"]:
         if "steps_done" in entry:
-            old = (entry.get("projection") or {}).get("projected_s")
-            entry["projection"] = projection({**entry, "policy": entry.get("policy", section["policy_from_config"])},
-                                             int(section["projected_steps"]))
-            entry["projection"]["reprojected"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "previous_s": old}
+            previous = entry.get("projection") or {}
+            # the figure the measuring run wrote, kept through any number of reprojections
+            old = previous.get("reprojected", {}).get("as_measured_s", previous.get("projected_s"))
+            borrowed = entry.get("outputs_s") is None and finished is not None
+            run = {**entry, "policy": entry.get("policy", section["policy_from_config"])}
+            if borrowed:
+                run["outputs_s"] = finished["outputs_s"]
+            entry["projection"] = projection(run, int(section["projected_steps"]))
+            entry["projection"]["reprojected"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "as_measured_s": old}
+            if borrowed:
+                entry["projection"]["outputs_s_from"] = f"the {finished['cache']} run (this one stopped before its outputs)"
             log(f"{entry['cache']}: {section['projected_steps']} steps projected "
-                f"{entry['projection'].get('projected_s')} s (was {old})")
+                f"{entry['projection'].get('projected_s')} s (as measured: {old})")
     atomic_write_text(path, json.dumps(report, indent=2))
     return 0
 

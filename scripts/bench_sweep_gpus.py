@@ -108,6 +108,31 @@ def occupancy(trace: list[dict[str, Any]], gpu_uuids: list[str]) -> dict[str, An
             "every_gpu_busy_before_tail": min(fractions) if fractions and None not in fractions else None}
 
 
+def gpu_load(trace: list[dict[str, Any]], gpu_uuids: list[str]) -> dict[str, Any]:
+    """Per GPU over all samples: mean and highest utilisation (%) and the most memory held (MiB)."""
+    load = {}
+    for uuid in gpu_uuids:
+        rows = [g for sample in trace for g in sample.get("gpus", []) if g.get("uuid") == uuid]
+        use = [g["utilization"] for g in rows if g.get("utilization") is not None]
+        memory = [g["memory_mib"] for g in rows if g.get("memory_mib") is not None]
+        load[uuid] = {"samples": len(rows), "utilization_mean": sum(use) / len(use) if use else None,
+                      "utilization_max": max(use, default=None), "memory_mib_max": max(memory, default=None)}
+    return load
+
+
+def summarize(path: Path) -> int:
+    """Recompute a report's occupancy and load from its trace (after this script's summary grew)."""
+    from carv3d.io import atomic_write_text
+
+    report = json.loads(path.read_text())
+    uuids = [g["uuid"] for g in report["gpus"]]
+    report["occupancy"] = occupancy(report["trace"], uuids) if report.get("trace") else None
+    report["load"] = gpu_load(report["trace"], uuids) if report.get("trace") else None
+    atomic_write_text(path, json.dumps(report, indent=2))
+    print(json.dumps({"occupancy": report["occupancy"], "load": report["load"]}, indent=1))
+    return 0
+
+
 def sample_loop(smi: str, started: float, trace: list[dict[str, Any]], stop: threading.Event, every: float) -> None:
     while not stop.is_set():
         t = time.perf_counter() - started
@@ -136,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", type=Path, default=REPO_ROOT / "configs" / "sweeps" / "presets_seeds.yaml")
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
-    parser.add_argument("--gpus", required=True, help="CUDA_VISIBLE_DEVICES for the sweep, e.g. 0,1")
+    parser.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES for the sweep, e.g. 0,1 (required unless --summarize)")
     parser.add_argument("--baseline", type=Path, help="this script's JSON of the same sweep on one GPU")
     parser.add_argument("--sample-s", type=float, default=1.0)
     parser.add_argument("--nvidia-smi", default="nvidia-smi",
@@ -145,8 +170,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="passed to carv3d sweep: N worker processes (round-robin over the GPUs; on one GPU or "
                              "none, N side by side)")
     parser.add_argument("--workdir", type=Path, help="where the sweep's runs go (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=False)
+    parser.add_argument("--summarize", type=Path, metavar="JSON",
+                        help="only recompute the occupancy and load of an existing report from its trace")
     args = parser.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize)
+    if args.out is None or args.gpus is None:
+        parser.error("--gpus and --out are required (unless --summarize)")
 
     from carv3d.io import atomic_write_text
     from carv3d.sweep.spec import load_sweep
@@ -186,6 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "exit_code": code, "wall_s": wall, "runs": len(spec.runs),
         "statuses": sweep_statuses(workdir / "sweeps" / spec.name),
         "occupancy": occupancy(trace, [g["uuid"] for g in chosen]) if smi else None,
+        "load": gpu_load(trace, [g["uuid"] for g in chosen]) if smi else None,
         "log_tail": log.read_text(errors="replace").splitlines()[-15:], "trace": trace,
     }
     if args.baseline:

@@ -116,6 +116,33 @@ def quality_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def checkpoints_table(report: dict[str, Any]) -> str:
+    """scripts/bench_quality.py over time: for each arm, at each equal-time checkpoint, its overall
+    curves (bench_quality's mean over seeds of each seed's mean over prompts; with every prompt run
+    for every seed, the mean over runs): IoU, the share of runs whose best match is the prompt and
+    of runs with a front whose front is right, and the mean steps; then each prompt's mean IoU."""
+    times = report["settings"]["checkpoint_seconds"]
+    summary = report["summary"]
+    head = "| arm | " + " | ".join(f"{t:g} s" for t in times) + " |"
+    rule = "|---" * (len(times) + 1) + "|"
+
+    def rows(curves: dict[str, Any], metric: str, spec: str) -> list[str]:
+        return [f"| {_arm_name(arm)} | " + " | ".join(
+            "—" if p.get("mean") is None else f"{p['mean']:{spec}}" for p in curves[arm][metric]) + " |"
+            for arm in curves]
+
+    overall = summary["overall"]["curves"]
+    lines = ["Mean IoU, all prompts and seeds:", "", head, rule, *rows(overall, "silhouette_iou", ".3f"), "",
+             "Best match = prompt:", "", head, rule, *rows(overall, "best_match_is_prompted", ".0%"), "",
+             "Front right (runs with a front):", "", head, rule, *rows(overall, "front_matches_front", ".0%"), "",
+             "Mean steps taken:", "", head, rule,
+             *[f"| {_arm_name(arm)} | " + " | ".join(f"{n:.0f}" for n in steps) + " |"
+               for arm, steps in summary["overall"]["mean_steps"].items()]]
+    for prompt, row in summary["per_prompt"].items():
+        lines += ["", f"Mean IoU, {prompt}:", "", head, rule, *rows(row["curves"], "silhouette_iou", ".3f")]
+    return "\n".join(lines)
+
+
 def world_table(report: dict[str, Any]) -> str:
     """scripts/bench_world_quality.py: one row per prompt, then the bar's verdict."""
     lines = ["| prompt | silhouette IoU | best match | front on the front | colour error | PSNR | Chamfer | training s |",
@@ -262,12 +289,12 @@ def full_run_table(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("speed", "quality", "world", "variance", "profile", "fullrun"))
+    parser.add_argument("kind", choices=("speed", "quality", "checkpoints", "world", "variance", "profile", "fullrun"))
     parser.add_argument("json")
     args = parser.parse_args()
     with open(args.json) as handle:
         report = json.load(handle)
-    tables = {"speed": speed_table, "quality": quality_table, "world": world_table, "variance": variance_table,
+    tables = {"speed": speed_table, "quality": quality_table, "checkpoints": checkpoints_table, "world": world_table, "variance": variance_table,
               "profile": profile_table, "fullrun": full_run_table}
     print(tables[args.kind](report))
 

@@ -267,6 +267,27 @@ def test_one_off_events_are_split_from_the_settled_rate_and_projected_once():
     assert one_off_split(rows[:3]) == {}  # two intervals: no median to judge by
 
 
+def test_reproject_recomputes_keeps_the_measured_figure_and_borrows_outputs_for_a_run_stopped_before_them(tmp_path):
+    bench = load_script("bench_speed")
+    policy = {"validation_sheets_at_n": 1, "validation_sheets_at_100": 2, "checkpoints_at_n": 1, "checkpoints_at_100": 2}
+    run = {"steps_done": 10, "time_to_first_step_s": 5.0, "steps_per_s_settled": 10.0, "one_off_s": 1.0,
+           "steps_per_s_steady": 9.0, "loop_overhead_s": 0.5}
+    report = {"full_run": {"projected_steps": 100, "policy_from_config": policy, "runs": [
+        {**run, "cache": "cold", "projection": {"projected_s": None}},            # stopped during its export
+        {**run, "cache": "warm", "outputs_s": 3.0, "projection": {"projected_s": 12.3}}]}}
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(report))
+    for _ in range(2):  # twice: the measuring run's figure survives a second reprojection
+        assert bench.reproject(path) == 0
+    cold, warm = json.loads(path.read_text())["full_run"]["runs"]
+    expected = 5.0 + 1.0 + 99 / 10.0 + 0.5 * 4 / 2 + 3.0
+    assert warm["projection"]["projected_s"] == pytest.approx(expected)
+    assert warm["projection"]["reprojected"]["as_measured_s"] == 12.3
+    assert cold["projection"]["projected_s"] == pytest.approx(expected) and "warm" in cold["projection"]["outputs_s_from"]
+    assert "outputs_s" not in cold  # borrowed for the projection only, not written into the run's record
+    assert "outputs_s_from" not in warm["projection"]
+
+
 def test_step_policy_of_the_sd21_configs_at_short_and_full_length():
     from carv3d.config import load_config
 

@@ -68,3 +68,15 @@ def test_the_script_end_to_end_on_a_cpu_with_a_stand_in_nvidia_smi(tmp_path):
     assert report["exit_code"] == 0 and report["statuses"] == {"finished": 2} and report["n_gpus"] == 1
     assert report["gpus"][0]["uuid"] == "GPU-fake" and len(report["trace"]) >= 2
     assert report["occupancy"]["per_gpu"]["GPU-fake"]["max_processes"] == 0
+
+
+def test_gpu_load_is_the_mean_and_peak_of_each_gpus_samples():
+    trace = [{"t": 0.0, "gpus": [{"uuid": "A", "utilization": 0.0, "memory_mib": 4.0},
+                                 {"uuid": "B", "utilization": 50.0, "memory_mib": 100.0}], "apps": []},
+             {"t": 1.0, "gpus": [{"uuid": "A", "utilization": 30.0, "memory_mib": 900.0},
+                                 {"uuid": "B", "utilization": None, "memory_mib": None}], "apps": []},
+             {"t": 2.0, "error": "timeout", "gpus": [], "apps": []}]
+    load = bench.gpu_load(trace, ["A", "B", "C"])
+    assert load["A"] == {"samples": 2, "utilization_mean": 15.0, "utilization_max": 30.0, "memory_mib_max": 900.0}
+    assert load["B"] == {"samples": 2, "utilization_mean": 50.0, "utilization_max": 50.0, "memory_mib_max": 100.0}
+    assert load["C"] == {"samples": 0, "utilization_mean": None, "utilization_max": None, "memory_mib_max": None}

@@ -57,3 +57,25 @@ def test_full_run_table_shows_how_far_a_timed_out_run_got():
     assert row[6] == "8.12" and row[7] == "— (—)" and row[-1] == "1375 |"  # no settled split: an old JSON
     report["full_run"]["runs"] = [{"cache": "warm", "status": "failed", "reason": "exit 1"}]
     assert "| warm | failed: exit 1 |" in tables.full_run_table(report)
+
+
+def test_checkpoints_table_gives_each_arm_over_time_overall_and_per_prompt():
+    arms = {"preset_sds": ["estimator.preset=sds"], "preset_carv": ["estimator.preset=carv"]}
+    runs = [_run("a", 0, "preset_sds", [0.5, 0.7]), _run("a", 1, "preset_sds", [0.5, 0.5]),
+            _run("a", 0, "preset_carv", [0.4, 0.9]), _run("b", 0, "preset_sds", [0.2, 0.3]),
+            _run("b", 0, "preset_carv", [0.3, 0.8])]
+    report = {"settings": {"checkpoint_seconds": [0.0, 10.0], "prompts": ["a", "b"], "budget_seconds": 10.0,
+                           "arms": arms, "baseline": "preset_sds"},
+              "runs": {str(i): run for i, run in enumerate(runs)}}
+    report["summary"] = bench.summarize(report)
+    lines = tables.checkpoints_table(report).splitlines()
+    assert lines[2] == "| arm | 0 s | 10 s |"
+    # bench_quality's overall curve: the mean over seeds of each seed's mean over prompts. sds at 0 s:
+    # seed 0 (0.5 + 0.2) / 2 = 0.35, seed 1 0.5 → 0.425; at 10 s (0.7 + 0.3) / 2 = 0.5 and 0.5 → 0.5
+    assert "| sds | 0.425 | 0.500 |" in lines and "| carv | 0.350 | 0.850 |" in lines
+    # best match = prompt when IoU > 0.6 (the fixture): sds at 10 s, seed 0 (1 + 0) / 2, seed 1 0 → 25 %
+    assert "| sds | 0% | 25% |" in lines and "| carv | 0% | 100% |" in lines
+    assert "| sds | — | — |" in lines  # no run with a front: no share to give
+    assert "| carv | 0 | 10 |" in lines  # mean steps: the fixture's step is 10 × the checkpoint index
+    per_a = lines[lines.index("Mean IoU, a:"):]
+    assert "| sds | 0.500 | 0.600 |" in per_a and "| carv | 0.400 | 0.900 |" in per_a

@@ -104,11 +104,10 @@ def run_in_slots(jobs: Sequence[RunJob], slots: Sequence[Slot], run_one: Callabl
                 on_result(future.result())
         raise
     except BaseException:
-        for future in futures:
-            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)  # no job starts from here on
         if on_abort is not None:
             on_abort()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True)
         raise
     pool.shutdown(wait=True)
 

@@ -288,9 +288,9 @@ def projection(run: dict[str, Any], total_steps: int) -> dict[str, Any]:
         + " + loop_overhead_s * events_total / events_n + outputs_s"
     return {"total_steps": total_steps, "projected_s": value, "formula": formula,
             "inputs": {"time_to_first_step_s": run["time_to_first_step_s"], "one_off_s": one_off,
-                       rate_key: run[rate_key], "loop_overhead_s": overhead, "events_n": events_n,
-                       "events_total": events_total, "loop_overhead_projected_s": loop,
-                       "outputs_s": run["outputs_s"]},
+                       rate_key: run[rate_key], "steps_s": (total_steps - 1) / run[rate_key],
+                       "loop_overhead_s": overhead, "events_n": events_n, "events_total": events_total,
+                       "loop_overhead_projected_s": loop, "outputs_s": run["outputs_s"]},
             "notes": "events are validation sheets and checkpoints, each assumed to cost what the measured "
                      "run's cost on average" + ("" if overhead is not None and events_n > 0 else
                                                " (not measured here: counted as 0)")
