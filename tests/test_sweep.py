@@ -382,7 +382,8 @@ def test_an_error_in_the_sweep_itself_stops_the_running_jobs_and_starts_no_more(
 
     def slow_run(job, slot):
         started.append(job.name)
-        stop.wait(2.0)  # a run that ends early when asked to (on_abort), as a worker does on SIGINT
+        if job.name != "r0":  # r0's result is the one that fails to save; the others run until asked to stop
+            stop.wait(5.0)  # a run that ends early when asked to (on_abort), as a worker does on SIGINT
         return RunResult(job.name, "interrupted" if stop.is_set() else "finished")
 
     def full_disk(result):
@@ -395,7 +396,9 @@ def test_an_error_in_the_sweep_itself_stops_the_running_jobs_and_starts_no_more(
     t0 = time.monotonic()
     with pytest.raises(OSError, match="No space"):
         run_in_slots(jobs, ["0", "1"], slow_run, full_disk, on_abort=abort)
-    assert aborted and len(started) <= 3 and time.monotonic() - t0 < 10
+    # r0 and r1 start; r0's slot may take r2 before r0's result is saved; nothing starts after that.
+    assert aborted and started[:2] in (["r0", "r1"], ["r1", "r0"]) and len(started) <= 3
+    assert time.monotonic() - t0 < 5  # the running jobs were asked to stop, not waited out
 
 
 def test_worker_processes_over_slots_take_each_run_once_and_stay_up(tmp_path):
