@@ -76,26 +76,44 @@ def slugify(text: str, max_length: int = 40) -> str:
     return slug[:max_length].rstrip("_") or "run"
 
 
+def _cannot_create(run_dir: Path, err: OSError) -> OutputPathError:
+    return OutputPathError(f"cannot create the run directory '{run_dir}' ({err.strerror}). "
+                           f"Set train.output_dir to a writable folder.")
+
+
 def create_run_dir(cfg: DictConfig) -> Path:
-    """Make a fresh run directory under ``train.output_dir``; refuse to reuse an existing one."""
+    """Make a fresh run directory under ``train.output_dir``; refuse to reuse an existing one.
+
+    Without ``train.run_name`` the name is the prompt's slug and the time to the second; runs of one
+    prompt started within the same second (a shell loop over seeds, two terminals) get ``-2``,
+    ``-3``, ... after it instead of failing as "already exists". Each name is claimed by an atomic
+    ``mkdir``, so two processes never get the same directory.
+    """
     parent = Path(cfg.train.output_dir).expanduser()
     given = cfg.train.run_name
-    name = check_plain_name(given) if given != "" else \
-        f"{slugify(cfg.prompt)}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = parent / name
-    if run_dir.exists():
+    if given != "":
+        names = [check_plain_name(given)]
+    else:
+        stamped = f"{slugify(cfg.prompt)}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        names = [stamped] + [f"{stamped}-{i}" for i in range(2, 1000)]
+    for name in names:
+        run_dir = parent / name
+        try:
+            run_dir.mkdir(parents=True)  # not exist_ok: a run directory is never reused
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise _cannot_create(run_dir, err) from None
+        break
+    else:
         raise RunDirError(
             f"run directory '{run_dir}' already exists; carv3d never overwrites a run. "
             f"Continue it with `carv3d train --resume {run_dir}`, or choose another train.run_name."
         )
     try:
-        run_dir.mkdir(parents=True)  # not exist_ok: a run directory is never reused
         make_writable_folder(run_dir)
     except OSError as err:
-        raise OutputPathError(
-            f"cannot create the run directory '{run_dir}' ({err.strerror}). "
-            f"Set train.output_dir to a writable folder."
-        ) from None
+        raise _cannot_create(run_dir, err) from None
     with reporting_full_disk(run_dir / CONFIG_FILE, f"Nothing was trained yet. Free some space and start again; "
                              f"remove the empty run directory {run_dir} first (or choose another train.run_name)."):
         atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))

@@ -58,6 +58,50 @@ def test_plain_run_names_and_the_default_name_are_accepted(tmp_path):
     assert check_plain_name("0") == "0"
 
 
+def test_runs_of_one_prompt_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
+    """The default name holds the time to the second: the second of two runs started within it (a shell
+    loop over seeds) failed as "already exists", and two processes could both pass the existence check
+    before either made the directory. Here the clock stands still and eight threads start at once."""
+    import datetime
+    import threading
+    from types import SimpleNamespace
+
+    import carv3d.run_dir as run_dir_module
+
+    class StoppedClock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(run_dir_module, "_dt", SimpleNamespace(datetime=StoppedClock))
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path}"], prompt="a red cube")
+    assert create_run_dir(cfg).name == "a_red_cube-20260102-030405"
+    assert create_run_dir(cfg).name == "a_red_cube-20260102-030405-2"
+
+    start = threading.Barrier(8)
+    made, errors = [], []
+
+    def start_a_run():
+        start.wait()
+        try:
+            made.append(create_run_dir(cfg))
+        except Exception as err:  # recorded, asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=start_a_run) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(set(made)) == 8
+    assert sorted(p.name for p in made) == sorted(f"a_red_cube-20260102-030405-{i}" for i in range(3, 11))
+    # A name the user chose is never given a suffix: an existing one is refused as before.
+    cfg.train.run_name = "mine"
+    create_run_dir(cfg)
+    with pytest.raises(RunDirError, match="already exists"):
+        create_run_dir(cfg)
+
+
 def test_sweeps_use_the_same_name_check(tmp_path):
     from carv3d.sweep import SweepError, load_sweep
 
