@@ -3,11 +3,15 @@ errors a user meets before anything runs (Ray missing, an address that does not 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import shutil
 import socket
 import sys
+import tempfile
 import time
+from typing import Iterator
 
 import pytest
 
@@ -16,7 +20,21 @@ from carv3d.sweep import SweepError, run_sweep
 from test_sweep import tiny_sweep_overrides, write_sweep
 
 
-def test_ray_sweep_on_a_local_instance_runs_both_runs_into_the_sweep_directory(tiny_sd_path, tmp_path):
+@pytest.fixture
+def no_ray_to_find(monkeypatch) -> Iterator[None]:
+    """``ray.init()`` without an address first connects to RAY_ADDRESS, then to the cluster that a
+    ``ray start`` on this machine recorded in ``<temp dir>/ray/ray_current_cluster``; only without
+    either does it start a local instance. Neither may leak in from the machine or the shell: a
+    temp dir of the test's own (short: Ray's socket paths must stay under 107 bytes, which pytest's
+    tmp_path is not) and no RAY_ADDRESS."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    folder = tempfile.mkdtemp(prefix="carv3d-ray-")
+    monkeypatch.setenv("RAY_TMPDIR", folder)
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ray_sweep_on_a_local_instance_runs_both_runs_into_the_sweep_directory(tiny_sd_path, tmp_path, no_ray_to_find):
     pytest.importorskip("ray")
     overrides = tiny_sweep_overrides(tiny_sd_path, steps=2)
     path = write_sweep(tmp_path, json.dumps({"name": "on-ray", "overrides": overrides, "grid": {"train.seed": [0, 1]},
@@ -40,23 +58,29 @@ def test_ray_sweep_on_a_local_instance_runs_both_runs_into_the_sweep_directory(t
     assert not (spec.directory / ".carv3d-sweep-token").exists()
 
 
-def _closed_loopback_port() -> int:
+@contextlib.contextmanager
+def _a_port_nothing_listens_on() -> Iterator[int]:
+    """A loopback port held by a socket that is bound but never listens: a connect there is refused.
+    Held, not closed: a closed port is free for any process to bind and listen on before the check
+    connects (and a connect from an ephemeral port can even reach itself)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed when the socket is: nothing listens there
+        yield s.getsockname()[1]
 
 
 def test_a_ray_address_that_does_not_answer_fails_fast_before_anything_runs(tmp_path, capsys):
     pytest.importorskip("ray")
     path = write_sweep(tmp_path, json.dumps({"overrides": {"prompt": "a red cube"}, "grid": {"train.seed": [0]},
                                              "output_dir": str(tmp_path / "sweeps")}))
-    address = f"127.0.0.1:{_closed_loopback_port()}"
-    started = time.monotonic()
-    code = main(["sweep", str(path), "--backend", "ray", "--address", address])
+    with _a_port_nothing_listens_on() as port:
+        address = f"127.0.0.1:{port}"
+        started = time.monotonic()
+        code = main(["sweep", str(path), "--backend", "ray", "--address", address])
+        seconds = time.monotonic() - started
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"Ray address '{address}' does not answer" in err and "ray start --head" in err
-    assert time.monotonic() - started < 10
+    assert seconds < 10  # refused at once; ray.init would wait for minutes
     assert not (tmp_path / "sweeps").exists()
     assert main(["sweep", str(path), "--backend", "ray", "--address", "headnode"]) == 2
     assert "is not HOST:PORT" in capsys.readouterr().err
