@@ -45,8 +45,10 @@ SAMPLES_PER_PROMPT = 4
 def teacher():
     from carv3d.teacher.diffusers_teacher import DiffusersTeacher
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return DiffusersTeacher.from_folder(ASSETS, device="cpu", dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, threads)))  # this module's figures were taken on 2 threads
+    yield DiffusersTeacher.from_folder(ASSETS, device="cpu", dtype=torch.float32)
+    torch.set_num_threads(threads)  # the modules after this one run as they would alone
 
 
 def _conditioning(teacher, prompts: list[str], views: list):
