@@ -83,13 +83,22 @@ def create_run_dir(cfg: DictConfig) -> Path:
     name = check_plain_name(given) if given != "" else \
         f"{slugify(cfg.prompt)}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = parent / name
-    if run_dir.exists():
-        raise RunDirError(
-            f"run directory '{run_dir}' already exists; carv3d never overwrites a run. "
-            f"Continue it with `carv3d train --resume {run_dir}`, or choose another train.run_name."
-        )
+    # A name of the prompt and the second: two runs of one prompt started in the same second (a job
+    # array, `xargs -P`) take `-2`, `-3`, ... instead of the second one failing.
+    suffix = 1
     try:
-        run_dir.mkdir(parents=True)  # not exist_ok: a run directory is never reused
+        while True:
+            try:
+                run_dir.mkdir(parents=True)  # not exist_ok: a run directory is never reused
+                break
+            except FileExistsError:
+                if given != "" or suffix >= 1000:
+                    raise RunDirError(
+                        f"run directory '{run_dir}' already exists; carv3d never overwrites a run. "
+                        f"Continue it with `carv3d train --resume {run_dir}`, or choose another train.run_name."
+                    ) from None
+                suffix += 1
+                run_dir = parent / f"{name}-{suffix}"
         make_writable_folder(run_dir)
     except OSError as err:
         raise OutputPathError(

@@ -50,6 +50,28 @@ def test_run_name_that_is_not_a_plain_directory_name_is_refused_before_anything_
     assert not Path("/some/where").exists()
 
 
+def test_two_runs_of_one_prompt_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """Two `carv3d train --prompt "a red cube"` started together (xargs -P, a job array): the second one
+    failed after loading its teacher, told to `--resume` the first one's run."""
+    import datetime
+    import carv3d.run_dir as run_dir_module
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 12, 7, 1, 2, 3)
+
+    monkeypatch.setattr(run_dir_module._dt, "datetime", Frozen)
+    cfg = load_config(overrides=[f"train.output_dir={tmp_path}"], prompt="a red cube")
+    made = [create_run_dir(cfg) for _ in range(3)]
+    assert [d.name for d in made] == ["a_red_cube-20261207-010203", "a_red_cube-20261207-010203-2",
+                                      "a_red_cube-20261207-010203-3"]
+    assert all((d / "config.yaml").is_file() for d in made)
+    cfg.train.run_name = made[0].name  # a name the user chose is still never reused
+    with pytest.raises(RunDirError, match="already exists"):
+        create_run_dir(cfg)
+
+
 def test_plain_run_names_and_the_default_name_are_accepted(tmp_path):
     cfg = load_config(overrides=[f"train.output_dir={tmp_path}", "train.run_name=red-cube_seed0.v2"], prompt="a cube")
     assert create_run_dir(cfg) == tmp_path / "red-cube_seed0.v2"
