@@ -179,6 +179,30 @@ def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tin
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("options, fragments", [
+    (["--frames", "0"], ["--frames 0", "1 to 10000"]),  # was ZeroDivisionError
+    (["--frames", "-3"], ["--frames -3"]),  # was "upper bound and lower bound inconsistent"
+    (["--resolution", "0"], ["--resolution 0", "1 to 4096"]),  # was IndexError
+    (["--fps", "0"], ["--fps 0", "1 to 240"]),  # wrote a video of 0 frames per second
+    (["--fps", "-1"], ["--fps -1"]),  # was ffmpeg's stderr and a traceback
+    (["--out", "turntable.gif"], ["not an .mp4 file"]),  # was "`FFMPEG` can not handle the given uri"
+    (["--out", "turntable"], ["not an .mp4 file"]),
+])
+def test_render_options_out_of_range_are_one_line_errors(capsys, tmp_path, monkeypatch, options, fragments):
+    """`carv3d render` with a frame count, size or rate it cannot use (or a non-MP4 --out) loaded the scene,
+    then ended in a traceback from the renderer or the video encoder."""
+    import carv3d.saved_scene
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the scene was loaded before the options were checked")
+
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_loading)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "render", str(tmp_path / "some_run"), *options)
+    assert_user_error(code, err, *fragments)
+    assert sorted(tmp_path.rglob("*")) == []
+
+
 @pytest.mark.parametrize("delay", [0.5, 1.5])
 def test_ctrl_c_while_starting_up_exits_130_without_a_traceback(tmp_path, delay):
     """Ctrl-C in the first seconds (torch still importing) printed a traceback and died by SIGINT."""
