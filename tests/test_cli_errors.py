@@ -156,6 +156,11 @@ def test_export_bad_input(capsys, tmp_path, tiny_sd_path):
     import trimesh
 
     assert len(trimesh.load(tmp_path / "o3" / "mesh.ply", process=False).faces) > 0
+    # A threshold above every density: "the mesh is empty", and the (empty) folders made for it were left behind.
+    code, err = run_cli(capsys, "export", str(run_dir), "--format", "ply", "--resolution", "16", "--threshold", "1e9",
+                        "--out", str(tmp_path / "o4" / "deep"))
+    assert_user_error(code, err, "the mesh is empty")
+    assert not (tmp_path / "o4").exists()
 
 
 def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tiny_sd_path, monkeypatch):
