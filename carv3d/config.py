@@ -573,8 +573,14 @@ def _translate(err: OmegaConfBaseException, source: str, schema: Optional[DictCo
         )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
+        expected = _expected_type(key)
+        hint = ""
+        if expected.startswith("List") and "ListConfig" in msg:  # `export.formats=glb,obj`, or a scalar in a file
+            default = [str(v) for v in (OmegaConf.select(schema, key, default=None) or [])[:2]] if schema else []
+            hint = (f"A list is written in brackets: '{key}=[{','.join(default) or '...'}]' on the command line, "
+                    f"or {key.rsplit('.', 1)[-1]}: [{', '.join(default) or '...'}] in a YAML file.")
         return ConfigError(
-            f"wrong type for config key '{key}'{where}: expected {_expected_type(key)}. ({msg})"
+            f"wrong type for config key '{key}'{where}: expected {expected}. {hint or f'({msg})'}"
         )
     return ConfigError(f"invalid config{where}: {str(err).splitlines()[0]}")
 
@@ -602,11 +608,38 @@ def _preset_schema(types: Types, preset: Optional[str]) -> DictConfig:
     return schema if preset is None else _merge(schema, ESTIMATOR_PRESETS[preset], f"preset {preset}")
 
 
+def _section_given_a_value(cfg: DictConfig, layer: Any, prefix: str = "") -> Optional[str]:
+    """The first key of ``layer`` that is a section of ``cfg`` (``train``, ``scene.grid``) but holds a
+    plain value there (``train: 5``), or None. OmegaConf's merge error for it names no key."""
+    if not isinstance(layer, DictConfig):
+        return None
+    for key in layer.keys():
+        if key not in cfg or not isinstance(cfg._get_node(key), DictConfig):
+            continue
+        value = layer._get_node(key)
+        if not isinstance(value, DictConfig):
+            return f"{prefix}{key}"
+        found = _section_given_a_value(cfg._get_node(key), value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
+
+
 def _merge_into(cfg: DictConfig, layer: Any, source: str) -> None:
     """Merge ``layer`` into ``cfg`` in place (``cfg`` is a fresh copy; the layer is not reused)."""
     try:
         OmegaConf.unsafe_merge(cfg, layer)
     except OmegaConfBaseException as err:
+        section = _section_given_a_value(cfg, layer)
+        if section:
+            keys = [k for k in all_keys(OmegaConf.select(cfg, section), f"{section}.")][:3]
+            empty = OmegaConf.select(layer, section) is None  # `train:` with every key under it commented out
+            raise ConfigError(
+                f"config key '{section}' (in {source}) is a section of keys ({', '.join(keys)}, ...), "
+                f"{'but it is empty' if empty else 'not a value'}; set a key inside it, e.g. {keys[0]}=..., "
+                f"or give it a mapping ({section.rsplit('.', 1)[-1]}: {{{keys[0].rsplit('.', 1)[-1]}: ...}})"
+                f"{', or remove it' if empty else ''}."
+            ) from None
         raise _translate(err, source, cfg) from None
 
 
@@ -617,15 +650,70 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _translate(err, source) from None
 
 
+def _duplicate_key(node: Any) -> Optional[tuple[str, int, int]]:
+    """The first key that a mapping of the YAML node tree repeats: (dotted key, its line, the first
+    line), or None. PyYAML keeps the last of two equal keys without a word, so a second ``train:``
+    section would silently replace the first one's keys."""
+    import yaml
+
+    def walk(n: Any, prefix: str) -> Optional[tuple[str, int, int]]:
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in n.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                dotted = f"{prefix}{key}"
+                if key is not None and key in seen:
+                    return dotted, key_node.start_mark.line + 1, seen[key]
+                if key is not None:
+                    seen[key] = key_node.start_mark.line + 1
+                found = walk(value_node, f"{dotted}.")
+                if found:
+                    return found
+        elif isinstance(n, yaml.SequenceNode):
+            for item in n.value:
+                found = walk(item, prefix)
+                if found:
+                    return found
+        return None
+
+    return walk(node, "")
+
+
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (presets live in configs/).")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist. Presets live in configs/.")
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:  # a malformed file
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: config file is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML.") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror}).") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        raw = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as err:  # a malformed file: say where, as the sweep files do
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = ""
+        if err.context and err.context_mark is not None:  # where the unclosed thing began
+            context = f"{err.context} started at line {err.context_mark.line + 1}: "
+        tabs = " YAML indents with spaces, not tabs." if "\\t" in str(err.problem) else ""
+        raise ConfigError(f"{where}: config file is not valid YAML ({context}{err.problem}). "
+                          f"Check the indentation, brackets and quoting there.{tabs}") from None
+    except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
+    duplicate = _duplicate_key(node) if node is not None else None
+    if duplicate:
+        key, line, first = duplicate
+        raise ConfigError(f"{path}:{line}: '{key}' is set twice (first on line {first}); YAML keeps only the "
+                          f"last, so the first one's values would be lost. Merge them into one.")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -36,17 +36,27 @@ def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one line per logged step) and, when installed, TensorBoard scalars."""
+    """metrics.jsonl (one line per logged step) and, when installed, TensorBoard scalars.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    ``start_step``: the step training continues from (a resumed run's checkpoint). The rows a run
+    logged after its last checkpoint, before it was killed, are dropped from metrics.jsonl (with a
+    half-written last line) and purged from TensorBoard, so the continued run's rows for those steps
+    are the only ones.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
+        if self.path.is_file():
+            drop_rows_after(self.path, start_step)
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events at and after it that an earlier process wrote
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step > 0 else None)
             except ImportError:  # tensorboard is a dependency, but keep training if it is broken
                 logger.warning("tensorboard is not importable; metrics go to metrics.jsonl only")
 
@@ -67,6 +77,30 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite metrics.jsonl without its rows past ``step`` and any line that is not whole JSON (a
+    write cut off by a kill); returns how many lines were dropped. Untouched when nothing is dropped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    dropped = sum(1 for line in lines if line.strip()) - len(kept)
+    if dropped:
+        with reporting_full_disk(path, "Nothing is lost: the last checkpoint is intact. Free some space, then "
+                                 f"continue with `carv3d train --resume {path.parent}`."):
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(kept), encoding="utf-8")
+        logger.info("metrics.jsonl: dropped %d row(s) logged after the checkpoint at step %d", dropped, step)
+    return dropped
 
 
 # Rays per renderer call of the end-of-run renders (sheets; the turntable and the export's silhouettes

@@ -252,7 +252,7 @@ class Trainer:
         assert self.run_dir is not None
         write_status(self.run_dir, status="running", step=self.step, steps=int(cfg.train.steps),
                      elapsed_seconds=self.elapsed_seconds, backends={**self.scene.backends, "device": str(self.device)})
-        writer = outputs.MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard)
+        writer = outputs.MetricsWriter(self.run_dir, tensorboard=cfg.train.tensorboard, start_step=self.step)
         bar = tqdm(total=int(cfg.train.steps), initial=self.step, desc="carv3d train", unit="step",
                    disable=not cfg.train.progress, dynamic_ncols=True)
         interrupted = False

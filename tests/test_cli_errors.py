@@ -158,6 +158,11 @@ def test_export_bad_input(capsys, tmp_path, tiny_sd_path):
     import trimesh
 
     assert len(trimesh.load(tmp_path / "o3" / "mesh.ply", process=False).faces) > 0
+    # A threshold above every density: "the mesh is empty", and the (empty) folders made for it were left behind.
+    code, err = run_cli(capsys, "export", str(run_dir), "--format", "ply", "--resolution", "16", "--threshold", "1e9",
+                        "--out", str(tmp_path / "o4" / "deep"))
+    assert_user_error(code, err, "the mesh is empty")
+    assert not (tmp_path / "o4").exists()
 
 
 def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tiny_sd_path, monkeypatch):
@@ -179,6 +184,30 @@ def test_render_checks_its_output_before_loading_the_scene(capsys, tmp_path, tin
     code, err = run_cli(capsys, "render", str(tmp_path / "r"))  # the run's own turntable.mp4 exists
     assert_user_error(code, err, "already exists", "--overwrite")
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--frames", "0"], ["--frames 0", "1 to 10000"]),  # was ZeroDivisionError
+    (["--frames", "-3"], ["--frames -3"]),  # was "upper bound and lower bound inconsistent"
+    (["--resolution", "0"], ["--resolution 0", "1 to 4096"]),  # was IndexError
+    (["--fps", "0"], ["--fps 0", "1 to 240"]),  # wrote a video of 0 frames per second
+    (["--fps", "-1"], ["--fps -1"]),  # was ffmpeg's stderr and a traceback
+    (["--out", "turntable.gif"], ["not an .mp4 file"]),  # was "`FFMPEG` can not handle the given uri"
+    (["--out", "turntable"], ["not an .mp4 file"]),
+])
+def test_render_options_out_of_range_are_one_line_errors(capsys, tmp_path, monkeypatch, options, fragments):
+    """`carv3d render` with a frame count, size or rate it cannot use (or a non-MP4 --out) loaded the scene,
+    then ended in a traceback from the renderer or the video encoder."""
+    import carv3d.saved_scene
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the scene was loaded before the options were checked")
+
+    monkeypatch.setattr(carv3d.saved_scene, "load_scene", no_loading)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "render", str(tmp_path / "some_run"), *options)
+    assert_user_error(code, err, *fragments)
+    assert sorted(tmp_path.rglob("*")) == []
 
 
 def _wait_until_torch_loads(proc: subprocess.Popen, timeout: float = 120.0) -> None:

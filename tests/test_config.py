@@ -129,6 +129,48 @@ def test_malformed_inputs(tmp_path):
         load_config(scalar)
 
 
+@pytest.mark.parametrize("text, fragments", [
+    # Only the parser's first line ("while scanning for the next token") was shown: no line, no cause.
+    ("train:\n\tsteps: 5\n", ["bad.yaml:2:1:", "not valid YAML", "'\\t'", "spaces, not tabs"]),
+    ("render:\n  width: [32\n", ["bad.yaml:3:1:", "started at line 2", "expected ',' or ']'"]),
+    # PyYAML kept the last of two equal keys: the first `train:` section's steps were silently lost.
+    ("train:\n  steps: 5\nrender:\n  width: 32\ntrain:\n  seed: 3\n", ["bad.yaml:5:", "'train' is set twice", "line 1"]),
+    ("train:\n  steps: 5\n  steps: 6\n", ["bad.yaml:3:", "'train.steps' is set twice"]),
+    # A section given a value: "wrong type for config key '' ... int is not a subclass of TrainConfig".
+    ("train: 5\n", ["'train'", "is a section of keys", "train.steps"]),
+    ("scene:\n  grid: 3\n", ["'scene.grid'", "is a section of keys", "scene.grid.n_levels"]),
+    ("train:\n", ["'train'", "but it is empty"]),
+    ("export:\n  formats: glb\n", ["export.formats", "formats: [glb, ply]"]),
+])
+def test_malformed_config_files_say_where_and_what(tmp_path, text, fragments):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+    assert "key ''" not in str(err.value) and "AnyNode" not in str(err.value)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p.write_bytes("train:\n  steps: 5\n".encode("utf-16")), "not UTF-8 text"),  # was a UnicodeDecodeError
+    (lambda p: p.mkdir(), "is a directory"),  # was "does not exist"
+])
+def test_unreadable_config_files_are_config_errors(tmp_path, make, fragment):
+    path = tmp_path / "config.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(path)
+
+
+def test_a_list_key_given_a_plain_value_shows_the_list_syntax():
+    """`export.formats=glb,obj` (the spelling of `carv3d export --format`) said "AnyNode is not a ListConfig"."""
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["export.formats=glb,obj"])
+    assert "'export.formats=[glb,ply]'" in str(err.value) and "AnyNode" not in str(err.value)
+    assert load_config(overrides=["export.formats=[glb,obj]"]).export.formats == ["glb", "obj"]
+
+
 def test_noise_draws_accepts_int_and_auto():
     assert load_config(overrides=["estimator.noise_draws=8"]).estimator.noise_draws == 8
     assert load_config(overrides=["estimator.noise_draws=auto"]).estimator.noise_draws == "auto"

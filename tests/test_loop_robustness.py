@@ -173,3 +173,23 @@ def test_a_full_disk_stops_the_run_truthfully_and_it_resumes(tiny_sd_path, tmp_p
     assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 2
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert resume(run_dir) == run_dir and _status(run_dir)["status"] == "finished"
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_sd_path, tmp_path):
+    """kill -9 after step 90's row but before its checkpoint (at step 50), then --resume: metrics.jsonl
+    held steps 60-90 twice (the killed run's and the continued run's), and TensorBoard drew both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train(_cfg(tiny_sd_path, tmp_path, "killed", **{"train.tensorboard": True, "export.at_end": False,
+                                                               "train.turntable_frames": 0}))
+    # As a kill leaves it: the rows of steps 3-4 written, the newest checkpoint at step 2, a line cut short.
+    (run_dir / "checkpoints" / "step_0000004.pt").unlink()
+    (run_dir / "checkpoints" / "LATEST").write_text("step_0000002.pt\n")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "sds_gradi')
+    assert resume(run_dir, ["train.steps=4"]) == run_dir
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("sds_gradient_norm")] == [1, 2, 3, 4]

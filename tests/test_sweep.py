@@ -151,11 +151,17 @@ BAD_SWEEPS = [
     ("", ["sweep file is empty"]),
     ("- a\n- b\n", ["mapping with sections"]),
     ("name: ../escape\ngrid: {train.seed: [0]}\n", [":1:", "plain directory name"]),
+    # PyYAML kept the second `grid:` alone: the sweep ran 2 runs where the file asked for 2 x 2.
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0, 1]\ngrid:\n  train.steps: [1, 2]\n",
+     [":4:", "'grid' is set twice", "first on line 2"]),
+    ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0]\n  train.seed: [1]\n", [":4:", "'grid.train.seed' is set twice"]),
+    ("base: base.yaml\ngrid: {train.seed: [0]}\n", ["base.yaml:3:1:", "not valid YAML", "spaces, not tabs"]),
 ]
 
 
 @pytest.mark.parametrize("text, fragments", BAD_SWEEPS, ids=[f"bad{i}" for i in range(len(BAD_SWEEPS))])
 def test_bad_sweep_files_fail_before_any_run_naming_the_line(tmp_path, capsys, text, fragments):
+    (tmp_path / "base.yaml").write_text("prompt: a red cube\ntrain:\n\tsteps: 5\n")  # a tab: not YAML
     path = write_sweep(tmp_path, text)
     code = main(["sweep", str(path)])
     err = capsys.readouterr().err
@@ -164,6 +170,19 @@ def test_bad_sweep_files_fail_before_any_run_naming_the_line(tmp_path, capsys, t
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert not (tmp_path / "runs").exists()  # nothing was written, nothing ran
+
+
+@pytest.mark.parametrize("where", ["sweep", "base"])
+def test_a_sweep_or_base_file_that_is_not_utf8_is_one_line_error(tmp_path, capsys, where):
+    """A file saved as UTF-16 (or any non-UTF-8 bytes) ended `carv3d sweep` with a UnicodeDecodeError traceback."""
+    (tmp_path / "base.yaml").write_bytes("prompt: a red cube\n".encode("utf-16"))
+    path = write_sweep(tmp_path, "base: base.yaml\ngrid: {train.seed: [0]}\n")
+    if where == "sweep":
+        path.write_bytes(path.read_text().encode("utf-16"))
+    code = main(["sweep", str(path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert "not UTF-8 text" in err and f"{where}.yaml" in err
 
 
 def test_cli_options_are_checked(tmp_path, capsys):

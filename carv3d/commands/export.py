@@ -35,7 +35,8 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
 
     from carv3d.errors import ConfigError
     from carv3d.export.from_scene import export_scene
-    from carv3d.export.pipeline import TEXTURED_FORMATS, check_options, check_targets, parse_threshold, planned_files
+    from carv3d.export.pipeline import (TEXTURED_FORMATS, check_options, check_targets, parse_threshold, planned_files,
+                                        removing_new_empty_folders)
     from carv3d.saved_scene import load_scene
     from carv3d.run_dir import load_run_config, require_run_dir
 
@@ -60,9 +61,10 @@ def export_command(run_dir: str, formats: Optional[str] = None, resolution: Opti
                          resolution=int(export_cfg.resolution), faces=int(export_cfg.faces))
     out_dir = Path(out) if out else run / "mesh"
     textured = int(export_cfg.texture_size) > 0 and any(f in TEXTURED_FORMATS for f in fmts)
-    check_targets(planned_files(out_dir, fmts, textured), overwrite)
-    scene = load_scene(run)
-    files = export_scene(scene.scene, out_dir, export_cfg, overwrite=overwrite)
+    with removing_new_empty_folders(out_dir):
+        check_targets(planned_files(out_dir, fmts, textured), overwrite)
+        scene = load_scene(run)
+        files = export_scene(scene.scene, out_dir, export_cfg, overwrite=overwrite)
     return list(files.values())
 
 

@@ -23,14 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def render_command(run_dir: str, frames: int = 60, resolution: int = 256, fps: int = 24, out: Optional[str] = None,
                    overwrite: bool = False, progress: bool = True) -> Path:
-    """Check the output path (before the scene is loaded and rendered), then write the turntable."""
-    from carv3d.errors import OutputPathError
+    """Check the options and the output path (before the scene is loaded and rendered), then write the turntable."""
+    from carv3d.config import MAX_IMAGE_SIZE
+    from carv3d.errors import ConfigError, OutputPathError
     from carv3d.io import make_writable_folder
     from carv3d.log import logger
     from carv3d.render.turntable import render_turntable, write_video
     from carv3d.saved_scene import load_scene
     from carv3d.run_dir import require_run_dir
 
+    # The ranges of the run's own train.turntable_frames (without its 0 = no video), train.turntable_fps
+    # and train.val_resolution: outside them the render or the encoder failed with a traceback.
+    for option, value, low, high, example in (("--frames", frames, 1, 10**4, 60), ("--fps", fps, 1, 240, 24),
+                                              ("--resolution", resolution, 1, MAX_IMAGE_SIZE, 256)):
+        if not low <= value <= high:
+            raise ConfigError(f"{option} {value} is out of range; use {low} to {high} (e.g. {option} {example}).")
+    if out and Path(out).suffix.lower() != ".mp4":
+        raise OutputPathError(f"--out '{out}' is not an .mp4 file; the turntable is written as H.264 MP4 "
+                              f"(e.g. --out turntable_256.mp4).")
     target = Path(out) if out else require_run_dir(run_dir) / "turntable.mp4"
     if target.exists() and not overwrite:
         raise OutputPathError(f"'{target}' already exists; pass --overwrite to replace it or --out to write elsewhere.")

@@ -15,13 +15,14 @@ written without replacing anything. The files are written as a set: a failure le
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -138,6 +139,21 @@ def planned_files(out_dir: Path, formats: Sequence[str], textured: bool) -> dict
     if textured and "obj" in formats:
         files["mtl"], files["texture"] = obj_sidecars(files["obj"])
     return files
+
+
+@contextlib.contextmanager
+def removing_new_empty_folders(out_dir: Union[str, Path]) -> Iterator[None]:
+    """On an error inside the block (an empty mesh, Ctrl-C), remove the folders up to ``out_dir`` that
+    did not exist before it and are still empty: :func:`check_targets` makes the folder before the slow
+    work, and a failed export left it behind empty."""
+    created = [folder for folder in (Path(out_dir), *Path(out_dir).parents) if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first; rmdir removes only empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def check_targets(files: dict[str, Path], overwrite: bool) -> None:
@@ -361,8 +377,9 @@ def export_mesh(field: Any, out_dir: Union[str, Path], export_cfg: Any = None, f
                             resolution=int(export_cfg.resolution), faces=int(export_cfg.faces))
     parse_threshold(export_cfg.threshold)
     textured = int(export_cfg.texture_size) > 0 and any(f in TEXTURED_FORMATS for f in formats)
-    check_targets(planned_files(Path(out_dir), formats, textured), overwrite)
-    mesh = build_mesh(field, export_cfg, textured=textured, nerf_opacity=nerf_opacity, cameras=cameras)
-    files = write_mesh(mesh, out_dir, formats, overwrite=overwrite)
+    with removing_new_empty_folders(out_dir):
+        check_targets(planned_files(Path(out_dir), formats, textured), overwrite)
+        mesh = build_mesh(field, export_cfg, textured=textured, nerf_opacity=nerf_opacity, cameras=cameras)
+        files = write_mesh(mesh, out_dir, formats, overwrite=overwrite)
     logger.info("export timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in mesh.timings.items()))
     return files

@@ -364,6 +364,8 @@ def _resolve(spec: SweepSpec, run: RunSpec, key_paths: dict[str, tuple[Any, ...]
         message = str(err).replace(" (in command-line overrides)", "")
         bad = re.search(r"'([A-Za-z0-9_.]+)'", message)
         where = _where(spec, run, bad.group(1), key_paths, loc) if bad else (str(spec.base) if spec.base else str(spec.file))
+        if spec.base is not None and message.startswith(f"{spec.base}:"):  # already FILE:LINE in the base config
+            raise SweepError(message) from None
         raise SweepError(f"{where}: {message} (run '{run.name}': {json.dumps(run.axes, default=str)})") from None
     if not str(cfg.prompt).strip():
         raise SweepError(f"{spec.file}: run '{run.name}' has an empty prompt; set 'prompt' in the base config, "

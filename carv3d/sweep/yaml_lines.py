@@ -16,9 +16,16 @@ def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """
     import yaml
 
+    if path.is_dir():
+        raise SweepError(f"sweep file '{path}' is a directory; pass a YAML file (examples live in configs/sweeps/).")
     if not path.is_file():
         raise SweepError(f"sweep file '{path}' does not exist. Examples live in configs/sweeps/.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SweepError(f"sweep file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML.") from None
+    except OSError as err:
+        raise SweepError(f"sweep file '{path}' cannot be read ({err.strerror}).") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -42,6 +49,10 @@ def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 key = (prefix + (key_node.value,))
+                if key in lines:  # PyYAML keeps the last of two equal keys without a word
+                    raise SweepError(f"{path}:{key_node.start_mark.line + 1}: '{'.'.join(map(str, key))}' is set "
+                                     f"twice (first on line {lines[key]}); YAML keeps only the last, so the first "
+                                     f"one's values would be lost. Merge them into one.")
                 lines[key] = key_node.start_mark.line + 1
                 walk(value_node, key)
         elif isinstance(n, yaml.SequenceNode):
