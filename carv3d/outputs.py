@@ -18,6 +18,7 @@ import torch
 from carv3d.cameras import orbit_cameras
 from carv3d.io import atomic_path, reporting_full_disk
 from carv3d.log import logger
+from carv3d.run_dir import METRICS_FILE
 from carv3d.render.turntable import image_grid, render_turntable, to_uint8, write_image, write_video
 
 
@@ -45,7 +46,7 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if self.path.is_file():
             drop_rows_after(self.path, start_step)
         self._file = self.path.open("a")

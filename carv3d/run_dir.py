@@ -40,6 +40,7 @@ from carv3d.io import (FileLock, LockHeld, atomic_write_text, make_writable_fold
 
 CONFIG_FILE = "config.yaml"
 STATUS_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"  # written by carv3d.outputs.MetricsWriter, rewritten on resume
 LOCK_FILE = "run.lock"
 # A plain directory name: starts with a letter or digit (so never "." or ".." or hidden), then
 # letters, digits, '.', '_', '-'. No separators, no spaces, nothing a shell or another OS mangles.
@@ -131,7 +132,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
     Once the lock is held, no other carv3d process writes checkpoints here, so temporary files that
     a killed write left behind are stale and are removed
-    (:func:`carv3d.checkpoint.remove_stale_temporaries`, and those of run.json / config.yaml).
+    (:func:`carv3d.checkpoint.remove_stale_temporaries`, and those of run.json / config.yaml / metrics.jsonl).
 
     Raises:
         RunLockedError: another process holds the lock (the message names its pid and host).
@@ -152,7 +153,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                           f"training needs a writable run directory. Fix its permissions or copy the run elsewhere.") from None
     try:
         remove_stale_temporaries(run_dir)
-        for tmp in temporaries_of(run_dir, (re.escape(Path(STATUS_FILE).stem), re.escape(Path(CONFIG_FILE).stem))):
+        stems = (re.escape(Path(STATUS_FILE).stem), re.escape(Path(CONFIG_FILE).stem), re.escape(Path(METRICS_FILE).stem))
+        for tmp in temporaries_of(run_dir, stems):
             tmp.unlink(missing_ok=True)
         yield
     finally:

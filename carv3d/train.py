@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from carv3d import outputs
 from carv3d.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from carv3d.config import to_yaml
+from carv3d.config import check_prompt, to_yaml
 from carv3d.convergence import ConvergenceCheck, ConvergenceDetector
 from carv3d.devices import resolve_device
 from carv3d.errors import CheckpointError, TrainingDivergedError, UserError
@@ -36,7 +36,7 @@ from carv3d.guard import NonFiniteGuard, gradient_norm
 from carv3d.io import atomic_write_text
 from carv3d.log import logger
 from carv3d.sizing import check_memory, size_for_device
-from carv3d.run_dir import check_plain_name, create_run_dir, load_run_config, require_run_dir, run_lock, write_status
+from carv3d.run_dir import METRICS_FILE, check_plain_name, create_run_dir, load_run_config, require_run_dir, run_lock, write_status
 from carv3d.step import DistillationStep
 from carv3d.teacher.base import Teacher
 
@@ -343,8 +343,9 @@ def train(cfg: DictConfig) -> Path:
     """Train a new run from a resolved config; returns the run directory."""
     # Everything that can fail on user input (the run name, teacher weights, prompt vocabulary,
     # backends) fails here, before a run directory exists: a failed start leaves nothing behind.
+    check_prompt(cfg.prompt)  # before the machine's sizing lines and the (slow) teacher load
     if cfg.train.run_name:
-        check_plain_name(cfg.train.run_name)  # before the (slow) teacher load
+        check_plain_name(cfg.train.run_name)
     trainer = Trainer(cfg)
     trainer.run_dir = create_run_dir(cfg)
     logger.info("run directory %s", trainer.run_dir)
@@ -369,7 +370,7 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> 
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

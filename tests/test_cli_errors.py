@@ -41,6 +41,13 @@ def test_empty_prompt(capsys, tmp_path):
     code, err = run_cli(capsys, "train", "--prompt", "   ", f"train.output_dir={tmp_path}")
     assert_user_error(code, err, "prompt is empty")
     assert not any(tmp_path.iterdir()), "nothing may be written for an empty prompt"
+    assert err.strip().count("\n") == 0, f"the error alone, not the machine's sizing lines before it: {err!r}"
+
+
+def test_resume_of_a_path_that_is_no_run_says_so_before_anything_else(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--resume", str(tmp_path / "no_such_run"))
+    assert_user_error(code, err, "no_such_run", "does not exist")
+    assert "continues in place" not in err  # the note about replacing a run's files is for a run
 
 
 def test_unknown_key_and_wrong_type(capsys, tmp_path):

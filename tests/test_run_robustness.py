@@ -205,7 +205,8 @@ def test_full_disk_during_export_names_the_file_and_leaves_no_partial_set(tmp_pa
 def test_run_lock_removes_stale_checkpoint_temporaries_and_nothing_else(tmp_path):
     run_dir = _run_with_checkpoint(tmp_path)
     ckpt = run_dir / "checkpoints"
-    stale = [ckpt / ".step_0000004.tmp-k2j3h4.pt", ckpt / ".LATEST.tmp-a8b9c0", run_dir / ".run.tmp-x1y2.json"]
+    stale = [ckpt / ".step_0000004.tmp-k2j3h4.pt", ckpt / ".LATEST.tmp-a8b9c0", run_dir / ".run.tmp-x1y2.json",
+             run_dir / ".metrics.tmp-q7r8s9.jsonl"]  # metrics.jsonl is rewritten on resume
     for path in stale:
         path.write_bytes(b"half")
     kept = [ckpt / "notes.txt", ckpt / ".step_0000004.pt", run_dir / "run.json"]

@@ -49,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
         if args.prompt is not None or args.config is not None:
             raise UserError("--resume continues a run with its own config; drop --prompt/--config (key=value overrides such as train.steps=2000 are allowed).")
         from carv3d.log import logger
+        from carv3d.run_dir import require_run_dir
         from carv3d.train import resume
 
+        require_run_dir(args.resume)  # a path that is no run fails before the note about replacing its files
         logger.info(resume_note(args.resume))
         run_dir = resume(args.resume, args.overrides)
     else:

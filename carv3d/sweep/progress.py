@@ -16,9 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from carv3d.run_dir import read_status
+from carv3d.run_dir import METRICS_FILE, read_status
 
-METRICS_FILE = "metrics.jsonl"
 SHOWN = 3  # runs named in the postfix; the rest are counted
 
 

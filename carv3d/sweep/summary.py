@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from carv3d.io import atomic_path, atomic_write_text
 from carv3d.log import logger
-from carv3d.run_dir import read_status, slugify
+from carv3d.run_dir import METRICS_FILE, read_status, slugify
 from carv3d.sweep.spec import SweepSpec
 from carv3d.sweep.state import RunResult
 
@@ -68,7 +68,7 @@ def _read_json(path: Path) -> Optional[Any]:
 
 def last_metrics(run_dir: Path) -> dict[str, float]:
     """Numbers of the last row of ``metrics.jsonl`` (without ``step`` and ``elapsed_seconds``)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return {}
     for line in reversed(path.read_text().splitlines()):
