@@ -152,7 +152,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             ) from None
         if isinstance(err, pickle.UnpicklingError):  # torch's text would suggest weights_only=False: never here
             first = "its data is not a valid pickle of tensors"
-        detail = f"{type(err).__name__}: {first[:200]}" if first else type(err).__name__
+        if len(first) > 200:  # torch's reasons run long; cut at a word, and say that it was cut
+            first = first[:200].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+        detail = f"{type(err).__name__}: {first}" if first else type(err).__name__
         raise CheckpointError(
             f"checkpoint '{path}' is corrupt or not a carv3d checkpoint ({detail}). Delete it and point "
             f"{LATEST_FILE} at an older step_*.pt, or start a new run."

@@ -433,6 +433,19 @@ def test_empty_random_and_truncated_checkpoints_are_a_checkpoint_error(tmp_path,
     assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
 
 
+def test_a_long_load_error_is_cut_at_a_word_and_marked(tmp_path, monkeypatch):
+    reason = "PytorchStreamReader failed reading zip archive: failed finding central directory " * 5
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError(reason)
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "step_0000001.pt")
+    quoted = str(err.value).split("(RuntimeError: ", 1)[1].split(" …)", 1)[0]
+    assert reason.startswith(quoted) and reason[len(quoted)] == " " and 150 < len(quoted) <= 200
+
+
 def test_benchmark_json_is_written_whole_or_not_at_all(tmp_path):
     """write_json_report: the folder is made, odd values become strings, and a report that cannot be
     written (NaN with allow_nan=False) leaves the previous complete file and no temporary behind."""
