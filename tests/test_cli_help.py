@@ -140,6 +140,7 @@ def test_resume_says_what_it_replaces_and_deletes(monkeypatch, capsys, tmp_path:
 
     calls = []
     monkeypatch.setattr(carv3d.train, "resume", lambda run_dir, overrides: calls.append((run_dir, overrides)) or run_dir)
+    (tmp_path / "config.yaml").write_text("prompt: a red cube\n")  # a run directory, as far as the note cares
     assert main(["train", "--resume", str(tmp_path), "train.steps=20"]) == 0
     assert calls == [(str(tmp_path), ["train.steps=20"])]
     note = [line for line in capsys.readouterr().err.splitlines() if "--resume " in line]
