@@ -29,6 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from carv3d.config_ranges import KeySpec, Range, between, check_value, described, fraction, rows, walk_help, walk_specs
 from carv3d.errors import ConfigError
+from carv3d.yaml_keys import repeated_key
 
 
 # Bounds shared by several keys. Each exists to turn a typo into a clear error before any work is
@@ -650,35 +651,6 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _translate(err, source) from None
 
 
-def _duplicate_key(node: Any) -> Optional[tuple[str, int, int]]:
-    """The first key that a mapping of the YAML node tree repeats: (dotted key, its line, the first
-    line), or None. PyYAML keeps the last of two equal keys without a word, so a second ``train:``
-    section would silently replace the first one's keys."""
-    import yaml
-
-    def walk(n: Any, prefix: str) -> Optional[tuple[str, int, int]]:
-        if isinstance(n, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, value_node in n.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                dotted = f"{prefix}{key}"
-                if key is not None and key in seen:
-                    return dotted, key_node.start_mark.line + 1, seen[key]
-                if key is not None:
-                    seen[key] = key_node.start_mark.line + 1
-                found = walk(value_node, f"{dotted}.")
-                if found:
-                    return found
-        elif isinstance(n, yaml.SequenceNode):
-            for item in n.value:
-                found = walk(item, prefix)
-                if found:
-                    return found
-        return None
-
-    return walk(node, "")
-
-
 def _read_yaml(path: Path) -> DictConfig:
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (presets live in configs/).")
@@ -695,7 +667,8 @@ def _read_yaml(path: Path) -> DictConfig:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        raw = loader.construct_document(node) if node is not None else None
+        repeated = repeated_key(node) if node is not None else None  # before construction flattens `<<` merges
+        raw = loader.construct_document(node) if node is not None and not repeated else None
     except yaml.MarkedYAMLError as err:  # a malformed file: say where, as the sweep files do
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -709,9 +682,8 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     finally:
         loader.dispose()
-    duplicate = _duplicate_key(node) if node is not None else None
-    if duplicate:
-        key, line, first = duplicate
+    if repeated:
+        key, line, first = repeated
         raise ConfigError(f"{path}:{line}: '{key}' is set twice (first on line {first}); YAML keeps only the "
                           f"last, so the first one's values would be lost. Merge them into one.")
     if raw is None:

@@ -152,6 +152,18 @@ def test_malformed_config_files_say_where_and_what(tmp_path, text, fragments):
     assert "key ''" not in str(err.value) and "AnyNode" not in str(err.value)
 
 
+def test_a_key_over_a_yaml_merge_is_no_repeat_and_a_repeat_inside_an_anchor_is(tmp_path):
+    """``<<: *anchor`` then a key of the anchor: YAML's merge, where the explicit key wins. PyYAML
+    flattens the merge into the mapping when it constructs it, after which the two look like a repeat."""
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("train:\n  <<: &fast {steps: 5, seed: 1}\n  seed: 2\n")
+    cfg = load_config(merged)
+    assert (cfg.train.steps, cfg.train.seed) == (5, 2)
+    merged.write_text("train:\n  <<: &fast {steps: 5, seed: 1, steps: 6}\n  seed: 2\n")
+    with pytest.raises(ConfigError, match="'train.steps' is set twice"):
+        load_config(merged)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: p.write_bytes("train:\n  steps: 5\n".encode("utf-16")), "not UTF-8 text"),  # was a UnicodeDecodeError
     (lambda p: p.mkdir(), "is a directory"),  # was "does not exist"

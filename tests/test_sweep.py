@@ -155,6 +155,8 @@ BAD_SWEEPS = [
     ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0, 1]\ngrid:\n  train.steps: [1, 2]\n",
      [":4:", "'grid' is set twice", "first on line 2"]),
     ("overrides: {prompt: a red cube}\ngrid:\n  train.seed: [0]\n  train.seed: [1]\n", [":4:", "'grid.train.seed' is set twice"]),
+    # A key over a `<<` merge is YAML's override, not a repeat; its own line is the one named.
+    ("overrides: {prompt: a red cube}\ngrid:\n  <<: {train.seed: [0, 1]}\n  train.seed: [0, 1, 0]\n", [":4:", "lists 0 twice"]),
     ("base: base.yaml\ngrid: {train.seed: [0]}\n", ["base.yaml:3:1:", "not valid YAML", "spaces, not tabs"]),
 ]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from carv3d.sweep.errors import SweepError
+from carv3d.yaml_keys import repeated_key
 
 
 def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -29,6 +30,11 @@ def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        repeated = repeated_key(node) if node is not None else None  # before construction flattens `<<` merges
+        if repeated:
+            key, line, first = repeated
+            raise SweepError(f"{path}:{line}: '{key}' is set twice (first on line {first}); YAML keeps only the "
+                             f"last, so the first one's values would be lost. Merge them into one.")
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -49,11 +55,7 @@ def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
         if isinstance(n, yaml.MappingNode):
             for key_node, value_node in n.value:
                 key = (prefix + (key_node.value,))
-                if key in lines:  # PyYAML keeps the last of two equal keys without a word
-                    raise SweepError(f"{path}:{key_node.start_mark.line + 1}: '{'.'.join(map(str, key))}' is set "
-                                     f"twice (first on line {lines[key]}); YAML keeps only the last, so the first "
-                                     f"one's values would be lost. Merge them into one.")
-                lines[key] = key_node.start_mark.line + 1
+                lines[key] = key_node.start_mark.line + 1  # merged keys come first: an explicit one's line wins
                 walk(value_node, key)
         elif isinstance(n, yaml.SequenceNode):
             for i, item in enumerate(n.value):
