@@ -13,6 +13,7 @@ for bit; where the computation is the same, equality is exact.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -245,6 +246,17 @@ def test_closed_vocabulary_lists_known_words(tiny_pixel_path: Path, tmp_path: Pa
     with pytest.raises(PromptError, match="'a red' names no object.*Known objects: cube, sphere"):
         teacher.embed("a red")
     assert teacher.embed("a red cube", negative_prompt="blue").negative_prompt == "blue"  # no object needed
+    # It learnt one object per image: two objects in one prompt would train neither.
+    with pytest.raises(PromptError, match=r"'a red cube, a blue sphere' names 2 objects \(cube, sphere\).*one run per object"):
+        teacher.embed("a red cube, a blue sphere")
+    assert teacher.embed("a red cube, cube!").prompt == "a red cube, cube!"  # one object, said twice
+    assert teacher.embed("a blue cube", negative_prompt="a red cube, a blue sphere").negative_prompt  # any number there
+    # A symbol is a word it does not know, not punctuation that parsing drops.
+    for prompt, symbol in (("a red \N{LARGE RED SQUARE} cube", "\N{LARGE RED SQUARE}"), ("a red cube \u2665", "\u2665"),
+                           ("a red cube + a sphere", "+")):
+        with pytest.raises(PromptError, match=f"unknown word\\(s\\): {re.escape(symbol)}"):
+            teacher.embed(prompt)
+    assert teacher.embed("A red cube, front view!?").prompt == "A red cube, front view!?"  # punctuation is fine
 
 
 # -------------------------------------------------------------------------------- images

@@ -9,14 +9,18 @@ Every group that is a list of strings adds its words to the known set, and so do
 suffixes the teacher itself appends (:data:`carv3d.teacher.base.VIEW_SUFFIXES`: ``", front view"``):
 a teacher used view-dependently was trained on them, so ``"a red cube, front view"`` is accepted. A
 prompt is accepted when each of its words, lower-cased and ignoring punctuation and
-:data:`STOP_WORDS`, is known and, when the file has an ``"objects"`` group, it names at least one
-object (``"a red"`` is refused with the list of objects). A negative prompt needs no object.
+:data:`STOP_WORDS`, is known and, when the file has an ``"objects"`` group, it names exactly one
+object (``"a red"`` is refused with the list of objects, ``"a red cube, a blue sphere"`` because the
+teacher learnt one object per image). Symbols (emoji, ``♥``, ``+``) are words it does not know, not
+punctuation: ``"a red 🟥 cube"`` would otherwise train ``"a red cube"`` without a word. A negative
+prompt needs no object and may name several.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -84,18 +88,22 @@ class PromptVocabulary:
         return found
 
     def unknown_words(self, text: str) -> list[str]:
-        """Words of ``text`` that are not known, in order of appearance, without repeats."""
-        return list(dict.fromkeys(w for w in prompt_words(text) if w not in self.words))
+        """Words of ``text`` that are not known, then its symbols (Unicode category S: emoji, ``♥``,
+        ``+``), in order of appearance, without repeats."""
+        unknown = [w for w in prompt_words(text) if w not in self.words]
+        symbols = [c for c in text if unicodedata.category(c).startswith("S")]
+        return list(dict.fromkeys(unknown + symbols))
 
     def check(self, text: str, what: str = "prompt", where: str = "", needs_object: Optional[bool] = None) -> None:
         """Raise :class:`PromptError` listing the known objects and colours if ``text`` has unknown
         words, or (``needs_object``; default: when ``what`` is ``"prompt"``, not for a negative prompt)
-        names none of the vocabulary's objects."""
+        names none of the vocabulary's objects, or more than one."""
         unknown = self.unknown_words(text)
         if needs_object is None:
             needs_object = what == "prompt"
-        missing_object = bool(needs_object and self.objects and text.strip() and not self.named_objects(text))
-        if not unknown and not missing_object:
+        named = self.named_objects(text)
+        missing_object = bool(needs_object and self.objects and text.strip() and not named)
+        if not unknown and not missing_object and not (needs_object and len(named) > 1):
             return
         objects = self.groups.get("objects", ())
         colours = self.groups.get("colours", self.groups.get("colors", ()))
@@ -108,6 +116,11 @@ class PromptVocabulary:
         view = f" or 'a {colours[0]} {objects[0]}{VIEW_SUFFIXES.get(views[0], '')}'" if views and objects and colours else ""
         example = f" Example: 'a {colours[0]} {objects[0]}'{view}." if objects and colours else ""
         teacher = f"the teacher at {where}" if where else "this teacher"
+        if not unknown and not missing_object:
+            raise PromptError(
+                f"the {what} {text!r} names {len(named)} objects ({', '.join(named)}); {teacher} learnt one object "
+                f"per image, so a prompt names one: train one run per object.{example}"
+            )
         if not unknown:
             raise PromptError(
                 f"the {what} {text!r} names no object {teacher} knows; a prompt needs one. "
