@@ -37,6 +37,7 @@ from carv3d.yaml_keys import repeated_key
 MAX_STEPS = 10**8  # 10^8 steps: months of training at 10 steps/s. Also caps every "every N steps" key.
 MAX_IMAGE_SIZE = 4096  # pixels per side of a render, a validation sheet or a turntable frame
 MAX_NOISE_DRAWS = 10**4  # K per render: 10^4 teacher evaluations per render is already a variance study
+MAX_UPSTREAM_SAMPLES = 1024  # R: renders per step
 MAX_SEED = 2**63 - 2  # seed + 1 seeds the device generator; torch takes seeds up to 2^63 - 1 as signed
 # Export: the fine grid takes 4 bytes per node (4 GiB at 1024³); coarse-to-fine refinement and marching
 # cubes add as much again, so a larger grid is a typo or a crash after minutes of work. A closed
@@ -274,7 +275,7 @@ class EstimatorConfig:
     """Score-distillation gradient estimator; see carv3d.estimator for the formulas."""
 
     preset: str = described("carv", "carv | sds | none (none: only the keys below); explicit keys win over it")
-    upstream_samples: int = between(1, 1024, 1, help="R: renders per step (the carv preset sets 2)")
+    upstream_samples: int = between(1, MAX_UPSTREAM_SAMPLES, 1, help="R: renders per step (the carv preset sets 2)")
     noise_draws: Union[int, str] = between(1, MAX_NOISE_DRAWS, 1, words=("auto",), help="K: noise draws per render, or auto")
     proposal: str = described("uniform", "timestep proposal q(t): uniform | teacher-weight | adaptive")
     stratified: bool = described(False, "stratified timesteps (inverse CDF) across the K draws")

@@ -79,6 +79,32 @@ def test_variance_command_writes_report_and_plot(capsys, tmp_path, tiny_sd_path)
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, fragments", [
+    (["--rk", "0x1"], ["--rk '0x1'", "R (renders) must be 1 to 1024"]),  # was a ValueError from range() 30 s in
+    (["--rk", "2x0"], ["--rk '2x0'", "K (noise draws)"]),
+    (["--pilot", "-1"], ["--pilot must be 0 or more"]),  # was accepted
+    (["--window", "-2"], ["--window must be 0 or more"]),  # was accepted
+    (["--seed", "-5"], ["--seed -5 is out of range"]),  # was accepted
+    (["--window", "4", "--draws", "4"], ["needs --draws of at least 8"]),  # was checked after building the scene
+    (["--guidance-warmup", "-1"], ["--guidance-warmup must be 0 or more"]),  # likewise
+    (["--out", "/proc/variance.json"], ["cannot write", "/proc/variance.json"]),  # was found after measuring
+])
+def test_bad_options_fail_before_the_scene_is_built(capsys, monkeypatch, tmp_path, options, fragments):
+    import carv3d.variance
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the scene was built before the options were checked")
+
+    monkeypatch.setattr(carv3d.variance, "FrozenScene", not_yet)
+    monkeypatch.chdir(tmp_path)
+    code = main(["variance", "--prompt", "a red cube", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_window_variance_sees_negative_correlation_between_consecutive_draws():
     """Antithetic pairs (x, −x) have per-draw variance 1 per coordinate but window-of-2 means of 0;
     independent draws give W·Var of the window mean ≈ Var (2,000 windows of 4 draws in 3

@@ -50,7 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_rk(text: str) -> list[tuple[int, int]]:
-    """``"2x1,1x8"`` → ``[(2, 1), (1, 8)]`` (R renders × K noise draws)."""
+    """``"2x1,1x8"`` → ``[(2, 1), (1, 8)]`` (R renders × K noise draws), each within the ranges of
+    ``estimator.upstream_samples`` and ``estimator.noise_draws``."""
+    from carv3d.config import MAX_NOISE_DRAWS, MAX_UPSTREAM_SAMPLES
+
     pairs = []
     for item in text.split(","):
         try:
@@ -58,7 +61,27 @@ def parse_rk(text: str) -> list[tuple[int, int]]:
             pairs.append((int(r), int(k)))
         except ValueError:
             raise ConfigError(f"--rk expects pairs like 2x1,1x8 (R x K); got '{item}'.") from None
+        if not (1 <= pairs[-1][0] <= MAX_UPSTREAM_SAMPLES and 1 <= pairs[-1][1] <= MAX_NOISE_DRAWS):
+            raise ConfigError(f"--rk '{item}': R (renders) must be 1 to {MAX_UPSTREAM_SAMPLES} and K (noise draws) "
+                              f"1 to {MAX_NOISE_DRAWS}, e.g. --rk 2x1,1x8.")
     return pairs
+
+
+def check_options(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """Every number option in range, before anything is loaded or measured (a bad one used to surface
+    minutes into the measurement, or never); returns the parsed ``--rk``."""
+    from carv3d.config import MAX_SEED
+
+    if args.draws < 2:
+        raise ConfigError("--draws must be at least 2 to estimate a variance.")
+    for option, value in (("--pilot", args.pilot), ("--window", args.window), ("--guidance-warmup", args.guidance_warmup)):
+        if value < 0:
+            raise ConfigError(f"{option} must be 0 or more, not {value}.")
+    if args.window and args.draws < 2 * args.window:
+        raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {args.seed} is out of range; use 0 to {MAX_SEED} (as train.seed).")
+    return parse_rk(args.rk)
 
 
 def guidance_source(source: dict[str, Any], from_run: bool, warmup: int) -> str:
@@ -78,9 +101,9 @@ def variance_command(args: argparse.Namespace) -> str:
 
     from carv3d.config import load_config
     from carv3d.devices import resolve_device
-    from carv3d.errors import OutputPathError
-    from carv3d.io import atomic_write_text
+    from carv3d.io import atomic_write_text, check_output_file
     from carv3d.log import logger
+    from carv3d.run_dir import require_run_dir
     from carv3d.variance import METHODS, FrozenScene, format_table, mark_few_draws, measure, plot
 
     if args.run_dir and "=" in args.run_dir and not Path(args.run_dir).exists():
@@ -90,18 +113,18 @@ def variance_command(args: argparse.Namespace) -> str:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}.")
-    if args.draws < 2:
-        raise ConfigError("--draws must be at least 2 to estimate a variance.")
+    rk = check_options(args)
     out = Path(args.out) if args.out else Path(args.run_dir or ".") / "variance.json"
-    if out.exists() and not args.overwrite:
-        raise OutputPathError(f"'{out}' already exists; pass --overwrite or another --out.")
+    if args.run_dir and not args.out:
+        require_run_dir(args.run_dir)  # a missing run is named as such, not as an unwritable report path
+    check_output_file(out, args.overwrite)  # before the measurement, which takes minutes
     scene_state = guidance_state = None
     source: dict[str, Any]
     if args.run_dir:
         from carv3d.checkpoint import latest_checkpoint, load_checkpoint
         from carv3d.step import guidance_state as checkpoint_guidance_state
         from carv3d.step import scene_state as checkpoint_scene_state
-        from carv3d.run_dir import load_run_config, require_run_dir
+        from carv3d.run_dir import load_run_config
 
         run_dir = require_run_dir(args.run_dir)
         cfg = load_run_config(run_dir, args.overrides)
@@ -126,13 +149,9 @@ def variance_command(args: argparse.Namespace) -> str:
                           "use --clock wall there.")
     scene = FrozenScene(cfg, device, scene_state, seed=args.seed, guidance_state=guidance_state,
                         guidance_training_cost=args.guidance_training_cost, clock=args.clock)
-    if args.window and args.draws < 2 * args.window:
-        raise ConfigError(f"--window {args.window} needs --draws of at least {2 * args.window} (two windows).")
-    if args.guidance_warmup < 0:
-        raise ConfigError("--guidance-warmup must be 0 or more.")
     if args.guidance_warmup:
         scene.warm_up_guidance(args.guidance_warmup)
-    report = measure(cfg, scene, methods, parse_rk(args.rk), args.draws, args.pilot,
+    report = measure(cfg, scene, methods, rk, args.draws, args.pilot,
                      camera_stratified=args.camera_stratified, window=args.window)
     report.update({"source": source, "prompt": cfg.prompt, "device": str(device),
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
