@@ -29,7 +29,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from carv3d.config_ranges import KeySpec, Range, between, check_value, described, fraction, rows, walk_help, walk_specs
 from carv3d.errors import ConfigError
-from carv3d.yaml_keys import repeated_key
+from carv3d.yaml_file import read_yaml_file
 
 
 # Bounds shared by several keys. Each exists to turn a typo into a clear error before any work is
@@ -653,40 +653,7 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
 
 
 def _read_yaml(path: Path) -> DictConfig:
-    if path.is_dir():
-        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (presets live in configs/).")
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist. Presets live in configs/.")
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: config file is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML.") from None
-    except OSError as err:
-        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror}).") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        repeated = repeated_key(node) if node is not None else None  # before construction flattens `<<` merges
-        raw = loader.construct_document(node) if node is not None and not repeated else None
-    except yaml.MarkedYAMLError as err:  # a malformed file: say where, as the sweep files do
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = ""
-        if err.context and err.context_mark is not None:  # where the unclosed thing began
-            context = f"{err.context} started at line {err.context_mark.line + 1}: "
-        tabs = " YAML indents with spaces, not tabs." if "\\t" in str(err.problem) else ""
-        raise ConfigError(f"{where}: config file is not valid YAML ({context}{err.problem}). "
-                          f"Check the indentation, brackets and quoting there.{tabs}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
-    finally:
-        loader.dispose()
-    if repeated:
-        key, line, first = repeated
-        raise ConfigError(f"{path}:{line}: '{key}' is set twice (first on line {first}); YAML keeps only the "
-                          f"last, so the first one's values would be lost. Merge them into one.")
+    raw, _ = read_yaml_file(path, "config file", "presets live in configs/", ConfigError)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

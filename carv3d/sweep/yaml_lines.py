@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from carv3d.sweep.errors import SweepError
-from carv3d.yaml_keys import repeated_key
+from carv3d.yaml_file import read_yaml_file
 
 
 def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
@@ -17,38 +17,7 @@ def read_yaml_with_lines(path: Path) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """
     import yaml
 
-    if path.is_dir():
-        raise SweepError(f"sweep file '{path}' is a directory; pass a YAML file (examples live in configs/sweeps/).")
-    if not path.is_file():
-        raise SweepError(f"sweep file '{path}' does not exist. Examples live in configs/sweeps/.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SweepError(f"sweep file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML.") from None
-    except OSError as err:
-        raise SweepError(f"sweep file '{path}' cannot be read ({err.strerror}).") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        repeated = repeated_key(node) if node is not None else None  # before construction flattens `<<` merges
-        if repeated:
-            key, line, first = repeated
-            raise SweepError(f"{path}:{line}: '{key}' is set twice (first on line {first}); YAML keeps only the "
-                             f"last, so the first one's values would be lost. Merge them into one.")
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = ""
-        if err.context and err.context_mark is not None:  # where the unclosed thing began
-            context = f"{err.context} started at line {err.context_mark.line + 1}: "
-        raise SweepError(f"{where}: the sweep file is not valid YAML ({context}{err.problem}). "
-                         "Check the indentation, brackets and quoting there.") from None
-    except yaml.YAMLError as err:
-        raise SweepError(f"{path}: the sweep file is not valid YAML ({str(err).splitlines()[0]}).") from None
-    finally:
-        loader.dispose()
-
+    data, node = read_yaml_file(path, "sweep file", "examples live in configs/sweeps/", SweepError)
     lines: dict[tuple[Any, ...], int] = {}
 
     def walk(n: Any, prefix: tuple[Any, ...]) -> None:

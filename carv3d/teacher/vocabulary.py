@@ -103,7 +103,8 @@ class PromptVocabulary:
             needs_object = what == "prompt"
         named = self.named_objects(text)
         missing_object = bool(needs_object and self.objects and text.strip() and not named)
-        if not unknown and not missing_object and not (needs_object and len(named) > 1):
+        several_objects = needs_object and len(named) > 1
+        if not unknown and not missing_object and not several_objects:
             return
         objects = self.groups.get("objects", ())
         colours = self.groups.get("colours", self.groups.get("colors", ()))
@@ -116,7 +117,7 @@ class PromptVocabulary:
         view = f" or 'a {colours[0]} {objects[0]}{VIEW_SUFFIXES.get(views[0], '')}'" if views and objects and colours else ""
         example = f" Example: 'a {colours[0]} {objects[0]}'{view}." if objects and colours else ""
         teacher = f"the teacher at {where}" if where else "this teacher"
-        if not unknown and not missing_object:
+        if not unknown and several_objects:
             raise PromptError(
                 f"the {what} {text!r} names {len(named)} objects ({', '.join(named)}); {teacher} learnt one object "
                 f"per image, so a prompt names one: train one run per object.{example}"
